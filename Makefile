@@ -1,0 +1,31 @@
+# Each target installs the project into .venv when it is missing or pyproject.toml
+# changed, so `make demo` and `make test` each work alone on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(VENV)/bin/clipn demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check clipn_core jobs schemas tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_score.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,142 @@
+"""Class heads: W_yes and W_no from ID class names and prompt templates.
+
+For each class and template the text ``template.format(name)`` is encoded with the yes
+and the no tower and L2-normalised; the per-class mean over templates is normalised
+again (design.md). Classes are encoded in chunks, so thousands of classes fit in
+memory, and the model is put in eval mode, so the no tower uses the mean prompt and
+the heads are deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ClassListError, StorageError, TemplateError, redact_uri
+from .model import CLIPN
+from .storage import read_bytes
+
+DEFAULT_TEMPLATES_NAME = "default"
+
+
+@dataclass(frozen=True)
+class ClassHeads:
+    """Yes / no heads [C, D] (L2-normalised, float32, CPU) for ``class_names`` in order."""
+
+    class_names: tuple[str, ...]
+    templates: tuple[str, ...]
+    yes: torch.Tensor
+    no: torch.Tensor
+
+    @property
+    def class_set_hash(self) -> str:
+        """sha256 (hex, 16 chars) of the class names and templates: identifies comparable runs."""
+        return class_set_hash(self.class_names, self.templates)
+
+
+def class_set_hash(class_names, templates) -> str:
+    """Stable hash of (class names, templates) in order."""
+    blob = json.dumps({"classes": list(class_names), "templates": list(templates)}, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def parse_templates(text: str, source: str) -> tuple[str, ...]:
+    """Templates from text, one per line; blank lines and ``#`` comments ignored.
+
+    Each template must contain exactly one ``{}``; errors name ``source`` and the line.
+    """
+    templates = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.count("{}") != 1 or "{" in line.replace("{}", "") or "}" in line.replace("{}", ""):
+            raise TemplateError(f"{source}:{lineno}: a template needs exactly one '{{}}' placeholder: {line!r}")
+        templates.append(line)
+    if not templates:
+        raise TemplateError(f"{source}: no templates found")
+    if len(set(templates)) != len(templates):
+        dup = sorted({t for t in templates if templates.count(t) > 1})
+        raise TemplateError(f"{source}: duplicated template(s) {dup}")
+    return tuple(templates)
+
+
+def load_templates(uri: str | None = None, storage_options: dict | None = None) -> tuple[str, ...]:
+    """Templates from a file URI, or the shipped set named ``default`` when ``uri`` is None.
+
+    A bare name (no ``/`` or ``.txt``) selects a shipped set under ``clipn_core/templates``.
+    """
+    name = uri or DEFAULT_TEMPLATES_NAME
+    if "/" not in name and not name.endswith(".txt"):
+        shipped = resources.files("clipn_core") / "templates" / f"{name}.txt"
+        if not shipped.is_file():
+            raise TemplateError(f"no shipped template set named {name!r}")
+        return parse_templates(shipped.read_text(encoding="utf-8"), f"templates/{name}.txt")
+    try:
+        text = read_bytes(name, storage_options).decode("utf-8")
+    except (StorageError, UnicodeDecodeError) as e:
+        raise TemplateError(f"cannot read template file {redact_uri(name)}: {e}") from e
+    return parse_templates(text, redact_uri(name))
+
+
+def validate_class_names(names) -> tuple[str, ...]:
+    """Stripped class names; :class:`ClassListError` when empty, blank or duplicated (case-insensitive)."""
+    cleaned = tuple(unicodedata.normalize("NFC", str(n)).strip() for n in names)
+    if not cleaned:
+        raise ClassListError("the ID class list is empty")
+    blank = [i for i, n in enumerate(cleaned) if not n]
+    if blank:
+        raise ClassListError(f"blank class name(s) at position(s) {blank}")
+    seen: dict[str, int] = {}
+    dups = []
+    for i, n in enumerate(cleaned):
+        key = n.casefold()
+        if key in seen:
+            dups.append(f"{n!r} (positions {seen[key]} and {i})")
+        seen.setdefault(key, i)
+    if dups:
+        raise ClassListError(f"duplicated class name(s): {', '.join(dups)}")
+    return cleaned
+
+
+@torch.no_grad()
+def build_class_heads(
+    model: CLIPN,
+    tokenizer,
+    class_names,
+    templates,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> ClassHeads:
+    """W_yes, W_no [C, D] for ``class_names`` with ``templates`` (see module docstring).
+
+    ``batch_size`` is the number of texts encoded per forward pass.
+    """
+    names = validate_class_names(class_names)
+    templates = tuple(templates)
+    if not templates:
+        raise TemplateError("no templates given")
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    per_chunk = max(1, batch_size // len(templates))
+    yes_parts, no_parts = [], []
+    try:
+        for start in range(0, len(names), per_chunk):
+            chunk = names[start : start + per_chunk]
+            texts = [t.format(n) for n in chunk for t in templates]
+            tokens = tokenizer(texts).to(device)
+            shape = (len(chunk), len(templates), -1)
+            yes = model.encode_text(tokens, normalize=True).float().reshape(shape).mean(dim=1)
+            no = model.encode_text_no(tokens, normalize=True).float().reshape(shape).mean(dim=1)
+            yes_parts.append(F.normalize(yes, dim=-1).cpu())
+            no_parts.append(F.normalize(no, dim=-1).cpu())
+    finally:
+        model.train(was_training)
+    return ClassHeads(names, templates, torch.cat(yes_parts), torch.cat(no_parts))

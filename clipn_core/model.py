@@ -1,0 +1,142 @@
+"""The CLIPN model: a frozen open_clip CLIP plus a trainable "no" text tower.
+
+The no tower is a copy of the CLIP text tower (token embedding, positional embedding,
+transformer, final LayerNorm, projection) initialised from it, plus K learnable no
+prompts ``P`` [K, context_length, width] that start at zero and are added to token +
+positional embeddings at every position. In training mode each sample adds one of the
+K prompts or their mean (K + 1 uniform choices); in eval mode the mean.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
+from torch import nn
+
+from .errors import ModelConfigError
+
+DEFAULT_NUM_PROMPTS = 16
+
+
+def _check_standard_text_tower(clip: nn.Module) -> None:
+    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+    if not isinstance(clip, open_clip.CLIP) or any(not hasattr(clip, a) for a in needed):
+        raise ModelConfigError(
+            f"CLIPN needs an open_clip CLIP with the standard text tower; got {type(clip).__name__} "
+            "(CustomTextCLIP / HF text towers / CoCa are not supported)"
+        )
+
+
+class NoTextTower(nn.Module):
+    """The trainable "no" text tower and its prompts, initialised from a CLIP text tower."""
+
+    def __init__(self, clip: open_clip.CLIP, num_prompts: int = DEFAULT_NUM_PROMPTS):
+        super().__init__()
+        _check_standard_text_tower(clip)
+        if num_prompts < 1:
+            raise ModelConfigError(f"num_prompts must be >= 1, got {num_prompts}")
+        self.token_embedding = copy.deepcopy(clip.token_embedding)
+        self.positional_embedding = nn.Parameter(clip.positional_embedding.detach().clone())
+        self.transformer = copy.deepcopy(clip.transformer)
+        self.ln_final = copy.deepcopy(clip.ln_final)
+        proj = clip.text_projection
+        self.text_projection = (
+            copy.deepcopy(proj) if isinstance(proj, nn.Module) else nn.Parameter(proj.detach().clone())
+        )
+        self.register_buffer("attn_mask", clip.attn_mask.detach().clone(), persistent=False)
+        self.pool_type = clip.text_pool_type
+        self.eos_id = getattr(clip, "text_eos_id", None)
+        context_length, width = self.positional_embedding.shape
+        self.prompts = nn.Parameter(torch.zeros(num_prompts, context_length, width))
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    @property
+    def num_prompts(self) -> int:
+        return self.prompts.shape[0]
+
+    def prompt_for_batch(self, batch: int) -> torch.Tensor:
+        """[batch or 1, context, width]: a random prompt-or-mean per sample in training, the mean in eval."""
+        mean = self.prompts.mean(dim=0, keepdim=True)
+        if not self.training:
+            return mean
+        choices = torch.cat([self.prompts, mean], dim=0)
+        idx = torch.randint(0, self.num_prompts + 1, (batch,), device=self.prompts.device)
+        return choices[idx]
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        """Unnormalised no-text features [N, embed_dim] for token ids ``text`` [N, context]."""
+        cast_dtype = self.transformer.get_cast_dtype()
+        x = self.token_embedding(text).to(cast_dtype)
+        x = x + self.positional_embedding.to(cast_dtype) + self.prompt_for_batch(text.shape[0]).to(cast_dtype)
+        x = self.transformer(x, attn_mask=self.attn_mask)
+        x = self.ln_final(x)
+        x = text_global_pool(x, text, self.pool_type, eos_token_id=self.eos_id)
+        if isinstance(self.text_projection, nn.Linear):
+            return self.text_projection(x)
+        return x @ self.text_projection
+
+
+class CLIPN(nn.Module):
+    """Frozen CLIP (``self.clip``) + trainable no tower (``self.no_tower``).
+
+    ``train()`` only switches the no tower: the CLIP towers stay in eval mode and never
+    require gradients, so dropout / batch-norm statistics of the frozen towers never move.
+    """
+
+    def __init__(self, clip: open_clip.CLIP, num_prompts: int = DEFAULT_NUM_PROMPTS):
+        super().__init__()
+        _check_standard_text_tower(clip)
+        self.clip = clip
+        self.no_tower = NoTextTower(clip, num_prompts)
+        self.clip.requires_grad_(False)
+        self.clip.eval()
+
+    def train(self, mode: bool = True) -> CLIPN:
+        self.training = mode
+        self.no_tower.train(mode)
+        self.clip.eval()
+        return self
+
+    @property
+    def context_length(self) -> int:
+        return int(self.clip.positional_embedding.shape[0])
+
+    @property
+    def preprocess_cfg(self) -> dict:
+        """open_clip preprocessing config of the image tower (size, mean, std, interpolation, ...)."""
+        return dict(open_clip.get_model_preprocess_cfg(self.clip))
+
+    @property
+    def logit_scale(self) -> float:
+        """The base CLIP's learned logit scale exp(t) (used by the training loss)."""
+        return float(self.clip.logit_scale.exp())
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.no_tower.parameters() if p.requires_grad]
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image features [N, D] for preprocessed images [N, 3, H, W]; L2-normalised by default."""
+        return self.clip.encode_image(images, normalize=normalize)
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Yes-tower text features [N, D] for token ids [N, context]."""
+        return self.clip.encode_text(text, normalize=normalize)
+
+    def encode_text_no(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """No-tower text features [N, D] for token ids [N, context] (prompt per training mode)."""
+        x = self.no_tower(text)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor):
+        """(image, yes-text, no-text) L2-normalised features for a batch of pairs."""
+        return self.encode_image(images), self.encode_text(text), self.encode_text_no(text)
+
+
+def get_tokenizer(model: CLIPN):
+    """open_clip's CLIP BPE tokenizer at the model's context length: (list of str) -> int64 [N, context]."""
+    return open_clip.SimpleTokenizer(context_length=model.context_length)

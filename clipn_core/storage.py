@@ -1,0 +1,112 @@
+"""Object-storage access through fsspec: local paths, ``file://``, ``s3://`` (MinIO via endpoint_url), ...
+
+``storage_options`` are passed to fsspec unchanged (for s3fs: ``key``, ``secret``,
+``anon``, ``profile``, ``client_kwargs={"endpoint_url": ..., "region_name": ...}``).
+Errors name the URI with credentials and signed query strings removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from .errors import StorageError, redact_uri
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("CLIPN_CACHE_DIR", Path.home() / ".cache" / "clipn_lake"))
+
+
+def is_remote(uri: str) -> bool:
+    """True for URIs with a non-local protocol (``s3://``, ``gs://``, ...)."""
+    protocol = fsspec.core.split_protocol(str(uri))[0]
+    return protocol not in (None, "file", "local")
+
+
+def filesystem(uri: str, storage_options: dict[str, Any] | None = None):
+    """(fsspec filesystem, path without protocol) for ``uri``."""
+    try:
+        fs, path = fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
+    except (ValueError, ImportError) as e:
+        raise StorageError(f"cannot open storage for {redact_uri(uri)}: {e}") from e
+    return fs, path
+
+
+def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """All bytes of one object; :class:`StorageError` naming the URI when it cannot be read."""
+    fs, path = filesystem(uri, storage_options)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError as e:
+        raise StorageError(f"not found: {redact_uri(uri)}") from e
+    except Exception as e:  # noqa: BLE001 - re-raised typed, with the URI
+        raise StorageError(f"cannot read {redact_uri(uri)}: {type(e).__name__}: {e}") from e
+
+
+def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Write one object; parent folders are created for local paths."""
+    fs, path = filesystem(uri, storage_options)
+    try:
+        if not is_remote(uri):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fs.pipe_file(path, data)
+    except Exception as e:  # noqa: BLE001
+        raise StorageError(f"cannot write {redact_uri(uri)}: {type(e).__name__}: {e}") from e
+
+
+def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = filesystem(uri, storage_options)
+    return fs.exists(path)
+
+
+def local_copy(
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """A local path holding the object at ``uri``: the path itself when local, else a cached download.
+
+    The cache key is the URI plus the object's ETag/size/mtime, so a replaced object is
+    fetched again. Downloads go to a temporary file renamed into place (no torn reads).
+    """
+    if not is_remote(uri):
+        path = Path(fsspec.core.strip_protocol(str(uri)) if str(uri).startswith("file://") else uri)
+        if not path.exists():
+            raise StorageError(f"not found: {path}")
+        return path
+    fs, path = filesystem(uri, storage_options)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError as e:
+        raise StorageError(f"not found: {redact_uri(uri)}") from e
+    except Exception as e:  # noqa: BLE001
+        raise StorageError(f"cannot stat {redact_uri(uri)}: {type(e).__name__}: {e}") from e
+    version = f"{info.get('ETag') or info.get('etag') or ''}:{info.get('size')}:{info.get('LastModified') or info.get('mtime') or ''}"
+    key = hashlib.sha256(f"{redact_uri(uri)}|{version}".encode()).hexdigest()[:24]
+    target_dir = Path(cache_dir or DEFAULT_CACHE_DIR) / key
+    target = target_dir / Path(path).name
+    if target.exists():
+        return target
+    target_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target_dir, suffix=".part")
+    os.close(fd)
+    try:
+        fs.get_file(path, tmp)
+        shutil.move(tmp, target)
+    except Exception as e:  # noqa: BLE001
+        Path(tmp).unlink(missing_ok=True)
+        raise StorageError(f"cannot download {redact_uri(uri)}: {type(e).__name__}: {e}") from e
+    return target
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a local file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

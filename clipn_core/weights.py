@@ -1,0 +1,307 @@
+"""Weights: base CLIP resolution, CLIPN checkpoints, and import of original CLIPN checkpoints.
+
+Base CLIP weights resolve through open_clip (a pretrained tag such as ``openai``, an
+``hf-hub:org/repo`` or ``local-dir:`` architecture, a local file) or from an object
+storage URI (``s3://...``), downloaded once into a local cache.
+
+A CLIPN checkpoint is ``<name>.safetensors`` (the full state dict: frozen CLIP + no
+tower) plus the JSON sidecar ``<name>.json`` (architecture, open_clip model config,
+preprocessing config, number of prompts, base-weights identity, sha256 of the weights
+file, format version). The sidecar is written last, so its presence means the weights
+are complete; its sha256 is checked on load and doubles as the model id.
+
+Every load is strict: missing, unexpected or mis-shaped keys raise
+:class:`~clipn_core.errors.CheckpointKeyError` naming them. Pickles are never trusted:
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+
+from .architectures import model_config
+from .errors import CheckpointKeyError, ModelConfigError, StorageError, WeightsError, redact_uri
+from .model import CLIPN, DEFAULT_NUM_PROMPTS
+from .storage import is_remote, local_copy, read_bytes, sha256_file, write_bytes
+
+CHECKPOINT_FORMAT = "clipn-lake/checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+_SCHEMA_PREFIXES = ("hf-hub:", "local-dir:")
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a CLIPN model without its weights (the sidecar's content)."""
+
+    architecture: str
+    model_cfg: dict
+    preprocess_cfg: dict
+    num_prompts: int = DEFAULT_NUM_PROMPTS
+    base_weights: dict = field(default_factory=dict)
+
+    def to_json_dict(self) -> dict:
+        d = asdict(self)
+        d["preprocess_cfg"] = _jsonable(d["preprocess_cfg"])
+        return d
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, tuple | list):
+        return [_jsonable(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+def sidecar_uri(weights_uri: str) -> str:
+    """``x.safetensors`` -> ``x.json``; any other suffix is an error."""
+    if not str(weights_uri).endswith(".safetensors"):
+        raise WeightsError(f"a CLIPN checkpoint URI must end with .safetensors: {redact_uri(weights_uri)}")
+    return str(weights_uri)[: -len(".safetensors")] + ".json"
+
+
+def _resolve_model_cfg(architecture: str, cache_dir: str | None) -> dict:
+    if architecture.startswith("local-dir:"):
+        cfg_path = Path(architecture[len("local-dir:"):]) / "open_clip_config.json"
+        try:
+            return json.loads(cfg_path.read_text())["model_cfg"]
+        except (OSError, KeyError, json.JSONDecodeError) as e:
+            raise ModelConfigError(f"cannot read model_cfg from {cfg_path}: {e}") from e
+    if architecture.startswith("hf-hub:"):
+        from huggingface_hub import hf_hub_download
+
+        repo = architecture[len("hf-hub:"):]
+        try:
+            path = hf_hub_download(repo, "open_clip_config.json", cache_dir=cache_dir)
+            return json.loads(Path(path).read_text())["model_cfg"]
+        except Exception as e:  # noqa: BLE001 - any hub failure becomes a typed error naming the repo
+            raise ModelConfigError(f"cannot resolve {architecture}: {type(e).__name__}: {e}") from e
+    return copy.deepcopy(model_config(architecture))
+
+
+def create_base_clip(
+    architecture: str,
+    pretrained: str | None = None,
+    storage_options: dict | None = None,
+    cache_dir: str | None = None,
+    seed: int = 0,
+) -> tuple[open_clip.CLIP, dict, dict]:
+    """Build the base CLIP and resolve its weights.
+
+    ``pretrained``: None (random init, seeded so every process builds the same model),
+    an open_clip tag, a local file, or an object-storage URI. Ignored (must be None)
+    for ``hf-hub:`` / ``local-dir:`` architectures, which carry their own weights.
+    Returns (model in eval mode, open_clip model config, base-weights identity dict).
+    """
+    if architecture.startswith(_SCHEMA_PREFIXES) and pretrained:
+        raise WeightsError(f"{architecture} carries its weights; do not also pass pretrained={pretrained!r}")
+    model_cfg = _resolve_model_cfg(architecture, cache_dir)
+    identity: dict[str, Any] = {"architecture": architecture, "pretrained": None, "sha256": None}
+    open_clip_pretrained = None
+    if pretrained:
+        identity["pretrained"] = redact_uri(pretrained)
+        if is_remote(pretrained) or Path(pretrained).exists():
+            try:
+                local = local_copy(pretrained, storage_options, cache_dir)
+            except StorageError as e:
+                raise WeightsError(f"base weights for {architecture}: {e}") from e
+            identity["sha256"] = sha256_file(local)
+            open_clip_pretrained = str(local)
+        else:
+            open_clip_pretrained = pretrained  # an open_clip tag
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            clip = open_clip.create_model(
+                architecture, pretrained=open_clip_pretrained, cache_dir=cache_dir, weights_only=True
+            )
+    except Exception as e:  # noqa: BLE001 - open_clip raises RuntimeError/ValueError/OSError alike
+        raise WeightsError(
+            f"cannot build {architecture} with pretrained={identity['pretrained']!r}: {type(e).__name__}: {e}"
+        ) from e
+    if pretrained is None and not architecture.startswith(_SCHEMA_PREFIXES):
+        identity["seed"] = seed
+    return clip.eval(), model_cfg, identity
+
+
+def build_clipn(
+    architecture: str,
+    pretrained: str | None = None,
+    num_prompts: int = DEFAULT_NUM_PROMPTS,
+    storage_options: dict | None = None,
+    cache_dir: str | None = None,
+    seed: int = 0,
+) -> tuple[CLIPN, ModelSpec]:
+    """A fresh CLIPN (no tower copied from the text tower, zero prompts) over a base CLIP."""
+    clip, model_cfg, identity = create_base_clip(architecture, pretrained, storage_options, cache_dir, seed)
+    model = CLIPN(clip, num_prompts)
+    spec = ModelSpec(architecture, model_cfg, model.preprocess_cfg, num_prompts, identity)
+    return model.eval(), spec
+
+
+def _model_from_spec(spec: ModelSpec) -> CLIPN:
+    cfg = copy.deepcopy(spec.model_cfg)
+    if cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {}):
+        raise ModelConfigError(f"{spec.architecture}: CLIPN needs the standard CLIP text tower")
+    try:
+        clip = open_clip.CLIP(**cfg)
+    except TypeError as e:
+        raise ModelConfigError(f"cannot build {spec.architecture} from its model_cfg: {e}") from e
+    open_clip.set_model_preprocess_cfg(clip, dict(spec.preprocess_cfg))
+    return CLIPN(clip, spec.num_prompts)
+
+
+def load_state_dict_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``module`` only if keys and shapes match exactly; else raise naming them."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        (k, tuple(state[k].shape), tuple(v.shape))
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or mismatched:
+        raise CheckpointKeyError(redact_uri(source), missing, unexpected, mismatched)
+    module.load_state_dict(state, strict=True)
+
+
+def save_checkpoint(model: CLIPN, spec: ModelSpec, uri: str, storage_options: dict | None = None) -> str:
+    """Write ``uri`` (.safetensors) then its JSON sidecar; return the weights' sha256 (the model id)."""
+    side = sidecar_uri(uri)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    data = safetensors.torch.save(state)
+    digest = hashlib.sha256(data).hexdigest()
+    sidecar = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "sha256": digest,
+        **spec.to_json_dict(),
+    }
+    write_bytes(uri, data, storage_options)
+    write_bytes(side, json.dumps(sidecar, indent=2, sort_keys=True).encode(), storage_options)
+    return digest
+
+
+def read_sidecar(uri: str, storage_options: dict | None = None) -> dict:
+    """The validated JSON sidecar of checkpoint ``uri``."""
+    side = sidecar_uri(uri)
+    try:
+        meta = json.loads(read_bytes(side, storage_options))
+    except StorageError as e:
+        raise WeightsError(f"checkpoint sidecar missing or unreadable: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"checkpoint sidecar {redact_uri(side)} is not valid JSON: {e}") from e
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise WeightsError(f"{redact_uri(side)} is not a {CHECKPOINT_FORMAT} sidecar (format={meta.get('format')!r})")
+    if meta.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise WeightsError(
+            f"{redact_uri(side)}: format_version {meta.get('format_version')!r} is not supported "
+            f"(this clipn-lake reads {CHECKPOINT_FORMAT_VERSION})"
+        )
+    missing = [k for k in ("sha256", "architecture", "model_cfg", "preprocess_cfg", "num_prompts") if k not in meta]
+    if missing:
+        raise WeightsError(f"{redact_uri(side)} lacks field(s) {missing}")
+    return meta
+
+
+def load_checkpoint(
+    uri: str,
+    storage_options: dict | None = None,
+    cache_dir: str | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[CLIPN, ModelSpec, str]:
+    """Load a CLIPN checkpoint from a local path or URI; returns (model in eval mode, spec, model id).
+
+    The weights file's sha256 must equal the sidecar's (else the file is corrupt or was
+    replaced without its sidecar); keys and shapes must match exactly.
+    """
+    meta = read_sidecar(uri, storage_options)
+    try:
+        local = local_copy(uri, storage_options, cache_dir)
+    except StorageError as e:
+        raise WeightsError(f"checkpoint weights missing or unreadable: {e}") from e
+    digest = sha256_file(local)
+    if digest != meta["sha256"]:
+        raise WeightsError(
+            f"checkpoint {redact_uri(uri)} is corrupt: sha256 {digest[:16]}... does not match "
+            f"its sidecar's {meta['sha256'][:16]}..."
+        )
+    try:
+        state = safetensors.torch.load_file(str(local), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"checkpoint {redact_uri(uri)} is not a readable safetensors file: {e}") from e
+    spec = ModelSpec(
+        architecture=meta["architecture"],
+        model_cfg=meta["model_cfg"],
+        preprocess_cfg=meta["preprocess_cfg"],
+        num_prompts=int(meta["num_prompts"]),
+        base_weights=meta.get("base_weights", {}),
+    )
+    model = _model_from_spec(spec)
+    load_state_dict_strict(model, state, uri)
+    return model.to(device).eval(), spec, digest
+
+
+# Original CLIPN (xmed-lab/CLIPN) names of the no tower -> ours. Everything else is the CLIP.
+_ORIGINAL_NO_TOWER = (
+    ("transformer_no.", "no_tower.transformer."),
+    ("token_embedding_no.", "no_tower.token_embedding."),
+    ("positional_embedding_no", "no_tower.positional_embedding"),
+    ("ln_final_no.", "no_tower.ln_final."),
+    ("text_projection_no", "no_tower.text_projection"),
+    ("prompt_no", "no_tower.prompts"),
+)
+
+
+def original_key_to_ours(key: str) -> str:
+    """Map one key of an original CLIPN state dict (``module.`` already stripped) to ours."""
+    for old, new in _ORIGINAL_NO_TOWER:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return "clip." + key
+
+
+def import_original_checkpoint(
+    uri: str,
+    architecture: str = "ViT-B-16",
+    storage_options: dict | None = None,
+    cache_dir: str | None = None,
+) -> tuple[CLIPN, ModelSpec]:
+    """Import a checkpoint written by the original CLIPN code (``torch.save`` of a dict with ``state_dict``).
+
+    Keys may carry DDP's ``module.`` prefix. The number of prompts is read from
+    ``prompt_no`` [K, context, width]. Loading is strict and never unpickles objects.
+    """
+    try:
+        local = local_copy(uri, storage_options, cache_dir)
+    except StorageError as e:
+        raise WeightsError(f"original CLIPN checkpoint: {e}") from e
+    try:
+        raw = torch.load(io.BytesIO(local.read_bytes()), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
+        raise WeightsError(
+            f"{redact_uri(uri)} is not a loadable torch checkpoint (weights_only=True): {type(e).__name__}: {e}"
+        ) from e
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{redact_uri(uri)} holds no state_dict of tensors")
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    if "prompt_no" not in state:
+        raise CheckpointKeyError(redact_uri(uri), missing=["prompt_no"])
+    ours = {original_key_to_ours(k): v for k, v in state.items()}
+    model, spec = build_clipn(architecture, None, int(state["prompt_no"].shape[0]), cache_dir=cache_dir)
+    spec.base_weights = {"architecture": architecture, "pretrained": redact_uri(uri), "sha256": sha256_file(local)}
+    load_state_dict_strict(model, ours, uri)
+    return model.eval(), spec
