@@ -13,7 +13,13 @@ from .errors import (
     TemplateError,
     WeightsError,
 )
-from .heads import ClassHeads, build_class_heads, class_set_hash, load_templates, validate_class_names
+from .heads import (
+    ClassHeads,
+    build_class_heads,
+    class_set_hash,
+    load_templates,
+    validate_class_names,
+)
 from .images import DecodedImage, DecodeError, DecodeErrorKind, decode_image, image_transform
 from .inference import BatchScorer, BatchScores
 from .losses import ClipnLoss, clipn_loss, itbo_loss, tso_loss

@@ -14,7 +14,13 @@ import torch
 
 from .heads import ClassHeads
 from .model import CLIPN
-from .scores import DEFAULT_LOGIT_SCALE, DEFAULT_MCM_TEMPERATURE, SCORES, ScoreInputs, compute_scores
+from .scores import (
+    DEFAULT_LOGIT_SCALE,
+    DEFAULT_MCM_TEMPERATURE,
+    SCORES,
+    ScoreInputs,
+    compute_scores,
+)
 
 
 @dataclass(frozen=True)

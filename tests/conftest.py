@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny CLIPN, one S3 server on loopback (moto, used like MinIO), one local Ray."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+# Never reach a model hub from tests; everything is built locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+TINY = "clipn-tiny"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, spec, tokenizer) of a seeded random clipn-tiny CLIPN, shared read-only."""
+    import clipn_core as cc
+
+    model, spec = cc.build_clipn(TINY, seed=0)
+    return model, spec, cc.get_tokenizer(model)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 at a free port; yields its endpoint URL; stops at session end."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture()
+def s3_bucket(s3_server):
+    """(bucket name, storage_options) of a fresh bucket on the loopback S3 server."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client(
+        "s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket=name)
+    options = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": s3_server, "region_name": "us-east-1"},
+        "skip_instance_cache": True,
+    }
+    return name, options

@@ -1,0 +1,96 @@
+"""Class heads (W_yes, W_no), templates, class lists, the no-prompt sampling and batch inference."""
+
+import copy
+
+import pytest
+import torch
+
+import clipn_core as cc
+from clipn_core.errors import ClassListError, TemplateError
+from clipn_core.heads import parse_templates
+from clipn_core.model import CLIPN
+
+CLASSES = ["circle", "square", "triangle", "star", "ring"]
+TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "a {} shape.")
+
+
+def test_heads_shape_norm_determinism_and_chunking(tiny):
+    model, _, tok = tiny
+    a = cc.build_class_heads(model, tok, CLASSES, TEMPLATES, batch_size=256)
+    b = cc.build_class_heads(model, tok, CLASSES, TEMPLATES, batch_size=3)  # one class per chunk
+    assert a.yes.shape == a.no.shape == (5, 64)
+    torch.testing.assert_close(a.yes.norm(dim=-1), torch.ones(5))
+    torch.testing.assert_close(a.yes, b.yes, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a.no, b.no, atol=1e-6, rtol=1e-5)
+    assert a.class_set_hash == b.class_set_hash
+    assert a.class_set_hash != cc.build_class_heads(model, tok, CLASSES[:4], TEMPLATES).class_set_hash
+
+
+def test_heads_follow_the_design_formula(tiny):
+    model, _, tok = tiny
+    heads = cc.build_class_heads(model, tok, ["star"], TEMPLATES)
+    with torch.no_grad():
+        per_template = model.encode_text(tok([t.format("star") for t in TEMPLATES]))
+    expected = torch.nn.functional.normalize(per_template.mean(dim=0), dim=-1)
+    torch.testing.assert_close(heads.yes[0], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_thousands_of_classes(tiny):
+    model, _, tok = tiny
+    names = [f"class {i}" for i in range(2000)]
+    heads = cc.build_class_heads(model, tok, names, ("a {}",), batch_size=512)
+    assert heads.yes.shape == (2000, 64)
+
+
+def test_class_list_and_template_errors(tmp_path):
+    with pytest.raises(ClassListError, match="empty"):
+        cc.validate_class_names([])
+    with pytest.raises(ClassListError, match="'Cat'"):
+        cc.validate_class_names(["cat", "dog", "Cat"])
+    with pytest.raises(ClassListError, match="blank"):
+        cc.validate_class_names(["cat", "  "])
+    with pytest.raises(TemplateError, match="t.txt:2"):
+        parse_templates("a {}\nno placeholder\n", "t.txt")
+    with pytest.raises(TemplateError, match="no templates"):
+        parse_templates("# only a comment\n", "t.txt")
+    with pytest.raises(TemplateError, match="duplicated"):
+        parse_templates("a {}\na {}\n", "t.txt")
+    f = tmp_path / "mine.txt"
+    f.write_text("# mine\nan image of a {}\n")
+    assert cc.load_templates(str(f)) == ("an image of a {}",)
+    assert len(cc.load_templates()) >= 10
+    with pytest.raises(TemplateError, match="cannot read"):
+        cc.load_templates(str(tmp_path / "missing.txt"))
+
+
+def test_prompt_sampling_train_vs_eval(tiny):
+    base, _, tok = tiny
+    model = CLIPN(copy.deepcopy(base.clip), num_prompts=4)
+    with torch.no_grad():
+        model.no_tower.prompts.normal_(std=0.5)
+    t = tok(["a red circle"] * 64)
+    model.eval()
+    with torch.no_grad():
+        e1, e2 = model.encode_text_no(t), model.encode_text_no(t)
+    torch.testing.assert_close(e1, e2)
+    model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        tr = model.encode_text_no(t)
+    distinct = torch.unique(tr.round(decimals=4), dim=0).shape[0]
+    assert distinct == 5  # K prompts + their mean, 64 draws
+    assert any(torch.allclose(row, e1[0], atol=1e-5) for row in tr)  # the mean prompt is one choice
+
+
+def test_batch_scorer_matches_registry(tiny):
+    model, _, tok = tiny
+    heads = cc.build_class_heads(model, tok, CLASSES, TEMPLATES)
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = cc.BatchScorer(model, heads)(images)
+    with torch.no_grad():
+        feats = model.encode_image(images)
+    ref = cc.compute_scores(cc.ScoreInputs(feats, heads.yes, heads.no))
+    for name, r in ref.items():
+        torch.testing.assert_close(torch.from_numpy(out.scores[name]), r.id_score)
+    assert set(out.decisions) == {"ctw", "atd"} and out.embeddings.shape == (6, 64)
+    assert out.predicted_index.shape == (6,)
