@@ -133,3 +133,38 @@ def decode_image(data: bytes, transform, max_pixels: int = DEFAULT_MAX_PIXELS) -
     except Exception as e:  # noqa: BLE001
         return DecodeError(DecodeErrorKind.DECODE_ERROR, f"preprocessing failed: {type(e).__name__}: {e}")
     return DecodedImage(tensor, width, height, mode)
+
+
+class SplitPreprocessor:
+    """The model's eval transform split in two halves, for pipelines that ship pixels between processes.
+
+    ``to_uint8`` runs the geometric part (resize, crop) on a CPU worker and returns
+    uint8 [3, H, W]: a quarter of the bytes of a float tensor. ``normalize`` finishes
+    on the scoring device: ``(x / 255 - mean) / std``, the same arithmetic as open_clip's
+    ToTensor + Normalize, so results equal :func:`decode_image`'s to float rounding.
+    """
+
+    def __init__(self, preprocess_cfg: dict):
+        from torchvision.transforms import Compose, Normalize
+
+        full = image_transform(preprocess_cfg)
+        steps = list(full.transforms)
+        norm = steps[-1]
+        if not isinstance(norm, Normalize) or "ToTensor" not in type(steps[-2]).__name__:
+            raise ValueError(f"unexpected open_clip eval transform layout: {full}")
+        self.geometry = Compose(steps[:-2])
+        self.mean = torch.tensor(norm.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(norm.std, dtype=torch.float32).view(1, 3, 1, 1)
+        size = preprocess_cfg.get("size", 224)
+        self.size = tuple(size) if isinstance(size, list | tuple) else (size, size)
+
+    def to_uint8(self, rgb: Image.Image) -> np.ndarray:
+        """RGB PIL image -> resized/cropped uint8 array [3, H, W]."""
+        out = self.geometry(rgb)
+        arr = np.asarray(out.convert("RGB") if isinstance(out, Image.Image) else out, dtype=np.uint8)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, H, W] (any device) -> normalised float32 [N, 3, H, W] on the same device."""
+        x = pixels.float().div_(255.0)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)

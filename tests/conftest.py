@@ -69,3 +69,13 @@ def s3_bucket(s3_server):
         "skip_instance_cache": True,
     }
     return name, options
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One local Ray with 2 CPUs for the session (started after the S3 env so workers inherit it)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,116 @@
+"""Output layout, staging and publishing of the scoring job.
+
+``<root>/run_date=YYYY-MM-DD/part-*.parquet`` + ``_manifest.json`` + ``_SUCCESS`` (last).
+A run writes under ``<root>/_staging/<run_id>/`` (ignored by pyarrow, Spark and
+DuckDB globs because of the leading underscore) and only then replaces the partition:
+remove the old ``_SUCCESS``, remove the old files, move the staged files in, write the
+manifest, write ``_SUCCESS``. Ray's writer appends; this is what makes reruns
+idempotent and failed runs invisible.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import Counter
+
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+from ray.data.datasource import FilenameProvider
+
+from clipn_core.scores import SCORES
+from clipn_core.storage import filesystem
+from schemas.output import OUTPUT_SCHEMA, STATUS_OK, ood_column
+
+SUCCESS = "_SUCCESS"
+MANIFEST = "_manifest.json"
+
+
+def arrow_filesystem(uri: str, storage_options: dict) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem wrapping the fsspec one, path without protocol) for Ray readers/writers."""
+    fs, path = filesystem(uri, storage_options)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def partition_path(root: str, run_date: dt.date) -> str:
+    return f"{root.rstrip('/')}/run_date={run_date.isoformat()}"
+
+
+def staging_path(root: str, run_id: str) -> str:
+    return f"{root.rstrip('/')}/_staging/{run_id}"
+
+
+class PartFilenames(FilenameProvider):
+    """``part-<write>-<task>.parquet`` names, unique per write so reruns never collide."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{write_uuid}-{task_index:06d}.parquet"
+
+
+def staged_stats(staged_path: str, storage_options: dict) -> dict:
+    """Counts by status and OOD rates of the staged files, streamed column batches (bounded memory)."""
+    fs, path = filesystem(staged_path, storage_options)
+    dataset = pads.dataset(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)), format="parquet",
+                           schema=OUTPUT_SCHEMA)
+    flags = ["is_ood"] + [ood_column(n) for n, s in SCORES.items() if s.threshold_free]
+    status: Counter = Counter()
+    flagged: Counter = Counter()
+    files = 0
+    for frag in dataset.get_fragments():
+        files += 1
+        for batch in frag.to_batches(columns=["status", *flags]):
+            status.update(batch.column("status").to_pylist())
+            for f in flags:
+                flagged[f] += sum(1 for v in batch.column(f).to_pylist() if v)
+    ok = status.get(STATUS_OK, 0)
+    return {
+        "rows": sum(status.values()),
+        "files": files,
+        "by_status": dict(sorted(status.items())),
+        "ood_rate": {f: (flagged[f] / ok if ok else None) for f in flags},
+    }
+
+
+def publish(root: str, run_date: dt.date, staged: str, manifest: dict, storage_options: dict) -> str:
+    """Replace the run_date partition with the staged files; manifest then _SUCCESS last. Returns the partition URI."""
+    fs, final = filesystem(partition_path(root, run_date), storage_options)
+    _, staged_p = filesystem(staged, storage_options)
+    if fs.exists(f"{final}/{SUCCESS}"):
+        fs.rm(f"{final}/{SUCCESS}")
+    if fs.exists(final):
+        fs.rm(final, recursive=True)
+    fs.makedirs(final, exist_ok=True)
+    for src in sorted(fs.find(staged_p)):
+        if src.endswith(".parquet"):
+            fs.mv(src, f"{final}/{src.rsplit('/', 1)[-1]}")
+    fs.pipe_file(f"{final}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+    fs.pipe_file(f"{final}/{SUCCESS}", b"")
+    remove_tree(staged, storage_options)
+    return partition_path(root, run_date)
+
+
+def remove_tree(uri: str, storage_options: dict) -> None:
+    fs, path = filesystem(uri, storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def scored_uris(root: str, run_date: dt.date, model_id: str, class_set_hash: str, storage_options: dict) -> set[str]:
+    """URIs scored ok in published partitions other than ``run_date`` with the same model and class set."""
+    fs, path = filesystem(root, storage_options)
+    if not fs.exists(path):
+        return set()
+    done = set()
+    for part in fs.ls(path, detail=False):
+        name = part.rstrip("/").rsplit("/", 1)[-1]
+        if not name.startswith("run_date=") or name == f"run_date={run_date.isoformat()}":
+            continue
+        if not fs.exists(f"{part}/{SUCCESS}"):
+            continue  # never published: not trusted
+        dataset = pads.dataset(part, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)), format="parquet",
+                               schema=OUTPUT_SCHEMA)
+        flt = ((pads.field("model_id") == model_id) & (pads.field("class_set_hash") == class_set_hash)
+               & (pads.field("status") == STATUS_OK))
+        for batch in dataset.to_batches(columns=["uri"], filter=flt):
+            done.update(batch.column("uri").to_pylist())
+    return done

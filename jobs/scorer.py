@@ -1,0 +1,106 @@
+"""The scoring step: a callable class run on a Ray actor pool; loads the model once per actor.
+
+Input batches are rows of :mod:`jobs.sources`; output batches are Arrow tables with
+exactly :data:`schemas.output.OUTPUT_SCHEMA`. Rows whose status is not ``ok`` pass
+through with null scores, so every input keeps its one row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+import clipn_core as cc
+from clipn_core.images import SplitPreprocessor
+from clipn_core.scores import SCORES
+from schemas.output import OUTPUT_SCHEMA, STATUS_OK, ood_column, score_column
+from schemas.score_config import DecisionConfig, ModelConfig, RuntimeConfig
+
+
+def load_model(model_cfg: ModelConfig, storage_options: dict, cache_dir: str | None) -> tuple[cc.CLIPN, str]:
+    """(CLIPN in eval mode, model id) from a checkpoint or, for untrained runs, an architecture."""
+    if model_cfg.checkpoint:
+        model, _, model_id = cc.load_checkpoint(model_cfg.checkpoint, storage_options, cache_dir)
+        return model, model_id
+    model, spec = cc.build_clipn(model_cfg.architecture, model_cfg.pretrained, storage_options=storage_options,
+                                 cache_dir=cache_dir, seed=model_cfg.seed)
+    ident = spec.base_weights
+    return model, f"untrained:{ident['architecture']}:{ident.get('sha256') or ident.get('pretrained') or 'seed' + str(model_cfg.seed)}"
+
+
+def is_ood_column(decision: DecisionConfig, scores: dict[str, np.ndarray], decisions: dict[str, np.ndarray]) -> np.ndarray:
+    """The configured decision: CTW's or ATD's own rule, or ``score < threshold``."""
+    if decision.rule == "threshold":
+        return scores[decision.score] < decision.threshold
+    return decisions[decision.rule]
+
+
+class ScorerActor:
+    """Ray Data callable class: uint8 pixels + status -> one output row per input row."""
+
+    def __init__(self, model_cfg: ModelConfig, heads: cc.ClassHeads, runtime: RuntimeConfig,
+                 decision: DecisionConfig, storage_options: dict, run_id: str, embeddings: bool):
+        model, self.model_id = load_model(model_cfg, storage_options, runtime.cache_dir)
+        device = "cuda" if runtime.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        self.scorer = cc.BatchScorer(model, heads, device, runtime.precision, runtime.logit_scale, runtime.mcm_temperature)
+        self.pre = SplitPreprocessor(model.preprocess_cfg)
+        self.class_names = np.array(heads.class_names, dtype=object)
+        self.class_set_hash = heads.class_set_hash
+        self.decision = decision
+        self.run_id = run_id
+        self.embeddings = embeddings
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["uri"])
+        ok = np.asarray(batch["status"] == STATUS_OK, dtype=bool)
+        cols: dict[str, pa.Array] = {}
+
+        def full(values: np.ndarray, pa_type) -> pa.Array:
+            """Scatter values of the ok rows into a length-n array, null elsewhere."""
+            out = np.zeros(n, dtype=values.dtype if values.size else np.float32)
+            out[ok] = values
+            return pa.array(out, type=pa_type, mask=~ok)
+
+        if ok.any():
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
+            res = self.scorer(self.pre.normalize(pixels.to(self.scorer.device)))
+            idx = res.predicted_index
+            cols["predicted_class"] = pa.array(
+                np.where(ok, _scatter(self.class_names[idx], ok, n), None), type=pa.string())
+            cols["predicted_index"] = full(idx.astype(np.int32), pa.int32())
+            cols["predicted_prob"] = full(res.predicted_prob.astype(np.float32), pa.float32())
+            for name in SCORES:
+                cols[score_column(name)] = full(res.scores[name].astype(np.float32), pa.float32())
+            for name, flags in res.decisions.items():
+                cols[ood_column(name)] = full(flags.astype(bool), pa.bool_())
+            cols["is_ood"] = full(is_ood_column(self.decision, res.scores, res.decisions).astype(bool), pa.bool_())
+            if self.embeddings:
+                emb = res.embeddings.astype(np.float16)
+                rows = iter(emb)
+                cols["embedding"] = pa.array([next(rows) if o else None for o in ok], type=pa.list_(pa.float16()))
+        now = dt.datetime.now(dt.timezone.utc)
+        base = {
+            "uri": pa.array(batch["uri"].tolist(), pa.string()),
+            "byte_size": pa.array(np.asarray(batch["byte_size"], dtype=np.int64), pa.int64(),
+                                  mask=np.asarray(batch["byte_size"]) < 0),
+            "status": pa.array(batch["status"].tolist(), pa.string()),
+            "error": pa.array([e or None for e in batch["error"].tolist()], pa.string()),
+            "model_id": pa.array([self.model_id] * n, pa.string()),
+            "class_set_hash": pa.array([self.class_set_hash] * n, pa.string()),
+            "run_id": pa.array([self.run_id] * n, pa.string()),
+            "scored_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+        }
+        arrays = []
+        for field in OUTPUT_SCHEMA:
+            arr = base.get(field.name, cols.get(field.name))
+            arrays.append(arr if arr is not None else pa.nulls(n, field.type))
+        return pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMA)
+
+
+def _scatter(values: np.ndarray, ok: np.ndarray, n: int) -> np.ndarray:
+    out = np.empty(n, dtype=object)
+    out[ok] = values
+    return out

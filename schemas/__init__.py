@@ -1,0 +1,1 @@
+"""Pydantic job configs and the one Arrow schema of the scoring output."""

@@ -1,0 +1,138 @@
+"""Config of the scoring job (``clipn score``). Extra fields are forbidden everywhere.
+
+The CLI derives its flags from these models (``--runtime.batch_size 64``), and
+``--set runtime.batch_size=64`` / ``--config score.yaml`` fill the same fields.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from clipn_core.scores import SCORES
+
+IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class StorageConfig(_Strict):
+    """Object-storage settings shared by inputs, outputs and model URIs (s3fs).
+
+    Credentials are never part of the config: they come from the environment
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), a profile, or the instance role.
+    """
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://minio:9000")
+    region: str | None = Field(None, description="S3 region name")
+    anon: bool = Field(False, description="anonymous (unsigned) access")
+    profile: str | None = Field(None, description="AWS profile name from ~/.aws/credentials")
+
+    def storage_options(self) -> dict:
+        """fsspec / s3fs storage options for these settings (local paths ignore them)."""
+        opts: dict = {"anon": self.anon}
+        if self.profile:
+            opts["profile"] = self.profile
+        client = {k: v for k, v in (("endpoint_url", self.endpoint_url), ("region_name", self.region)) if v}
+        if client:
+            opts["client_kwargs"] = client
+        return opts
+
+
+class InputConfig(_Strict):
+    kind: Literal["prefix", "manifest", "tar"] = Field(
+        "prefix", description="prefix: image objects under a URI; manifest: Parquet/CSV listing URIs; tar: WebDataset shards"
+    )
+    uri: str = Field(..., description="prefix URI, manifest file URI, or folder/prefix of .tar shards")
+    uri_column: str = Field("uri", description="manifest column holding image URIs")
+    extensions: list[str] = Field(default_factory=lambda: list(IMAGE_EXTENSIONS), description="image file extensions (prefix and tar inputs)")
+
+    @field_validator("extensions")
+    @classmethod
+    def _dot_lower(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one extension is needed")
+        return [("." + e.lstrip(".")).lower() for e in v]
+
+
+class OutputConfig(_Strict):
+    uri: str = Field(..., description="output root; partitions are <uri>/run_date=YYYY-MM-DD/")
+    run_date: dt.date | None = Field(None, description="partition date (default: today, UTC)")
+    embeddings: bool = Field(False, description="also write the normalised image embedding (float16 list)")
+    skip_scored: bool = Field(False, description="skip URIs already scored ok in other partitions with the same model id and class set")
+
+
+class ModelConfig(_Strict):
+    checkpoint: str | None = Field(None, description="CLIPN checkpoint URI (.safetensors with its .json sidecar)")
+    architecture: str | None = Field(None, description="open_clip architecture when no checkpoint is given (untrained no tower)")
+    pretrained: str | None = Field(None, description="base CLIP weights: open_clip tag, file or s3:// URI")
+    seed: int = Field(0, description="seed of random init when no weights are given (tests, benchmarks)")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if bool(self.checkpoint) == bool(self.architecture):
+            raise ValueError("give exactly one of model.checkpoint or model.architecture")
+        if self.checkpoint and not self.checkpoint.endswith(".safetensors"):
+            raise ValueError("model.checkpoint must end with .safetensors")
+        return self
+
+
+class ClassesConfig(_Strict):
+    names: list[str] | None = Field(None, description="inline ID class names")
+    file: str | None = Field(None, description="URI of a text file with one ID class name per line")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.names is None) == (self.file is None):
+            raise ValueError("give exactly one of classes.names or classes.file")
+        return self
+
+
+class DecisionConfig(_Strict):
+    rule: Literal["ctw", "atd", "threshold"] = Field("atd", description="which decision fills is_ood")
+    score: str | None = Field(None, description="registered score for rule=threshold (e.g. mcm)")
+    threshold: float | None = Field(None, description="is_ood = score < threshold (rule=threshold)")
+
+    @model_validator(mode="after")
+    def _threshold_needs_score(self):
+        if self.rule == "threshold":
+            if self.score not in SCORES or self.threshold is None:
+                raise ValueError(f"rule=threshold needs score (one of {sorted(SCORES)}) and threshold")
+        elif self.score is not None or self.threshold is not None:
+            raise ValueError("score and threshold are only used with rule=threshold")
+        return self
+
+
+class RuntimeConfig(_Strict):
+    batch_size: int = Field(64, ge=1, description="images per model forward on a scorer actor")
+    decode_batch_size: int = Field(32, ge=1, description="images per CPU read+decode task batch")
+    decode_cpus: float = Field(0.5, gt=0, description="CPUs per read+decode task (differs from cpus_per_actor so Ray keeps decoding out of the scorer actors)")
+    pool_size: int = Field(1, ge=1, description="number of scorer actors")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per scorer actor (0 on CPU machines)")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per scorer actor")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="autocast on GPU (CPU runs fp32)")
+    logit_scale: float = Field(100.0, gt=0, description="logit scale s of the scores")
+    mcm_temperature: float = Field(1.0, gt=0, description="MCM softmax temperature")
+    max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb limit (width x height)")
+    cache_dir: str | None = Field(None, description="local cache of downloaded weights")
+
+
+class ScoreJobConfig(_Strict):
+    """The nightly scoring job: inputs -> CLIPN scores -> Parquet partition."""
+
+    input: InputConfig
+    output: OutputConfig
+    model: ModelConfig
+    classes: ClassesConfig
+    templates: str | None = Field(None, description="template set name (default) or template file URI")
+    decision: DecisionConfig = Field(default_factory=DecisionConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    run_id: str | None = Field(None, description="identifier of this run (default: random)")
+
+    def effective_run_date(self) -> dt.date:
+        return self.output.run_date or dt.datetime.now(dt.timezone.utc).date()

@@ -1,0 +1,237 @@
+"""End to end: the scoring job on a small lake in the loopback S3 server (used exactly like MinIO)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import struct
+import tarfile
+import zlib
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import clipn_core as cc
+from clipn_core import world
+from jobs.cli import main as cli_main
+from jobs.score import run
+from schemas.output import OUTPUT_SCHEMA
+from schemas.score_config import ScoreJobConfig
+
+pytestmark = pytest.mark.slow
+CLASSES = ["circle", "square", "triangle"]
+DAY = dt.date(2026, 11, 1)
+
+
+def _png(img, **kw):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def _huge_png():
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 90000, 90000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 32)) + chunk(b"IEND", b""))
+
+
+def _gif():
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+GOOD = {f"good_{i:02d}_{s}.jpg": world.encode(world.render(s, c, i, 48))
+        for i, (s, c) in enumerate([(s, c) for s in ("circle", "square", "star", "ring") for c in ("red", "blue", "green")])}
+GOOD_JPEG = next(iter(GOOD.values()))
+ODD = {  # name -> (bytes, expected status)
+    "bad_truncated.jpg": (GOOD_JPEG[: len(GOOD_JPEG) // 2], "truncated"),
+    "bad_zero.jpg": (b"", "empty"),
+    "bad_text.jpg": (b"hello, I am text\n", "not_an_image"),
+    "bad_huge.png": (_huge_png(), "too_large"),
+    "odd_cmyk.jpg": (world.encode(Image.new("RGB", (20, 20), (200, 10, 10)).convert("CMYK")), "ok"),
+    "odd_16bit.png": (_png(Image.fromarray(np.full((20, 20), 40000, np.uint16))), "ok"),
+    "odd_anim.gif": (_gif(), "ok"),
+    "odd_alpha.png": (_png(Image.new("RGBA", (20, 20), (0, 0, 255, 128))), "ok"),
+}
+
+
+@pytest.fixture(scope="module")
+def lake(s3_server, ray_local, tmp_path_factory):
+    """Bucket with images under lake/, a checkpoint, a manifest and tar shards; returns a dict of URIs."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="lake")
+    opts = {"client_kwargs": {"endpoint_url": s3_server}, "skip_instance_cache": True}
+    fs = fsspec.filesystem("s3", **opts)
+    for name, data in GOOD.items():
+        fs.pipe_file(f"lake/images/{name}", data)
+    for name, (data, _) in ODD.items():
+        fs.pipe_file(f"lake/images/{name}", data)
+    fs.pipe_file("lake/images/notes.txt", b"not listed: wrong extension")
+    model, spec = cc.build_clipn("clipn-tiny", seed=1)
+    with torch.no_grad():  # make the no tower differ from the yes tower, as after training
+        g = torch.Generator().manual_seed(2)
+        for p in model.no_tower.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model_id = cc.save_checkpoint(model, spec, "s3://lake/models/clipn.safetensors", opts)
+    manifest_uris = [f"s3://lake/images/{n}" for n in list(GOOD)[:5]] + ["s3://lake/images/missing.jpg"]
+    with fs.open("lake/manifests/tonight.parquet", "wb") as f:
+        pq.write_table(pa.table({"key": manifest_uris}), f)
+    for shard in range(2):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i, (name, data) in enumerate(list(GOOD.items())[shard * 4: shard * 4 + 4]):
+                for member, payload in ((f"{shard:04d}{i:02d}.jpg", data), (f"{shard:04d}{i:02d}.json", b'{"k": 1}')):
+                    info = tarfile.TarInfo(member)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+        fs.pipe_file(f"lake/shards/{shard:05d}.tar", buf.getvalue())
+    return {"endpoint": s3_server, "opts": opts, "model": model, "model_id": model_id, "manifest_uris": manifest_uris}
+
+
+def _cfg(lake, out, **over):
+    data = {
+        "input": {"kind": "prefix", "uri": "s3://lake/images/"},
+        "output": {"uri": out, "run_date": str(DAY)},
+        "model": {"checkpoint": "s3://lake/models/clipn.safetensors"},
+        "classes": {"names": CLASSES},
+        "templates": "default",
+        "storage": {"endpoint_url": lake["endpoint"]},
+        "runtime": {"batch_size": 8, "decode_batch_size": 8},
+    }
+    for key, value in over.items():
+        section, _, field = key.partition("__")
+        if field:
+            data.setdefault(section, {})[field] = value
+        else:
+            data[section] = value
+    return ScoreJobConfig.model_validate(data)
+
+
+def _read(lake, uri):
+    fs = fsspec.filesystem("s3", **lake["opts"])
+    return pads.dataset(uri.removeprefix("s3://"), filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)),
+                        format="parquet", partitioning="hive").to_table()
+
+
+def test_prefix_job_one_row_per_image_statuses_schema_and_scores(lake, tmp_path):
+    out = "s3://lake/out1"
+    manifest = run(_cfg(lake, out, output__embeddings=True, runtime__cache_dir=str(tmp_path)))
+    fs = fsspec.filesystem("s3", **lake["opts"])
+    part = f"lake/out1/run_date={DAY}"
+    assert fs.exists(f"{part}/_SUCCESS") and fs.exists(f"{part}/_manifest.json")
+    assert not fs.exists("lake/out1/_staging") or not fs.find("lake/out1/_staging")
+    files = [p for p in fs.find(part) if p.endswith(".parquet")]
+    assert files and all(p.rsplit("/", 1)[-1].startswith("part-") for p in files)
+    for p in files:  # every file carries the declared schema, whatever its rows
+        with fs.open(p, "rb") as f:
+            assert pq.read_schema(f).equals(OUTPUT_SCHEMA, check_metadata=False)
+
+    table = _read(lake, out)
+    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in table.to_pylist()}
+    assert len(table) == len(GOOD) + len(ODD)  # one row per image, notes.txt not listed
+    assert sorted(rows) == sorted([*GOOD, *ODD])
+    for name, (_, status) in ODD.items():
+        assert rows[name]["status"] == status, name
+        if status != "ok":
+            assert rows[name]["score_atd"] is None and rows[name]["error"]
+    assert all(rows[n]["status"] == "ok" for n in GOOD)
+    assert manifest["rows"] == len(table) and manifest["by_status"]["ok"] == len(GOOD) + 4
+    assert manifest["model_id"] == lake["model_id"]
+    assert str(rows["bad_text.jpg"]["run_date"]) == str(DAY)
+
+    # scores equal clipn_core called directly on the same bytes
+    model = lake["model"]
+    heads = cc.build_class_heads(model, cc.get_tokenizer(model), CLASSES, cc.load_templates("default"))
+    tf = cc.image_transform(model.preprocess_cfg)
+    names = list(GOOD)
+    batch = torch.stack([cc.decode_image(GOOD[n], tf).tensor for n in names])
+    direct = cc.BatchScorer(model, heads)(batch)
+    for i, n in enumerate(names):
+        r = rows[n]
+        for score in cc.SCORES:
+            assert r[f"score_{score}"] == pytest.approx(float(direct.scores[score][i]), rel=1e-4, abs=1e-5), (n, score)
+        assert r["predicted_class"] == CLASSES[direct.predicted_index[i]]
+        assert r["ood_ctw"] == bool(direct.decisions["ctw"][i]) and r["is_ood"] == bool(direct.decisions["atd"][i])
+        assert np.allclose(np.array(r["embedding"], dtype=np.float32), direct.embeddings[i], atol=2e-3)
+    # the published manifest never carries credentials
+    text = fs.cat_file(f"{part}/_manifest.json").decode()
+    assert "testing" not in text and json.loads(text)["classes"] == CLASSES
+
+
+def test_rerun_replaces_the_partition_and_skip_scored(lake):
+    out = "s3://lake/out2"
+    first = run(_cfg(lake, out))
+    second = run(_cfg(lake, out))
+    table = _read(lake, out)
+    assert len(table) == first["rows"] == second["rows"]  # not doubled
+    assert set(table.column("run_id").to_pylist()) == {second["run_id"]}
+
+    fs = fsspec.filesystem("s3", **lake["opts"])
+    fs.pipe_file("lake/images/new_tonight.jpg", world.encode(world.render("triangle", "pink", 99, 48)))
+    try:
+        nxt = run(_cfg(lake, out, output__run_date=str(DAY + dt.timedelta(days=1)), output__skip_scored=True))
+        new = _read(lake, f"{out}/run_date={DAY + dt.timedelta(days=1)}")
+        # only the new image and the non-ok ones (retried) are scored again
+        retried = {n for n, (_, s) in ODD.items() if s != "ok"}
+        assert {u.rsplit("/", 1)[-1] for u in new.column("uri").to_pylist()} == {"new_tonight.jpg", *retried}
+        assert nxt["skipped_already_scored"] == len(GOOD) + 4
+    finally:
+        fs.rm("lake/images/new_tonight.jpg")
+
+
+def test_manifest_and_tar_inputs(lake):
+    m = run(_cfg(lake, "s3://lake/out3", input={"kind": "manifest", "uri": "s3://lake/manifests/tonight.parquet", "uri_column": "key"}))
+    table = _read(lake, "s3://lake/out3")
+    assert sorted(table.column("uri").to_pylist()) == sorted(lake["manifest_uris"])
+    status = dict(zip(table.column("uri").to_pylist(), table.column("status").to_pylist()))
+    assert status["s3://lake/images/missing.jpg"] == "read_error" and m["by_status"] == {"ok": 5, "read_error": 1}
+
+    run(_cfg(lake, "s3://lake/out4", input={"kind": "tar", "uri": "s3://lake/shards/"}))
+    table = _read(lake, "s3://lake/out4")
+    uris = sorted(table.column("uri").to_pylist())
+    assert len(uris) == 8 and uris[0] == "s3://lake/shards/00000.tar#000000.jpg"
+    assert set(table.column("status").to_pylist()) == {"ok"}
+
+
+def test_only_errors_still_typed_and_readable(lake, tmp_path):
+    lake_dir = tmp_path / "bad"
+    lake_dir.mkdir()
+    for name, (data, status) in ODD.items():
+        if status != "ok":
+            (lake_dir / name).write_bytes(data)
+    out = tmp_path / "out"
+    cfg = _cfg(lake, str(out), input={"kind": "prefix", "uri": str(lake_dir)})
+    run(cfg)
+    run(_cfg(lake, str(out), output__run_date="2026-11-02"))  # a second partition with scores
+    table = pads.dataset(str(out), format="parquet", partitioning="hive").to_table()
+    assert table.schema.field("score_atd").type == pa.float32()
+    assert len(table) == 4 + len(GOOD) + len(ODD)
+
+
+def test_bad_config_fails_before_any_work(lake, tmp_path, capsys):
+    out = tmp_path / "never"
+    code = cli_main(["score", "--input.uri", str(tmp_path), "--output.uri", str(out),
+                     "--model.checkpoint", "x.safetensors", "--classes.names", "[a, b]", "--decision.rule", "maybe"])
+    assert code == 2 and "decision.rule" in capsys.readouterr().err
+    code = cli_main(["score", "--input.uri", str(tmp_path), "--output.uri", str(out), "--model.architecture", "clipn-tiny",
+                     "--classes.names", "[a, a]"])
+    assert code == 1 and "duplicated class" in capsys.readouterr().err
+    code = cli_main(["score", "--input.uri", str(tmp_path / "nope"), "--output.uri", str(out),
+                     "--model.architecture", "clipn-tiny", "--classes.names", "[a, b]", "--set", "runtime.pool_size=1"])
+    assert code == 1 and "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["score", "--help"])
+    assert "--runtime.batch_size" in capsys.readouterr().out
+    assert not out.exists()
