@@ -50,9 +50,11 @@ class PartFilenames(FilenameProvider):
 def staged_stats(staged_path: str, storage_options: dict) -> dict:
     """Counts by status and OOD rates of the staged files, streamed column batches (bounded memory)."""
     fs, path = filesystem(staged_path, storage_options)
+    flags = ["is_ood"] + [ood_column(n) for n, s in SCORES.items() if s.threshold_free]
+    if not fs.exists(path):  # every input skipped: Ray wrote no file
+        return {"rows": 0, "files": 0, "by_status": {}, "ood_rate": {f: None for f in flags}}
     dataset = pads.dataset(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)), format="parquet",
                            schema=OUTPUT_SCHEMA)
-    flags = ["is_ood"] + [ood_column(n) for n, s in SCORES.items() if s.threshold_free]
     status: Counter = Counter()
     flagged: Counter = Counter()
     files = 0
@@ -80,7 +82,8 @@ def publish(root: str, run_date: dt.date, staged: str, manifest: dict, storage_o
     if fs.exists(final):
         fs.rm(final, recursive=True)
     fs.makedirs(final, exist_ok=True)
-    for src in sorted(fs.find(staged_p)):
+    staged_files = sorted(fs.find(staged_p)) if fs.exists(staged_p) else []  # none when every input was skipped
+    for src in staged_files:
         if src.endswith(".parquet"):
             fs.mv(src, f"{final}/{src.rsplit('/', 1)[-1]}")
     fs.pipe_file(f"{final}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())

@@ -15,7 +15,7 @@ import numpy as np
 import ray
 
 import clipn_core as cc
-from clipn_core.storage import read_bytes
+from clipn_core.storage import is_remote, read_bytes
 from jobs.publish import (
     PartFilenames,
     arrow_filesystem,
@@ -102,7 +102,10 @@ def run(cfg: ScoreJobConfig) -> dict:
     staged = staging_path(cfg.output.uri, run_id)
     out_fs, staged_p = arrow_filesystem(staged, opts)
     try:
-        ds.write_parquet(staged_p, filesystem=out_fs, filename_provider=PartFilenames())
+        # Object stores have no directories; asking Ray to create one makes it delete a
+        # non-existent one (FileNotFoundError) when every input was skipped.
+        ds.write_parquet(staged_p, filesystem=out_fs, filename_provider=PartFilenames(),
+                         try_create_dir=not is_remote(cfg.output.uri))
         t_score = time.perf_counter() - t0 - t_setup
         stats = staged_stats(staged, opts)
         if n_inputs is not None and not done and stats["rows"] != n_inputs:

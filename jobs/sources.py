@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from clipn_core.errors import StorageError, redact_uri
+from clipn_core.errors import redact_uri
 from clipn_core.images import DecodeError, SplitPreprocessor, load_rgb
 from clipn_core.storage import filesystem
 from schemas.output import STATUS_OK, STATUS_READ_ERROR
@@ -109,7 +109,7 @@ def read_decode_batch(batch: dict, storage_options: dict, preprocess_cfg: dict, 
         try:
             fs, path = filesystem(uri, storage_options)
             data = fs.cat_file(path)
-        except (StorageError, Exception) as e:  # noqa: BLE001 - recorded in the row, never dropped
+        except Exception as e:  # noqa: BLE001 - recorded in the row, never dropped
             rows.append(_row(uri, -1, STATUS_READ_ERROR, f"{type(e).__name__}: {e}", blank))
             continue
         rows.append(_decode_row(uri, data, pre, max_pixels, blank))

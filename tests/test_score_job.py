@@ -187,6 +187,14 @@ def test_rerun_replaces_the_partition_and_skip_scored(lake):
         retried = {n for n, (_, s) in ODD.items() if s != "ok"}
         assert {u.rsplit("/", 1)[-1] for u in new.column("uri").to_pylist()} == {"new_tonight.jpg", *retried}
         assert nxt["skipped_already_scored"] == len(GOOD) + 4
+        # a later night where everything is already scored publishes an empty partition, not an error
+        empty_day = DAY + dt.timedelta(days=2)
+        with fs.open("lake/manifests/done.parquet", "wb") as f:
+            pq.write_table(pa.table({"uri": lake["manifest_uris"][:5]}), f)
+        none_left = run(_cfg(lake, out, input={"kind": "manifest", "uri": "s3://lake/manifests/done.parquet"},
+                             output__run_date=str(empty_day), output__skip_scored=True))
+        assert none_left["rows"] == 0 and none_left["by_status"] == {}
+        assert fs.exists(f"lake/out2/run_date={empty_day}/_SUCCESS")
     finally:
         fs.rm("lake/images/new_tonight.jpg")
 
