@@ -12,7 +12,9 @@ use their first frame.
 
 from __future__ import annotations
 
+import functools
 import io
+import json
 import warnings
 from dataclasses import dataclass, fields
 from enum import Enum
@@ -54,14 +56,15 @@ class DecodedImage:
     mode: str
 
 
-def image_transform(preprocess_cfg: dict):
-    """The open_clip eval transform (resize, crop, to tensor, normalise) for a model's preprocess config."""
+def image_transform(preprocess_cfg: dict, is_train: bool = False):
+    """open_clip's transform for a model's preprocess config: eval (resize, centre crop, to tensor,
+    normalise) or, with ``is_train``, train (random resized crop, to tensor, normalise)."""
     known = {f.name for f in fields(PreprocessCfg)}
     cfg = {k: v for k, v in preprocess_cfg.items() if k in known}
     for key in ("size", "mean", "std"):
         if isinstance(cfg.get(key), list):
             cfg[key] = tuple(cfg[key])
-    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=is_train)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -136,7 +139,8 @@ def decode_image(data: bytes, transform, max_pixels: int = DEFAULT_MAX_PIXELS) -
 
 
 class SplitPreprocessor:
-    """The model's eval transform split in two halves, for pipelines that ship pixels between processes.
+    """The model's eval (or, with ``is_train``, train) transform split in two halves, for pipelines
+    that ship pixels between processes.
 
     ``to_uint8`` runs the geometric part (resize, crop) on a CPU worker and returns
     uint8 [3, H, W]: a quarter of the bytes of a float tensor. ``normalize`` finishes
@@ -144,10 +148,10 @@ class SplitPreprocessor:
     ToTensor + Normalize, so results equal :func:`decode_image`'s to float rounding.
     """
 
-    def __init__(self, preprocess_cfg: dict):
+    def __init__(self, preprocess_cfg: dict, is_train: bool = False):
         from torchvision.transforms import Compose, Normalize
 
-        full = image_transform(preprocess_cfg)
+        full = image_transform(preprocess_cfg, is_train=is_train)
         steps = list(full.transforms)
         norm = steps[-1]
         if not isinstance(norm, Normalize) or "ToTensor" not in type(steps[-2]).__name__:
@@ -168,3 +172,13 @@ class SplitPreprocessor:
         """uint8 [N, 3, H, W] (any device) -> normalised float32 [N, 3, H, W] on the same device."""
         x = pixels.float().div_(255.0)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_split_preprocessor(preprocess_json: str, is_train: bool) -> SplitPreprocessor:
+    return SplitPreprocessor(json.loads(preprocess_json), is_train=is_train)
+
+
+def split_preprocessor(preprocess_cfg: dict, is_train: bool = False) -> SplitPreprocessor:
+    """A :class:`SplitPreprocessor` built once per process and config (decode tasks call this per batch)."""
+    return _cached_split_preprocessor(json.dumps(preprocess_cfg, sort_keys=True, default=list), is_train)

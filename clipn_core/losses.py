@@ -8,11 +8,13 @@ concatenated batch; after DDP's gradient averaging the parameter gradients are t
 (the all_gather backward sums the world_size identical contributions, DDP divides by
 world_size). Unlike the original code, a single process needs no special case.
 
-All ranks must pass the same batch size (Ray Train: ``drop_last``-style batching).
+Ranks may pass different batch sizes (a rank whose batch lost undecodable pairs); each
+must hold at least one row.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -33,22 +35,50 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` [n, ...] of every rank in rank order, keeping gradients; identity on one process."""
+def gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
+    """Per-rank row counts (rank order) of a batch of ``n`` rows on this rank; ``[n]`` on one process."""
+    if not _distributed():
+        return [n]
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return [int(p.item()) for p in parts]
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    if x.shape[0] == rows:
+        return x.contiguous()
+    return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))]).contiguous()
+
+
+def gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """Concatenate ``x`` [n_r, ...] of every rank in rank order, keeping gradients; identity on one process.
+
+    Ranks may hold different row counts (``sizes``, from :func:`gather_sizes`): rows are
+    padded to the largest count for the collective and the padding is cut off again.
+    """
     if not _distributed():
         return x
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    sizes = sizes or gather_sizes(x.shape[0], x.device)
+    with warnings.catch_warnings():
+        # Its suggested replacement lives in a private module (_functional_collectives); this
+        # public autograd all_gather is still the supported way to gather with gradients.
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+        parts = all_gather(_pad_rows(x, max(sizes)))
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
 
 
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` of every rank in rank order (labels, ids); identity on one process."""
+def gather_no_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """Like :func:`gather_with_grad` without autograd (labels, ids)."""
     if not _distributed():
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
+    sizes = sizes or gather_sizes(x.shape[0], x.device)
+    padded = _pad_rows(x, max(sizes))
+    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
 
 
 def itbo_loss(
@@ -97,12 +127,13 @@ def clipn_loss(
     the caption text) makes pairs with identical captions count as matched; without it
     only (i, i) is matched.
     """
-    f = gather_with_grad(image_features)
-    g = gather_with_grad(text_features)
-    g_no = gather_with_grad(text_features_no)
+    sizes = gather_sizes(image_features.shape[0], image_features.device)
+    f = gather_with_grad(image_features, sizes)
+    g = gather_with_grad(text_features, sizes)
+    g_no = gather_with_grad(text_features_no, sizes)
     matched = None
     if caption_ids is not None:
-        ids = gather_no_grad(caption_ids.to(f.device))
+        ids = gather_no_grad(caption_ids.to(image_features.device), sizes)
         matched = ids[:, None] == ids[None, :]
     itbo = itbo_loss(f, g, g_no, logit_scale, matched)
     tso = tso_loss(g, g_no)

@@ -59,20 +59,27 @@ class NoTextTower(nn.Module):
     def num_prompts(self) -> int:
         return self.prompts.shape[0]
 
-    def prompt_for_batch(self, batch: int) -> torch.Tensor:
-        """[batch or 1, context, width]: a random prompt-or-mean per sample in training, the mean in eval."""
+    def prompt_for_batch(self, batch: int, prompt_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch or 1, context, width]: the prompt added to each sample's embeddings.
+
+        ``prompt_idx`` [batch] int64 in ``[0, K]`` picks prompt k (K = their mean) per
+        sample, e.g. a deterministic choice from the training job. Without it: a uniform
+        random choice in training mode, the mean in eval mode.
+        """
         mean = self.prompts.mean(dim=0, keepdim=True)
-        if not self.training:
+        if prompt_idx is None and not self.training:
             return mean
         choices = torch.cat([self.prompts, mean], dim=0)
-        idx = torch.randint(0, self.num_prompts + 1, (batch,), device=self.prompts.device)
-        return choices[idx]
+        if prompt_idx is None:
+            prompt_idx = torch.randint(0, self.num_prompts + 1, (batch,), device=self.prompts.device)
+        return choices[prompt_idx.to(self.prompts.device)]
 
-    def forward(self, text: torch.Tensor) -> torch.Tensor:
+    def forward(self, text: torch.Tensor, prompt_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Unnormalised no-text features [N, embed_dim] for token ids ``text`` [N, context]."""
         cast_dtype = self.transformer.get_cast_dtype()
         x = self.token_embedding(text).to(cast_dtype)
-        x = x + self.positional_embedding.to(cast_dtype) + self.prompt_for_batch(text.shape[0]).to(cast_dtype)
+        prompt = self.prompt_for_batch(text.shape[0], prompt_idx).to(cast_dtype)
+        x = x + self.positional_embedding.to(cast_dtype) + prompt
         x = self.transformer(x, attn_mask=self.attn_mask)
         x = self.ln_final(x)
         x = text_global_pool(x, text, self.pool_type, eos_token_id=self.eos_id)
@@ -127,14 +134,21 @@ class CLIPN(nn.Module):
         """Yes-tower text features [N, D] for token ids [N, context]."""
         return self.clip.encode_text(text, normalize=normalize)
 
-    def encode_text_no(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """No-tower text features [N, D] for token ids [N, context] (prompt per training mode)."""
-        x = self.no_tower(text)
+    def encode_text_no(
+        self, text: torch.Tensor, normalize: bool = True, prompt_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """No-tower text features [N, D] for token ids [N, context] (prompt: see ``prompt_for_batch``)."""
+        x = self.no_tower(text, prompt_idx)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor):
-        """(image, yes-text, no-text) L2-normalised features for a batch of pairs."""
-        return self.encode_image(images), self.encode_text(text), self.encode_text_no(text)
+    def forward(self, images: torch.Tensor, text: torch.Tensor, prompt_idx: torch.Tensor | None = None):
+        """(image, yes-text, no-text) L2-normalised features [N, D] for a batch of pairs.
+
+        The frozen towers run without autograd: only the no-text features carry a graph.
+        """
+        with torch.no_grad():
+            f, g = self.encode_image(images), self.encode_text(text)
+        return f, g, self.encode_text_no(text, prompt_idx=prompt_idx)
 
 
 def get_tokenizer(model: CLIPN):

@@ -8,6 +8,7 @@ templates, model, input listing) fails on the driver before any Ray work starts.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import uuid
 
@@ -137,7 +138,7 @@ def run(cfg: ScoreJobConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from jobs.cli import main as cli_main
 
-    return cli_main(["score", *(argv if argv is not None else __import__("sys").argv[1:])])
+    return cli_main(["score", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":

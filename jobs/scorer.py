@@ -68,8 +68,7 @@ class ScorerActor:
             pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
             res = self.scorer(self.pre.normalize(pixels.to(self.scorer.device)))
             idx = res.predicted_index
-            cols["predicted_class"] = pa.array(
-                np.where(ok, _scatter(self.class_names[idx], ok, n), None), type=pa.string())
+            cols["predicted_class"] = pa.array(_scatter(self.class_names[idx], ok, n), type=pa.string())
             cols["predicted_index"] = full(idx.astype(np.int32), pa.int32())
             cols["predicted_prob"] = full(res.predicted_prob.astype(np.float32), pa.float32())
             for name in SCORES:
@@ -101,6 +100,7 @@ class ScorerActor:
 
 
 def _scatter(values: np.ndarray, ok: np.ndarray, n: int) -> np.ndarray:
+    """Object array of length n: ``values`` at the ok rows, None elsewhere."""
     out = np.empty(n, dtype=object)
     out[ok] = values
     return out

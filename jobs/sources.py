@@ -17,7 +17,7 @@ import pyarrow as pa
 import ray
 
 from clipn_core.errors import redact_uri
-from clipn_core.images import DecodeError, SplitPreprocessor, load_rgb
+from clipn_core.images import DecodeError, SplitPreprocessor, load_rgb, split_preprocessor
 from clipn_core.storage import filesystem
 from schemas.output import STATUS_OK, STATUS_READ_ERROR
 from schemas.score_config import InputConfig
@@ -101,7 +101,7 @@ def _stack(rows: list[dict]) -> dict[str, np.ndarray]:
 
 def read_decode_batch(batch: dict, storage_options: dict, preprocess_cfg: dict, max_pixels: int) -> dict:
     """CPU step for prefix/manifest inputs: fetch each URI's bytes and decode; one row per URI."""
-    pre = SplitPreprocessor(preprocess_cfg)
+    pre = split_preprocessor(preprocess_cfg)
     blank = np.zeros((3, *pre.size), dtype=np.uint8)
     rows = []
     for uri in batch["uri"]:
@@ -121,7 +121,7 @@ def read_tar_batch(batch: dict, storage_options: dict, preprocess_cfg: dict, max
 
     A shard that cannot be read or parsed yields one ``read_error`` row named by the shard.
     """
-    pre = SplitPreprocessor(preprocess_cfg)
+    pre = split_preprocessor(preprocess_cfg)
     blank = np.zeros((3, *pre.size), dtype=np.uint8)
     exts = tuple(extensions)
     rows = []

@@ -77,12 +77,11 @@ def _loss(heads, x_img, x_txt, ids):
     return clipn_loss(f, g, g_no, 20.0, caption_ids=ids)
 
 
-def _worker(rank, world, port, out):
+def _worker(rank, world, port, first, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         x_img, x_txt, ids = _setup_features()
-        n = x_img.shape[0] // world
-        sl = slice(rank * n, (rank + 1) * n)
+        sl = slice(0, first) if rank == 0 else slice(first, x_img.shape[0])
         heads = _heads()
         loss = _loss(heads, x_img[sl], x_txt[sl], ids[sl])
         loss.total.backward()
@@ -95,7 +94,9 @@ def _worker(rank, world, port, out):
         dist.destroy_process_group()
 
 
-def test_two_process_gloo_equals_one_process():
+@pytest.mark.parametrize("first", [4, 5], ids=["equal-split", "unequal-split"])
+def test_two_process_gloo_equals_one_process(first):
+    """Rank 0 holds ``first`` of the 8 pairs; unequal splits happen when undecodable pairs are dropped."""
     x_img, x_txt, ids = _setup_features()
     heads = _heads()
     single = _loss(heads, x_img, x_txt, ids)
@@ -106,7 +107,7 @@ def test_two_process_gloo_equals_one_process():
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         out = manager.dict()
-        mp.start_processes(_worker, args=(2, port, out), nprocs=2, join=True, start_method="spawn")
+        mp.start_processes(_worker, args=(2, port, first, out), nprocs=2, join=True, start_method="spawn")
         results = dict(out)
     for rank in (0, 1):
         assert results[rank]["total"] == pytest.approx(single.total.item(), abs=1e-5)

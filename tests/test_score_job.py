@@ -91,7 +91,7 @@ def lake(s3_server, ray_local, tmp_path_factory):
     for shard in range(2):
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
-            for i, (name, data) in enumerate(list(GOOD.items())[shard * 4: shard * 4 + 4]):
+            for i, data in enumerate(list(GOOD.values())[shard * 4: shard * 4 + 4]):
                 for member, payload in ((f"{shard:04d}{i:02d}.jpg", data), (f"{shard:04d}{i:02d}.json", b'{"k": 1}')):
                     info = tarfile.TarInfo(member)
                     info.size = len(payload)

@@ -1,0 +1,141 @@
+"""Training pieces shared by any trainer (Ray Train, a notebook): optimiser, schedule, prompt choice, step.
+
+Nothing here knows about Ray. The step works on one process or under DDP (features
+are gathered across ranks by :func:`clipn_core.losses.clipn_loss`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .losses import clipn_loss
+
+_MIX_A = np.uint64(0x9E3779B97F4A7C15)
+_MIX_B = np.uint64(0xBF58476D1CE4E5B9)
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """open_clip's rule: gains, biases, LayerNorm/BatchNorm parameters and 1-D parameters get no decay."""
+    return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+def build_optimizer(
+    named_params: Iterable[tuple[str, nn.Parameter]],
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.98),
+    eps: float = 1e-6,
+) -> torch.optim.AdamW:
+    """AdamW over the parameters that require grad, split into decay / no-decay groups."""
+    decay, plain = [], []
+    for name, p in named_params:
+        if p.requires_grad:
+            (plain if no_weight_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier for ``LambdaLR``: linear 1/w ... 1 over ``warmup_steps``, then cosine to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def text_id(text: str) -> int:
+    """Stable signed 64-bit id of a caption (identical captions -> identical ids, across processes)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+def sample_id(image: bytes, caption: str) -> int:
+    """Stable signed 64-bit id of one image-text pair."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(image)
+    h.update(b"\0")
+    h.update(caption.encode("utf-8"))
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def prompt_choices(sample_ids: np.ndarray | torch.Tensor, step: int, seed: int, num_prompts: int) -> torch.Tensor:
+    """Per-sample prompt index in ``[0, num_prompts]`` (``num_prompts`` = the mean), int64 [N].
+
+    A hash of (sample id, step, seed): the same pair at the same step always gets the
+    same prompt, however the global batch is split across workers, and a resumed run
+    repeats the choices of the original.
+    """
+    ids = np.asarray(sample_ids.cpu() if isinstance(sample_ids, torch.Tensor) else sample_ids).astype(np.int64)
+    with np.errstate(over="ignore"):
+        h = ids.view(np.uint64) * _MIX_A + np.uint64(step) * _MIX_B + np.uint64(seed & 0xFFFFFFFF)
+        h ^= h >> np.uint64(31)
+        h *= _MIX_B
+        h ^= h >> np.uint64(29)
+    return torch.from_numpy((h % np.uint64(num_prompts + 1)).astype(np.int64))
+
+
+@dataclass
+class StepMetrics:
+    """One optimiser step: loss parts (global batch), gradient norm before clipping, learning rate used."""
+
+    loss: float
+    itbo: float
+    tso: float
+    grad_norm: float
+    lr: float
+
+
+def clipn_train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    prompt_idx: torch.Tensor,
+    caption_ids: torch.Tensor | None,
+    logit_scale: float,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    params: list[nn.Parameter],
+    grad_clip_norm: float | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> StepMetrics:
+    """One CLIPN step: features -> ITBO + TSO (gathered across ranks) -> backward -> clip -> AdamW -> schedule.
+
+    ``model`` is a :class:`~clipn_core.model.CLIPN` or its DDP wrapper; ``images`` normalised
+    [n, 3, H, W], ``tokens`` [n, context], ``prompt_idx`` [n] (see :func:`prompt_choices`),
+    ``caption_ids`` [n] int64 or None. ``params`` are the trained parameters (for clipping).
+    ``autocast_dtype`` enables CUDA autocast (bf16/fp16); ``scaler`` is needed for fp16.
+    """
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.zero_grad(set_to_none=True)
+    ctx = (torch.autocast(device_type="cuda", dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with ctx:
+        f, g, g_no = model(images, tokens, prompt_idx=prompt_idx)
+        loss = clipn_loss(f.float(), g.float(), g_no.float(), logit_scale, caption_ids)
+    if scaler is not None:
+        scaler.scale(loss.total).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.total.backward()
+    max_norm = grad_clip_norm if grad_clip_norm is not None else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    return StepMetrics(loss.total.item(), loss.itbo.item(), loss.tso.item(), float(grad_norm), float(lr))

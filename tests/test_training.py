@@ -1,0 +1,95 @@
+"""clipn_core.training without Ray: schedule, prompt choice, optimiser groups, one real step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import clipn_core as cc
+from clipn_core.images import SplitPreprocessor
+from clipn_core.training import (
+    build_optimizer,
+    clipn_train_step,
+    prompt_choices,
+    sample_id,
+    text_id,
+    warmup_cosine,
+)
+
+
+def test_warmup_then_cosine_to_zero():
+    f = warmup_cosine(4, 14)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0
+    assert f(9) == pytest.approx(0.5)
+    assert f(14) == pytest.approx(0.0, abs=1e-12) and f(20) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_prompt_choice_is_a_function_of_sample_step_and_seed_only():
+    ids = np.array([text_id(f"caption {i}") for i in range(64)], dtype=np.int64)
+    whole = prompt_choices(ids, step=3, seed=0, num_prompts=4)
+    halves = torch.cat([prompt_choices(ids[:20], 3, 0, 4), prompt_choices(ids[20:], 3, 0, 4)])
+    assert torch.equal(whole, halves)  # however the batch is split across workers
+    assert whole.min() >= 0 and whole.max() <= 4 and len(set(whole.tolist())) == 5
+    assert not torch.equal(whole, prompt_choices(ids, step=4, seed=0, num_prompts=4))
+    assert not torch.equal(whole, prompt_choices(ids, step=3, seed=1, num_prompts=4))
+
+
+def test_ids_are_stable_and_distinguish_pairs():
+    assert text_id("a red circle") == text_id("a red circle") != text_id("a red square")
+    assert sample_id(b"img", "a") != sample_id(b"img", "b") != sample_id(b"im", "gb")
+
+
+def test_explicit_prompt_index_selects_that_prompt(tiny):
+    model, _, tok = tiny
+    no = model.no_tower
+    with torch.no_grad():
+        saved = no.prompts.clone()
+        no.prompts.copy_(torch.randn_like(no.prompts))
+        try:
+            text = tok(["a red circle", "a blue star"])
+            mean = model.encode_text_no(text)  # eval: the mean of the prompts
+            k = no.num_prompts
+            assert torch.allclose(model.encode_text_no(text, prompt_idx=torch.tensor([k, k])), mean, atol=1e-6)
+            first = model.encode_text_no(text, prompt_idx=torch.tensor([0, 0]))
+            assert not torch.allclose(first, mean, atol=1e-3)
+        finally:
+            no.prompts.copy_(saved)
+
+
+def test_no_weight_decay_on_gains_biases_and_one_dim_params(tiny):
+    model, _, _ = tiny
+    opt = build_optimizer(model.no_tower.named_parameters(), lr=1e-3, weight_decay=0.2)
+    decay, plain = opt.param_groups
+    assert decay["weight_decay"] == 0.2 and plain["weight_decay"] == 0.0
+    assert any(p is model.no_tower.prompts for p in decay["params"])
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in plain["params"])
+    assert len(decay["params"]) + len(plain["params"]) == len(model.trainable_parameters())
+
+
+def test_train_steps_lower_the_loss_and_touch_only_the_no_tower():
+    from clipn_core import world
+
+    model, _ = cc.build_clipn("clipn-tiny", num_prompts=4, seed=0)
+    frozen = {k: v.clone() for k, v in model.clip.state_dict().items()}
+    model.train()
+    pre = SplitPreprocessor(model.preprocess_cfg)
+    tok = cc.get_tokenizer(model)
+    shapes = world.SHAPES[:4]
+    captions = [f"a {c} {s}" for s in shapes for c in ("red", "blue", "green", "pink")]
+    images = pre.normalize(torch.from_numpy(np.stack([
+        pre.to_uint8(world.render(cap.split()[2], cap.split()[1], i, 32)) for i, cap in enumerate(captions)])))
+    tokens = tok(captions)
+    ids = torch.tensor([text_id(c) for c in captions])
+    opt = build_optimizer(model.no_tower.named_parameters(), lr=2e-3, weight_decay=0.2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(2, 30))
+    losses = []
+    for step in range(30):
+        m = clipn_train_step(model, images, tokens, prompt_choices(ids.numpy(), step, 0, 4), ids,
+                             model.logit_scale, opt, sched, model.trainable_parameters(), 1.0)
+        losses.append(m.loss)
+        assert m.grad_norm > 0 and np.isfinite(m.loss)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
+    for k, v in model.clip.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
