@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from schemas.score_config import ScoreJobConfig
+from schemas.train_config import TrainJobConfig
 
 
 def _is_model(tp) -> bool:
@@ -108,10 +109,29 @@ def _score(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from jobs.train import run
+
+    cfg = build_config(TrainJobConfig, args)
+    summary = run(cfg)
+    last = summary.get("last") or {}
+    print(f"trained {summary.get('steps')} steps ({summary.get('restarts', 0)} restart(s), "
+          f"{summary.get('skipped_pairs', 0)} pairs skipped), final loss {last.get('loss', float('nan')):.4f}; "
+          f"checkpoint {summary.get('checkpoint')} (model id {str(summary.get('model_id'))[:16]}), run {summary['run_path']}")
+    return 0
+
+
 def _demo(args) -> int:
     from jobs.demo import run_demo
 
     return run_demo(Path(args.out), n_images=args.images)
+
+
+def _job_errors() -> tuple[type[Exception], ...]:
+    from jobs.train import TrainingError
+    from jobs.train_loop import TrainDataError
+
+    return (TrainingError, TrainDataError)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -122,6 +142,10 @@ def make_parser() -> argparse.ArgumentParser:
                            description=ScoreJobConfig.__doc__)
     add_config_arguments(score, ScoreJobConfig)
     score.set_defaults(func=_score)
+    train = sub.add_parser("train", help="train the no tower on image-text pairs with Ray Train",
+                           description=TrainJobConfig.__doc__)
+    add_config_arguments(train, TrainJobConfig)
+    train.set_defaults(func=_train)
     demo = sub.add_parser("demo", help="score a small generated lake with a tiny model (local Ray)")
     demo.add_argument("--out", default="demo_out", help="folder for the lake, model and output")
     demo.add_argument("--images", type=int, default=24, help="number of generated images")
@@ -140,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (ClipnError, InputError) as e:
+    except (ClipnError, InputError, *_job_errors()) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -9,41 +9,15 @@ from __future__ import annotations
 import datetime as dt
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from clipn_core.scores import SCORES
+from schemas.common import StorageConfig, StrictModel
 
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-class StorageConfig(_Strict):
-    """Object-storage settings shared by inputs, outputs and model URIs (s3fs).
-
-    Credentials are never part of the config: they come from the environment
-    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), a profile, or the instance role.
-    """
-
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://minio:9000")
-    region: str | None = Field(None, description="S3 region name")
-    anon: bool = Field(False, description="anonymous (unsigned) access")
-    profile: str | None = Field(None, description="AWS profile name from ~/.aws/credentials")
-
-    def storage_options(self) -> dict:
-        """fsspec / s3fs storage options for these settings (local paths ignore them)."""
-        opts: dict = {"anon": self.anon}
-        if self.profile:
-            opts["profile"] = self.profile
-        client = {k: v for k, v in (("endpoint_url", self.endpoint_url), ("region_name", self.region)) if v}
-        if client:
-            opts["client_kwargs"] = client
-        return opts
-
-
-class InputConfig(_Strict):
+class InputConfig(StrictModel):
     kind: Literal["prefix", "manifest", "tar"] = Field(
         "prefix", description="prefix: image objects under a URI; manifest: Parquet/CSV listing URIs; tar: WebDataset shards"
     )
@@ -59,14 +33,14 @@ class InputConfig(_Strict):
         return [("." + e.lstrip(".")).lower() for e in v]
 
 
-class OutputConfig(_Strict):
+class OutputConfig(StrictModel):
     uri: str = Field(..., description="output root; partitions are <uri>/run_date=YYYY-MM-DD/")
     run_date: dt.date | None = Field(None, description="partition date (default: today, UTC)")
     embeddings: bool = Field(False, description="also write the normalised image embedding (float16 list)")
     skip_scored: bool = Field(False, description="skip URIs already scored ok in other partitions with the same model id and class set")
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     checkpoint: str | None = Field(None, description="CLIPN checkpoint URI (.safetensors with its .json sidecar)")
     architecture: str | None = Field(None, description="open_clip architecture when no checkpoint is given (untrained no tower)")
     pretrained: str | None = Field(None, description="base CLIP weights: open_clip tag, file or s3:// URI")
@@ -81,7 +55,7 @@ class ModelConfig(_Strict):
         return self
 
 
-class ClassesConfig(_Strict):
+class ClassesConfig(StrictModel):
     names: list[str] | None = Field(None, description="inline ID class names")
     file: str | None = Field(None, description="URI of a text file with one ID class name per line")
 
@@ -92,7 +66,7 @@ class ClassesConfig(_Strict):
         return self
 
 
-class DecisionConfig(_Strict):
+class DecisionConfig(StrictModel):
     rule: Literal["ctw", "atd", "threshold"] = Field("atd", description="which decision fills is_ood")
     score: str | None = Field(None, description="registered score for rule=threshold (e.g. mcm)")
     threshold: float | None = Field(None, description="is_ood = score < threshold (rule=threshold)")
@@ -107,7 +81,7 @@ class DecisionConfig(_Strict):
         return self
 
 
-class RuntimeConfig(_Strict):
+class RuntimeConfig(StrictModel):
     batch_size: int = Field(64, ge=1, description="images per model forward on a scorer actor")
     decode_batch_size: int = Field(32, ge=1, description="images per CPU read+decode task batch")
     decode_cpus: float = Field(0.5, gt=0, description="CPUs per read+decode task (differs from cpus_per_actor so Ray keeps decoding out of the scorer actors)")
@@ -121,7 +95,7 @@ class RuntimeConfig(_Strict):
     cache_dir: str | None = Field(None, description="local cache of downloaded weights")
 
 
-class ScoreJobConfig(_Strict):
+class ScoreJobConfig(StrictModel):
     """The nightly scoring job: inputs -> CLIPN scores -> Parquet partition."""
 
     input: InputConfig

@@ -1,0 +1,112 @@
+"""The training job: image-text pairs -> CPU decode (Ray Data) -> TorchTrainer workers -> CLIPN checkpoint.
+
+Usable as ``clipn train --config train.yaml`` or ``python -m jobs.train --config ...``
+(a ``ray job submit`` entrypoint). Everything that can be wrong in the configuration
+(data location and columns, base model and weights, output URI) fails on the driver
+before any Ray work starts. Rerunning with the same ``run.name`` and
+``run.storage_path`` resumes from the run's latest checkpoint; a worker failure
+restarts the worker group from it (up to ``run.max_failures`` times).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+import clipn_core as cc
+from clipn_core.errors import redact_uri
+from clipn_core.storage import filesystem, is_remote, write_bytes
+from jobs.publish import arrow_filesystem
+from jobs.train_data import decode_pairs_batch, pairs_dataset, resolve_source
+from jobs.train_loop import FAULT_ENV, train_loop_per_worker
+from schemas.train_config import TrainJobConfig
+
+log = logging.getLogger("clipn.train")
+
+
+class TrainingError(RuntimeError):
+    """The training run failed after setup (a worker error that exhausted ``run.max_failures``)."""
+
+
+def run_config(cfg: TrainJobConfig) -> RunConfig:
+    """Ray Train's RunConfig for the job: storage (local folder or object store), checkpoints kept, failures."""
+    storage_path, storage_fs = os.path.abspath(cfg.run.storage_path), None
+    if is_remote(cfg.run.storage_path):
+        storage_fs, storage_path = arrow_filesystem(cfg.run.storage_path, cfg.storage.storage_options())
+    return RunConfig(
+        name=cfg.run.name,
+        storage_path=storage_path,
+        storage_filesystem=storage_fs,
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
+        failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+    )
+
+
+def _check_writable(uri: str, opts: dict) -> None:
+    """Fail before training when the final checkpoint could not be written (missing bucket, no rights)."""
+    probe = uri + ".probe"
+    try:
+        write_bytes(probe, b"", opts)
+        fs, path = filesystem(probe, opts)
+        fs.rm(path)
+    except Exception as e:  # noqa: BLE001 - typed, with the field at fault
+        raise cc.StorageError(f"output.checkpoint {redact_uri(uri)} is not writable: {e}") from e
+
+
+def run(cfg: TrainJobConfig) -> dict:
+    """Train; returns the summary of rank 0 (final checkpoint URI, model id, steps, last metrics, run path)."""
+    t0 = time.perf_counter()
+    opts = cfg.storage.storage_options()
+    # Driver-side setup: a wrong architecture, weights URI or data location fails here.
+    model, spec = cc.build_clipn(cfg.model.architecture, cfg.model.pretrained, cfg.model.num_prompts, opts,
+                                 cfg.run.cache_dir, cfg.model.seed)
+    context_length = model.context_length
+    n_trainable = sum(p.numel() for p in model.trainable_parameters())
+    del model
+    _check_writable(cfg.output.checkpoint, opts)
+    data_fs, _ = arrow_filesystem(cfg.data.uri, opts)
+    source = resolve_source(cfg.data, opts, data_fs)
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    ds = pairs_dataset(cfg.data, source, opts, data_fs)
+    ds = ds.map_batches(
+        decode_pairs_batch, batch_size=cfg.data.decode_batch_size, num_cpus=cfg.data.decode_cpus,
+        fn_kwargs={"preprocess_cfg": spec.to_json_dict()["preprocess_cfg"], "context_length": context_length,
+                   "augment": cfg.data.augment, "max_pixels": cfg.data.max_pixels},
+    )
+    log.info("training %s no tower (%d trainable parameters) on %s with %d worker(s), global batch %d, %d steps",
+             cfg.model.architecture, n_trainable, redact_uri(cfg.data.uri), cfg.run.num_workers,
+             cfg.loop.batch_size * cfg.run.num_workers, cfg.loop.steps)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "fault": os.environ.get(FAULT_ENV)},
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+        run_config=run_config(cfg),
+        datasets={"train": ds},
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainingError(f"training run {cfg.run.name!r} failed: {e}") from e
+    summary = dict(result.return_value or {})
+    summary["run_path"] = redact_uri(result.path)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.cli import main as cli_main
+
+    return cli_main(["train", *(argv if argv is not None else sys.argv[1:])])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,227 @@
+"""The per-worker training loop of ``clipn train`` (runs inside Ray Train's TorchTrainer workers).
+
+Each worker builds the same seeded CLIPN, takes its shard of the pair dataset
+(``get_dataset_shard``), and runs :func:`clipn_core.training.clipn_train_step`. Every
+``checkpoint_every`` steps rank 0 writes a Ray Train checkpoint: the no tower's weights,
+optimiser, scheduler (and fp16 scaler) state, the step, the data position (epoch,
+batches consumed in it) and the metrics history. A restarted or rerun run resumes
+from the latest one. At the last step rank 0 writes the final CLIPN checkpoint
+(clipn_core format) and the metrics as JSON lines beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import safetensors.torch
+import torch
+import torch.distributed as dist
+
+import clipn_core as cc
+from clipn_core.images import SplitPreprocessor
+from clipn_core.storage import write_bytes
+from clipn_core.training import build_optimizer, clipn_train_step, prompt_choices, warmup_cosine
+from clipn_core.weights import load_state_dict_strict
+from schemas.train_config import TrainJobConfig
+
+log = logging.getLogger("clipn.train")
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+FAULT_ENV = "CLIPN_TRAIN_FAULT"
+_FAULT_GRACE_S = 5.0
+
+
+class TrainDataError(RuntimeError):
+    """The training data yields no usable batch (too few decodable pairs for batch_size x workers)."""
+
+
+def metrics_uri(checkpoint_uri: str) -> str:
+    """``x.safetensors`` -> ``x.metrics.jsonl`` (the per-step metrics of the run that wrote it)."""
+    return checkpoint_uri[: -len(".safetensors")] + ".metrics.jsonl"
+
+
+def base_identity(cfg: TrainJobConfig) -> dict:
+    """What a checkpoint's no tower was trained against; a resume with another base is refused."""
+    m = cfg.model
+    return {"architecture": m.architecture, "pretrained": m.pretrained, "num_prompts": m.num_prompts,
+            "seed": m.seed if m.pretrained is None else None}
+
+
+def _rank_counts(n_ok: int, n_bad: int, device) -> tuple[int, int, int]:
+    """(min usable rows over ranks, total usable rows, total skipped rows) of this step's batches."""
+    t = torch.tensor([n_ok, n_bad], dtype=torch.int64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t)
+        stacked = torch.stack(parts).cpu()
+        return int(stacked[:, 0].min()), int(stacked[:, 0].sum()), int(stacked[:, 1].sum())
+    return n_ok, n_ok, n_bad
+
+
+def _maybe_inject_fault(spec: str | None, step: int, rank: int) -> None:
+    """Test hook ``STEP:RANK:MARKER``: the worker of RANK dies hard after STEP, once (MARKER records it)."""
+    if not spec:
+        return
+    fail_step, fail_rank, marker = spec.split(":", 2)
+    if step == int(fail_step) and rank == int(fail_rank) and not os.path.exists(marker):
+        Path(marker).write_text(f"killed rank {rank} after step {step}\n")
+        # Ray Train's controller registers reported checkpoints when it polls the workers
+        # (every 2 s by default); a worker that dies sooner takes its last report with it.
+        # Waiting models the crash we test: one after the latest checkpoint was registered.
+        time.sleep(_FAULT_GRACE_S)
+        log.warning("fault injection: killing rank %d after step %d", rank, step)
+        os._exit(1)
+
+
+def _save_ray_checkpoint(core, optimizer, scheduler, scaler, state: dict, history: list[dict]) -> str:
+    d = tempfile.mkdtemp(prefix="clipn-ckpt-")
+    trainable = {k: v.detach().cpu().contiguous() for k, v in core.no_tower.state_dict().items()}
+    safetensors.torch.save_file(trainable, os.path.join(d, "no_tower.safetensors"))
+    torch.save(optimizer.state_dict(), os.path.join(d, "optimizer.pt"))
+    torch.save(scheduler.state_dict(), os.path.join(d, "scheduler.pt"))
+    if scaler is not None:
+        torch.save(scaler.state_dict(), os.path.join(d, "scaler.pt"))
+    Path(d, "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    Path(d, "state.json").write_text(json.dumps(state, indent=2))
+    return d
+
+
+def _report(metrics: dict, state: dict, rank: int, total_steps: int, to_checkpoint: tuple | None) -> None:
+    """Report ``metrics`` to Ray Train from every rank (a collective); rank 0 attaches the checkpoint."""
+    if rank == 0:
+        log.info("step %d/%d loss %.4f (itbo %.4f tso %.4f) lr %.2e grad %.3f %.1f samples/s, skipped pairs %d",
+                 metrics["step"], total_steps, metrics["loss"], metrics["itbo"], metrics["tso"], metrics["lr"],
+                 metrics["grad_norm"], metrics["samples_per_s"], state["skipped_pairs"])
+    if to_checkpoint is None or rank != 0:
+        ray.train.report(metrics)
+        return
+    folder = _save_ray_checkpoint(*to_checkpoint[:4], state, to_checkpoint[4])
+    try:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _restore(ckpt: ray.train.Checkpoint, core, optimizer, scheduler, scaler, identity: dict) -> tuple[dict, list]:
+    with ckpt.as_directory() as d:
+        state = json.loads(Path(d, "state.json").read_text())
+        if state["base"] != identity:
+            raise cc.WeightsError(
+                f"run checkpoint was trained on base {state['base']}, the config asks for {identity}; "
+                "use another run.name for another base model"
+            )
+        load_state_dict_strict(core.no_tower, safetensors.torch.load_file(os.path.join(d, "no_tower.safetensors")),
+                               "run checkpoint no_tower.safetensors")
+        optimizer.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
+        scheduler.load_state_dict(torch.load(os.path.join(d, "scheduler.pt"), weights_only=True))
+        if scaler is not None and os.path.exists(os.path.join(d, "scaler.pt")):
+            scaler.load_state_dict(torch.load(os.path.join(d, "scaler.pt"), weights_only=True))
+        history = [json.loads(ln) for ln in Path(d, "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return state, history
+
+
+def train_loop_per_worker(config: dict) -> dict | None:
+    """Ray Train entry point. ``config``: ``{"cfg": TrainJobConfig as JSON dict, "fault": spec or None}``.
+
+    Returns (rank 0) a summary: final checkpoint URI, model id, steps, last metrics.
+    """
+    cfg = TrainJobConfig.model_validate(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    opts = cfg.storage.storage_options()
+    loop, optim = cfg.loop, cfg.optim
+
+    core, spec = cc.build_clipn(cfg.model.architecture, cfg.model.pretrained, cfg.model.num_prompts, opts,
+                                cfg.run.cache_dir, cfg.model.seed)
+    core.train()
+    model = ray.train.torch.prepare_model(core)  # moves to the device; DDP when there are several workers
+    params = core.trainable_parameters()
+    optimizer = build_optimizer(core.no_tower.named_parameters(), optim.lr, optim.weight_decay,
+                                (optim.beta1, optim.beta2), optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(optim.warmup_steps, loop.steps))
+    on_gpu = device.type == "cuda"
+    autocast = _AUTOCAST.get(loop.precision) if on_gpu else None
+    scaler = torch.amp.GradScaler("cuda") if autocast is torch.float16 else None
+    normalize = SplitPreprocessor(core.preprocess_cfg).normalize
+    logit_scale = core.logit_scale
+    identity = base_identity(cfg)
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_pairs": 0, "skipped_batches": 0,
+             "samples": 0, "restarts": 0, "base": identity}
+    history: list[dict] = []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        state, history = _restore(ckpt, core, optimizer, scheduler, scaler, identity)
+        state["restarts"] += 1
+        if rank == 0:
+            log.info("resumed at step %d (epoch %d, batch %d)", state["step"], state["epoch"], state["batch_in_epoch"])
+
+    shard = ray.train.get_dataset_shard("train")
+    skip = state["batch_in_epoch"]
+    t_last = time.perf_counter()
+    while state["step"] < loop.steps:
+        batches_seen, steps_this_epoch = 0, 0
+        for i, batch in enumerate(shard.iter_torch_batches(batch_size=loop.batch_size, drop_last=True)):
+            batches_seen += 1
+            if i < skip:  # data position: batches of this epoch already trained on before the restart
+                continue
+            ok = batch["ok"].bool()
+            min_ok, n_global, n_bad = _rank_counts(int(ok.sum()), int((~ok).sum()), device)
+            state["skipped_pairs"] += n_bad
+            state["batch_in_epoch"] = i + 1
+            if min_ok == 0:  # a rank has nothing usable: every rank skips this step together
+                state["skipped_batches"] += 1
+                continue
+            images = normalize(batch["pixels"][ok].to(device))
+            step_metrics = clipn_train_step(
+                model, images, batch["tokens"][ok].to(device),
+                prompt_choices(batch["sample_id"][ok], state["step"], loop.seed, core.no_tower.num_prompts).to(device),
+                batch["caption_id"][ok].to(device), logit_scale, optimizer, scheduler, params,
+                optim.grad_clip_norm, autocast, scaler,
+            )
+            steps_this_epoch += 1
+            state["step"] += 1
+            state["samples"] += n_global
+            step = state["step"]
+            now = time.perf_counter()
+            history.append({"step": step, "epoch": state["epoch"], **vars(step_metrics), "global_batch": n_global,
+                            "samples_per_s": n_global / max(now - t_last, 1e-9),  # data wait included
+                            "skipped_pairs": state["skipped_pairs"], "restarts": state["restarts"]})
+            t_last = now
+            is_last, is_ckpt = step >= loop.steps, step % loop.checkpoint_every == 0
+            if is_last or is_ckpt or step % loop.log_every == 0:
+                _report(history[-1], state, rank, loop.steps,
+                        (core, optimizer, scheduler, scaler, history) if (is_last or is_ckpt) else None)
+            _maybe_inject_fault(config.get("fault"), step, rank)
+            if is_last:
+                break
+        else:  # the epoch ran out
+            if batches_seen == 0:
+                raise TrainDataError(
+                    f"an epoch gave worker {rank} no batch of {loop.batch_size} pairs; the data needs at least "
+                    f"loop.batch_size x run.num_workers = {loop.batch_size * world} pairs"
+                )
+            if steps_this_epoch == 0 and skip == 0:
+                raise TrainDataError("a whole epoch gave no step: every batch had a worker without one decodable pair")
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+            skip = 0
+
+    if rank != 0:
+        return None
+    core.eval()
+    model_id = cc.save_checkpoint(core, spec, cfg.output.checkpoint, opts)
+    write_bytes(metrics_uri(cfg.output.checkpoint), "".join(json.dumps(h) + "\n" for h in history).encode(), opts)
+    log.info("final CLIPN checkpoint %s (model id %s)", cfg.output.checkpoint, model_id[:16])
+    return {"checkpoint": cfg.output.checkpoint, "model_id": model_id, "steps": state["step"],
+            "skipped_pairs": state["skipped_pairs"], "restarts": state["restarts"],
+            "last": history[-1] if history else None}

@@ -1,0 +1,121 @@
+"""Config of the training job (``clipn train``). Extra fields are forbidden everywhere.
+
+Same conventions as the scoring job: the CLI derives ``--loop.steps 500`` style flags
+from these models, ``--set`` and ``--config train.yaml`` fill the same fields, and
+a config that does not validate fails before any Ray work.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from schemas.common import StorageConfig, StrictModel
+
+PAIR_IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp"]
+
+
+class TrainDataConfig(StrictModel):
+    """Image-text pairs: Parquet with an image-bytes and a caption column, or WebDataset tar shards."""
+
+    kind: Literal["parquet", "webdataset"] = Field(
+        "parquet", description="parquet: image bytes + caption columns; webdataset: .tar shards of NNNN.jpg + NNNN.txt"
+    )
+    uri: str = Field(..., description="Parquet file/folder, or folder/prefix holding the .tar shards")
+    image_column: str = Field("image", description="Parquet column of encoded image bytes")
+    caption_column: str = Field("caption", description="Parquet column of caption strings")
+    image_extensions: list[str] = Field(default_factory=lambda: list(PAIR_IMAGE_EXTENSIONS),
+                                        description="image member extensions in WebDataset shards")
+    augment: bool = Field(True, description="open_clip's train transform (random resized crop) instead of the eval one")
+    decode_batch_size: int = Field(64, ge=1, description="pairs per CPU decode task batch")
+    decode_cpus: float = Field(0.5, gt=0, description="CPUs per decode task")
+    max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb limit (width x height)")
+
+    @field_validator("image_extensions")
+    @classmethod
+    def _dot_lower(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one extension is needed")
+        return [("." + e.lstrip(".")).lower() for e in v]
+
+
+class BaseClipConfig(StrictModel):
+    """The base CLIP whose no tower is trained (its own towers stay frozen)."""
+
+    architecture: str = Field(..., description="open_clip architecture (ViT-B-16, clipn-tiny, hf-hub:org/repo, ...)")
+    pretrained: str | None = Field(None, description="base CLIP weights: open_clip tag, file or s3:// URI (none: seeded random init)")
+    num_prompts: int = Field(16, ge=1, description="number K of learnable no prompts")
+    seed: int = Field(0, description="seed of random init when no weights are given")
+
+
+class OptimConfig(StrictModel):
+    """AdamW with linear warmup then cosine decay to 0 (the original CLIPN's defaults)."""
+
+    lr: float = Field(3e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.2, ge=0, description="AdamW weight decay (not applied to gains, biases, 1-D params)")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    beta2: float = Field(0.98, ge=0, lt=1, description="AdamW beta2")
+    eps: float = Field(1e-6, gt=0, description="AdamW epsilon")
+    warmup_steps: int = Field(100, ge=0, description="linear warmup steps")
+    grad_clip_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm (none: no clipping)")
+
+
+class LoopConfig(StrictModel):
+    """Step counts, batch size and cadence of checkpoints and metrics."""
+
+    steps: int = Field(1000, ge=1, description="optimizer steps in total (a resumed run ends here too)")
+    batch_size: int = Field(128, ge=1, description="pairs per worker per step; global batch = batch_size x num_workers")
+    checkpoint_every: int = Field(100, ge=1, description="steps between Ray Train checkpoints")
+    log_every: int = Field(10, ge=1, description="steps between metric reports to Ray Train and the log")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="autocast on GPU (CPU runs fp32)")
+    seed: int = Field(0, description="seed of the per-sample prompt choice")
+
+
+class RunSection(StrictModel):
+    """Where the run lives and how it is distributed (Ray Train's RunConfig / ScalingConfig)."""
+
+    name: str = Field(..., min_length=1, description="run name; rerunning with the same name resumes from its latest checkpoint")
+    storage_path: str = Field(..., description="local folder or s3:// prefix for Ray Train checkpoints and results")
+    num_workers: int = Field(1, ge=1, description="training workers (one per GPU)")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker")
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the latest checkpoint (-1: unlimited)")
+    num_to_keep: int | None = Field(2, ge=1, description="checkpoints kept in storage (none: all)")
+    cache_dir: str | None = Field(None, description="local cache of downloaded base weights")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if "/" in v or v in (".", ".."):
+            raise ValueError("must be a single path component (no '/')")
+        return v
+
+
+class TrainOutputConfig(StrictModel):
+    checkpoint: str = Field(..., description="final CLIPN checkpoint URI (.safetensors; the sidecar .json and .metrics.jsonl go beside it)")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _safetensors(cls, v: str) -> str:
+        if not v.endswith(".safetensors"):
+            raise ValueError("must end with .safetensors")
+        return v
+
+
+class TrainJobConfig(StrictModel):
+    """Train CLIPN's no tower and prompts on image-text pairs with Ray Train."""
+
+    data: TrainDataConfig
+    model: BaseClipConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
+    run: RunSection
+    output: TrainOutputConfig
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.optim.warmup_steps >= self.loop.steps:
+            raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < loop.steps ({self.loop.steps})")
+        return self
