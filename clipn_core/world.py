@@ -2,13 +2,21 @@
 
 ``render(shape, colour, seed, size)`` draws one shape of one colour with seeded size,
 position, background tint and pixel noise. The same arguments always give the same
-pixels. (The demo-world issue extends this into a full lake / pairs / eval-set writer.)
+pixels. :class:`World` turns that into data sets: captioned training pairs (every
+shape, as web data covers every concept), an image lake and labelled ID / OOD
+evaluation sets (OOD = the held-out shapes, never named as ID classes), written as
+Parquet or image objects to any fsspec URI. Caption styles come from
+``CAPTION_STYLES``; :func:`scoring_templates` derives the matching scoring templates
+(shipped as the ``world`` template set).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -76,3 +84,109 @@ def encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **({"quality": 90} if fmt.upper() == "JPEG" else {}))
     return buf.getvalue()
+
+
+# Caption styles of the training pairs; "{colour}" and "{shape}" are filled in.
+CAPTION_STYLES = (
+    "a {colour} {shape}",
+    "a photo of a {colour} {shape}",
+    "a drawing of a {colour} {shape}",
+    "a {colour} {shape} on a light background",
+    "an image of a small {colour} {shape}",
+    "a picture of one {colour} {shape}",
+)
+DEFAULT_OOD_SHAPES = ("diamond", "ring", "hexagon")
+
+
+def scoring_templates(styles: tuple[str, ...] = CAPTION_STYLES, colours=None) -> list[str]:
+    """Scoring templates matching the caption styles, ensembled over colours (``{}`` = class name)."""
+    colours = list(colours or COLOURS)
+    return [style.replace("{shape}", "{}").replace("{colour}", c) for style in styles for c in colours]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated image with its labels; ``is_id`` is False for held-out (OOD) shapes."""
+
+    shape: str
+    colour: str
+    caption: str
+    seed: int
+    is_id: bool
+
+
+@dataclass(frozen=True)
+class World:
+    """A seeded world: ``ood_shapes`` are held out of the ID class list; sizes in pixels."""
+
+    seed: int = 0
+    ood_shapes: tuple[str, ...] = DEFAULT_OOD_SHAPES
+    size: int = 32
+    jpeg_share: float = 0.7
+    colours: tuple[str, ...] = field(default_factory=lambda: tuple(COLOURS))
+
+    @property
+    def id_shapes(self) -> tuple[str, ...]:
+        return tuple(s for s in SHAPES if s not in self.ood_shapes)
+
+    def samples(self, split: str, n: int, shapes: tuple[str, ...] | None = None) -> Iterator[Sample]:
+        """``n`` samples of ``split`` (any name: "pairs", "lake", "eval-id", ...), deterministic for (seed, split)."""
+        shapes = shapes or SHAPES
+        split_seed = int.from_bytes(hashlib.blake2b(split.encode(), digest_size=4).digest(), "little")
+        rng = np.random.default_rng([self.seed, split_seed])
+        for _ in range(n):
+            shape = shapes[int(rng.integers(len(shapes)))]
+            colour = self.colours[int(rng.integers(len(self.colours)))]
+            style = CAPTION_STYLES[int(rng.integers(len(CAPTION_STYLES)))]
+            yield Sample(shape, colour, style.format(colour=colour, shape=shape), int(rng.integers(2**31)),
+                         shape not in self.ood_shapes)
+
+    def image_bytes(self, sample: Sample) -> tuple[bytes, str]:
+        """(encoded bytes, extension): JPEG for ``jpeg_share`` of samples, else PNG (chosen from the seed)."""
+        fmt = "JPEG" if (sample.seed % 1000) < self.jpeg_share * 1000 else "PNG"
+        return encode(render(sample.shape, sample.colour, sample.seed, self.size), fmt), fmt.lower().replace("jpeg", "jpg")
+
+    def pairs_table(self, n: int):
+        """Training pairs over every shape (held-out ones included): image, caption, shape, colour."""
+        return self._table(self.samples("pairs", n))
+
+    def eval_table(self, n_id: int, n_ood: int):
+        """Labelled evaluation set: ``n_id`` ID-shape images then ``n_ood`` held-out-shape images."""
+        rows = list(self.samples("eval-id", n_id, self.id_shapes)) + list(self.samples("eval-ood", n_ood, self.ood_shapes))
+        return self._table(rows)
+
+    def _table(self, samples):
+        import pyarrow as pa
+
+        rows = list(samples)
+        images = [self.image_bytes(s)[0] for s in rows]
+        return pa.table({
+            "image": pa.array(images, pa.binary()),
+            "caption": [s.caption for s in rows],
+            "shape": [s.shape for s in rows],
+            "colour": [s.colour for s in rows],
+            "is_id": [s.is_id for s in rows],
+        })
+
+    def write_parquet(self, table, uri: str, storage_options: dict | None = None) -> str:
+        """Write ``table`` as one Parquet object at ``uri`` (local path or s3://...); returns ``uri``."""
+        import pyarrow.parquet as pq
+
+        from .storage import write_bytes
+
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        write_bytes(uri, buf.getvalue(), storage_options)
+        return uri
+
+    def write_lake(self, prefix: str, n: int, storage_options: dict | None = None) -> list[str]:
+        """``n`` image objects (ID and held-out shapes mixed) under ``prefix``; returns their URIs, sorted."""
+        from .storage import write_bytes
+
+        uris = []
+        for i, sample in enumerate(self.samples("lake", n)):
+            data, ext = self.image_bytes(sample)
+            uri = f"{prefix.rstrip('/')}/{i:06d}.{ext}"
+            write_bytes(uri, data, storage_options)
+            uris.append(uri)
+        return sorted(uris)

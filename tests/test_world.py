@@ -1,0 +1,45 @@
+"""The demo world: deterministic for a seed, held-out shapes only outside the ID class list."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+
+import clipn_core as cc
+from clipn_core import world
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes():
+    a, b, c = world.World(seed=1), world.World(seed=1), world.World(seed=2)
+    assert a.pairs_table(20).equals(b.pairs_table(20))
+    assert a.eval_table(5, 5).equals(b.eval_table(5, 5))
+    assert not a.pairs_table(20).equals(c.pairs_table(20))
+    assert list(a.samples("lake", 10)) != list(a.samples("pairs", 10))  # splits are independent streams
+
+
+def test_pairs_cover_every_shape_and_eval_sets_are_labelled():
+    w = world.World(seed=0)
+    pairs = w.pairs_table(400)
+    assert set(pairs.column("shape").to_pylist()) == set(world.SHAPES)  # held-out shapes appear in training
+    assert len(set(pairs.column("caption").to_pylist())) > 100          # varied caption styles
+    ev = w.eval_table(30, 20)
+    rows = ev.to_pylist()
+    assert [r["is_id"] for r in rows] == [True] * 30 + [False] * 20
+    assert all((r["shape"] in w.id_shapes) == r["is_id"] for r in rows)
+    assert set(w.ood_shapes).isdisjoint(w.id_shapes) and len(w.id_shapes) + len(w.ood_shapes) == 8
+    assert len(world.SHAPES) >= 8 and len(world.COLOURS) >= 8
+
+
+def test_writers_write_decodable_images_and_parquet(tmp_path):
+    w = world.World(seed=3, size=40)
+    uris = w.write_lake(str(tmp_path / "lake"), 12)
+    assert len(uris) == 12 and {u.rsplit(".", 1)[1] for u in uris} == {"jpg", "png"}
+    for u in uris:
+        img = cc.decode_image(open(u, "rb").read(), cc.image_transform({"size": 32}))
+        assert isinstance(img, cc.DecodedImage) and img.width == 40
+    w.write_parquet(w.pairs_table(8), str(tmp_path / "pairs.parquet"))
+    assert pq.read_table(tmp_path / "pairs.parquet").column_names == ["image", "caption", "shape", "colour", "is_id"]
+
+
+def test_shipped_world_templates_match_the_caption_styles():
+    assert list(cc.load_templates("world")) == world.scoring_templates()
+    assert all("{}" in t for t in world.scoring_templates())
