@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import posixpath
 import tarfile
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -116,6 +117,19 @@ def read_decode_batch(batch: dict, storage_options: dict, preprocess_cfg: dict, 
     return _stack(rows)
 
 
+def tar_members(shard: str, storage_options: dict) -> Iterator[tuple[str, bytes]]:
+    """(normalised member name, bytes) of each regular file in a tar shard, in archive order.
+
+    Reading or parsing errors (missing object, torn archive) propagate to the caller,
+    possibly after some members were yielded.
+    """
+    fs, path = filesystem(shard, storage_options)
+    with tarfile.open(fileobj=io.BytesIO(fs.cat_file(path)), mode="r:*") as tar:
+        for member in tar:
+            if member.isfile():
+                yield posixpath.normpath(member.name), tar.extractfile(member).read()
+
+
 def read_tar_batch(batch: dict, storage_options: dict, preprocess_cfg: dict, max_pixels: int, extensions: list[str]) -> dict:
     """CPU step for WebDataset shards: one row per image member (``<shard>#<member>``).
 
@@ -129,13 +143,9 @@ def read_tar_batch(batch: dict, storage_options: dict, preprocess_cfg: dict, max
         shard = str(shard)
         start = len(rows)
         try:
-            fs, path = filesystem(shard, storage_options)
-            with tarfile.open(fileobj=io.BytesIO(fs.cat_file(path)), mode="r:*") as tar:
-                for member in tar:
-                    if not member.isfile() or not member.name.lower().endswith(exts):
-                        continue
-                    data = tar.extractfile(member).read()
-                    rows.append(_decode_row(f"{shard}#{posixpath.normpath(member.name)}", data, pre, max_pixels, blank))
+            for name, data in tar_members(shard, storage_options):
+                if name.lower().endswith(exts):
+                    rows.append(_decode_row(f"{shard}#{name}", data, pre, max_pixels, blank))
         except Exception as e:  # noqa: BLE001
             del rows[start:]  # a torn shard: record the shard, not a partial member list
             rows.append(_row(shard, -1, STATUS_READ_ERROR, f"unreadable tar shard: {type(e).__name__}: {e}", blank))

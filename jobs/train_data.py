@@ -12,10 +12,8 @@ counts it, so nothing crashes and nothing is silently lost.
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import posixpath
-import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +24,7 @@ from clipn_core.errors import redact_uri
 from clipn_core.images import DecodeError, load_rgb, split_preprocessor
 from clipn_core.storage import filesystem
 from clipn_core.training import sample_id, text_id
-from jobs.sources import InputError, list_objects
+from jobs.sources import InputError, list_objects, tar_members
 from schemas.train_config import TrainDataConfig
 
 log = logging.getLogger("clipn.train.data")
@@ -80,8 +78,9 @@ def pairs_dataset(cfg: TrainDataConfig, source: str | list[str], storage_options
 
 
 def _member_key(name: str) -> tuple[str, str]:
-    """WebDataset convention: key = path up to the first dot of the basename; the rest is the extension."""
-    folder, base = posixpath.split(posixpath.normpath(name))
+    """WebDataset convention for a normalised member name: key = path up to the first dot of the basename,
+    the rest is the extension (lower-case)."""
+    folder, base = posixpath.split(name)
     stem, _, ext = base.partition(".")
     return posixpath.join(folder, stem), "." + ext.lower()
 
@@ -95,12 +94,9 @@ def read_shard_pairs(batch: dict, storage_options: dict, extensions: list[str]) 
         shard = str(shard)
         samples: dict[str, dict[str, bytes]] = {}  # key -> extension -> bytes
         try:
-            fs, path = filesystem(shard, storage_options)
-            with tarfile.open(fileobj=io.BytesIO(fs.cat_file(path)), mode="r:*") as tar:
-                for member in tar:
-                    if member.isfile():
-                        key, ext = _member_key(member.name)
-                        samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+            for name, data in tar_members(shard, storage_options):
+                key, ext = _member_key(name)
+                samples.setdefault(key, {})[ext] = data
         except Exception as e:  # noqa: BLE001 - recorded as a skipped pair, never a crash
             log.warning("unreadable shard %s: %s: %s", redact_uri(shard), type(e).__name__, e)
             samples["<unreadable shard>"] = {}

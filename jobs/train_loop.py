@@ -94,20 +94,20 @@ def _save_ray_checkpoint(core, optimizer, scheduler, scaler, state: dict, histor
     return d
 
 
-def _report(metrics: dict, state: dict, rank: int, total_steps: int, to_checkpoint: tuple | None) -> None:
-    """Report ``metrics`` to Ray Train from every rank (a collective); rank 0 attaches the checkpoint."""
+def _report(metrics: dict, state: dict, rank: int, total_steps: int, checkpoint_dir: str | None) -> None:
+    """Report ``metrics`` to Ray Train from every rank (a collective); rank 0 attaches ``checkpoint_dir``
+    when it wrote one, which is removed once Ray Train has persisted it."""
     if rank == 0:
         log.info("step %d/%d loss %.4f (itbo %.4f tso %.4f) lr %.2e grad %.3f %.1f samples/s, skipped pairs %d",
                  metrics["step"], total_steps, metrics["loss"], metrics["itbo"], metrics["tso"], metrics["lr"],
                  metrics["grad_norm"], metrics["samples_per_s"], state["skipped_pairs"])
-    if to_checkpoint is None or rank != 0:
+    if checkpoint_dir is None:
         ray.train.report(metrics)
         return
-    folder = _save_ray_checkpoint(*to_checkpoint[:4], state, to_checkpoint[4])
     try:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 def _restore(ckpt: ray.train.Checkpoint, core, optimizer, scheduler, scaler, identity: dict) -> tuple[dict, list]:
@@ -199,8 +199,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
             t_last = now
             is_last, is_ckpt = step >= loop.steps, step % loop.checkpoint_every == 0
             if is_last or is_ckpt or step % loop.log_every == 0:
-                _report(history[-1], state, rank, loop.steps,
-                        (core, optimizer, scheduler, scaler, history) if (is_last or is_ckpt) else None)
+                folder = (_save_ray_checkpoint(core, optimizer, scheduler, scaler, state, history)
+                          if (is_last or is_ckpt) and rank == 0 else None)
+                _report(history[-1], state, rank, loop.steps, folder)
             _maybe_inject_fault(config.get("fault"), step, rank)
             if is_last:
                 break

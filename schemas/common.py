@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _dot_lower(extensions: list[str]) -> list[str]:
+    if not extensions:
+        raise ValueError("at least one extension is needed")
+    return [("." + e.lstrip(".")).lower() for e in extensions]
+
+
+# File extensions as ".jpg"-style lower-case strings; "JPG" and ".Jpg" are accepted.
+FileExtensions = Annotated[list[str], AfterValidator(_dot_lower)]
 
 
 class StrictModel(BaseModel):

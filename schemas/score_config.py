@@ -9,10 +9,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from clipn_core.scores import SCORES
-from schemas.common import StorageConfig, StrictModel
+from schemas.common import FileExtensions, StorageConfig, StrictModel
 
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"]
 
@@ -23,14 +23,7 @@ class InputConfig(StrictModel):
     )
     uri: str = Field(..., description="prefix URI, manifest file URI, or folder/prefix of .tar shards")
     uri_column: str = Field("uri", description="manifest column holding image URIs")
-    extensions: list[str] = Field(default_factory=lambda: list(IMAGE_EXTENSIONS), description="image file extensions (prefix and tar inputs)")
-
-    @field_validator("extensions")
-    @classmethod
-    def _dot_lower(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("at least one extension is needed")
-        return [("." + e.lstrip(".")).lower() for e in v]
+    extensions: FileExtensions = Field(default_factory=lambda: list(IMAGE_EXTENSIONS), description="image file extensions (prefix and tar inputs)")
 
 
 class OutputConfig(StrictModel):

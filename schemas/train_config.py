@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from schemas.common import StorageConfig, StrictModel
+from schemas.common import FileExtensions, StorageConfig, StrictModel
 
 PAIR_IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp"]
 
@@ -25,19 +25,12 @@ class TrainDataConfig(StrictModel):
     uri: str = Field(..., description="Parquet file/folder, or folder/prefix holding the .tar shards")
     image_column: str = Field("image", description="Parquet column of encoded image bytes")
     caption_column: str = Field("caption", description="Parquet column of caption strings")
-    image_extensions: list[str] = Field(default_factory=lambda: list(PAIR_IMAGE_EXTENSIONS),
+    image_extensions: FileExtensions = Field(default_factory=lambda: list(PAIR_IMAGE_EXTENSIONS),
                                         description="image member extensions in WebDataset shards")
     augment: bool = Field(True, description="open_clip's train transform (random resized crop) instead of the eval one")
     decode_batch_size: int = Field(64, ge=1, description="pairs per CPU decode task batch")
     decode_cpus: float = Field(0.5, gt=0, description="CPUs per decode task")
     max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb limit (width x height)")
-
-    @field_validator("image_extensions")
-    @classmethod
-    def _dot_lower(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("at least one extension is needed")
-        return [("." + e.lstrip(".")).lower() for e in v]
 
 
 class BaseClipConfig(StrictModel):
