@@ -31,6 +31,7 @@ from .weights import (
     build_clipn,
     import_original_checkpoint,
     load_checkpoint,
+    save_base_clip,
     save_checkpoint,
 )
 
@@ -41,5 +42,5 @@ __all__ = [
     "TemplateError", "WeightsError", "build_class_heads", "build_clipn", "class_set_hash",
     "clipn_loss", "compute_scores", "decode_image", "fpr_at_tpr", "get_tokenizer", "image_transform",
     "import_original_checkpoint", "itbo_loss", "load_checkpoint", "load_templates", "ood_metrics",
-    "save_checkpoint", "top1_accuracy", "tso_loss", "validate_class_names",
+    "save_base_clip", "save_checkpoint", "top1_accuracy", "tso_loss", "validate_class_names",
 ]

@@ -138,3 +138,33 @@ def clipn_loss(
     itbo = itbo_loss(f, g, g_no, logit_scale, matched)
     tso = tso_loss(g, g_no)
     return ClipnLoss(total=itbo + tso, itbo=itbo, tso=tso)
+
+
+def clip_contrastive_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    caption_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric CLIP InfoNCE over the global batch (gathered across ranks when distributed).
+
+    Per-rank inputs are L2-normalised [n, D]; ``logit_scale`` is the (trainable) scale
+    ``exp(t)``. With ``caption_ids`` [n] int64 every pair sharing a caption is a positive:
+    the target of each row is uniform over its positives (small worlds repeat captions
+    often, and a one-hot target would push identical captions apart). Without it only
+    (i, i) is positive, as in open_clip's ``ClipLoss``.
+    """
+    sizes = gather_sizes(image_features.shape[0], image_features.device)
+    f = gather_with_grad(image_features, sizes)
+    g = gather_with_grad(text_features, sizes)
+    logits = logit_scale * f @ g.T
+    if caption_ids is None:
+        matched = torch.eye(f.shape[0], dtype=torch.bool, device=f.device)
+    else:
+        ids = gather_no_grad(caption_ids.to(image_features.device), sizes)
+        matched = ids[:, None] == ids[None, :]
+    targets = matched.float() / matched.sum(dim=1, keepdim=True)
+    # matched is symmetric, so the text->image targets are the same rows
+    image_to_text = -(targets * logits.float().log_softmax(dim=1)).sum(dim=1).mean()
+    text_to_image = -(targets * logits.T.float().log_softmax(dim=1)).sum(dim=1).mean()
+    return (image_to_text + text_to_image) / 2

@@ -22,7 +22,8 @@ from .errors import ModelConfigError
 DEFAULT_NUM_PROMPTS = 16
 
 
-def _check_standard_text_tower(clip: nn.Module) -> None:
+def check_standard_text_tower(clip: nn.Module) -> None:
+    """Raise :class:`ModelConfigError` unless ``clip`` is an open_clip CLIP with the standard text tower."""
     needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
     if not isinstance(clip, open_clip.CLIP) or any(not hasattr(clip, a) for a in needed):
         raise ModelConfigError(
@@ -36,7 +37,7 @@ class NoTextTower(nn.Module):
 
     def __init__(self, clip: open_clip.CLIP, num_prompts: int = DEFAULT_NUM_PROMPTS):
         super().__init__()
-        _check_standard_text_tower(clip)
+        check_standard_text_tower(clip)
         if num_prompts < 1:
             raise ModelConfigError(f"num_prompts must be >= 1, got {num_prompts}")
         self.token_embedding = copy.deepcopy(clip.token_embedding)
@@ -97,7 +98,7 @@ class CLIPN(nn.Module):
 
     def __init__(self, clip: open_clip.CLIP, num_prompts: int = DEFAULT_NUM_PROMPTS):
         super().__init__()
-        _check_standard_text_tower(clip)
+        check_standard_text_tower(clip)
         self.clip = clip
         self.no_tower = NoTextTower(clip, num_prompts)
         self.clip.requires_grad_(False)

@@ -1,7 +1,9 @@
 """Training pieces shared by any trainer (Ray Train, a notebook): optimiser, schedule, prompt choice, step.
 
-Nothing here knows about Ray. The step works on one process or under DDP (features
-are gathered across ranks by :func:`clipn_core.losses.clipn_loss`).
+Nothing here knows about Ray. The steps work on one process or under DDP (features
+are gathered across ranks by the losses). Two stages use them: ``clip`` trains a whole
+base CLIP contrastively (the demo world's tiny model), ``clipn`` trains CLIPN's no tower
+on a frozen CLIP.
 """
 
 from __future__ import annotations
@@ -10,16 +12,18 @@ import contextlib
 import hashlib
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from .losses import clipn_loss
+from .losses import clip_contrastive_loss, clipn_loss
 
 _MIX_A = np.uint64(0x9E3779B97F4A7C15)
 _MIX_B = np.uint64(0xBF58476D1CE4E5B9)
+# open_clip clamps the learned logit scale at 100 (CLIP paper)
+MAX_LOGIT_SCALE = 100.0
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -88,13 +92,46 @@ def prompt_choices(sample_ids: np.ndarray | torch.Tensor, step: int, seed: int, 
 
 @dataclass
 class StepMetrics:
-    """One optimiser step: loss parts (global batch), gradient norm before clipping, learning rate used."""
+    """One optimiser step: total loss (global batch), its named parts, the gradient norm before
+    clipping and the learning rate used."""
 
     loss: float
-    itbo: float
-    tso: float
     grad_norm: float
     lr: float
+    parts: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float]:
+        """Flat ``{"loss", <parts>..., "grad_norm", "lr"}`` for logs and metrics files."""
+        return {"loss": self.loss, **self.parts, "grad_norm": self.grad_norm, "lr": self.lr}
+
+
+def _autocast(dtype: torch.dtype | None):
+    return torch.autocast(device_type="cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _optimise(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    params: list[nn.Parameter],
+    grad_clip_norm: float | None,
+    scaler: torch.amp.GradScaler | None,
+) -> float:
+    """backward -> (unscale) -> clip -> step -> schedule; returns the gradient norm before clipping."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    max_norm = grad_clip_norm if grad_clip_norm is not None else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    return float(grad_norm)
 
 
 def clipn_train_step(
@@ -117,25 +154,46 @@ def clipn_train_step(
     [n, 3, H, W], ``tokens`` [n, context], ``prompt_idx`` [n] (see :func:`prompt_choices`),
     ``caption_ids`` [n] int64 or None. ``params`` are the trained parameters (for clipping).
     ``autocast_dtype`` enables CUDA autocast (bf16/fp16); ``scaler`` is needed for fp16.
+    Metric parts: ``itbo``, ``tso``.
     """
     lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
-    ctx = (torch.autocast(device_type="cuda", dtype=autocast_dtype) if autocast_dtype is not None
-           else contextlib.nullcontext())
-    with ctx:
+    with _autocast(autocast_dtype):
         f, g, g_no = model(images, tokens, prompt_idx=prompt_idx)
         loss = clipn_loss(f.float(), g.float(), g_no.float(), logit_scale, caption_ids)
-    if scaler is not None:
-        scaler.scale(loss.total).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.total.backward()
-    max_norm = grad_clip_norm if grad_clip_norm is not None else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    scheduler.step()
-    return StepMetrics(loss.total.item(), loss.itbo.item(), loss.tso.item(), float(grad_norm), float(lr))
+    grad_norm = _optimise(loss.total, optimizer, scheduler, params, grad_clip_norm, scaler)
+    return StepMetrics(loss.total.item(), grad_norm, float(lr), {"itbo": loss.itbo.item(), "tso": loss.tso.item()})
+
+
+def clip_train_step(
+    model: nn.Module,
+    clip: nn.Module,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    caption_ids: torch.Tensor | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    params: list[nn.Parameter],
+    grad_clip_norm: float | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    max_logit_scale: float = MAX_LOGIT_SCALE,
+) -> StepMetrics:
+    """One contrastive step of a whole open_clip CLIP (both towers and the logit scale train).
+
+    ``model`` is the CLIP or its DDP wrapper (its forward returns normalised image and
+    text features and ``exp(logit_scale)``), ``clip`` the unwrapped CLIP (its
+    ``logit_scale`` is clamped to ``log(max_logit_scale)`` after the step, as open_clip
+    does). Inputs as in :func:`clipn_train_step`; captions sharing a ``caption_ids``
+    value are positives. Metric parts: ``contrastive``, ``logit_scale``.
+    """
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.zero_grad(set_to_none=True)
+    with _autocast(autocast_dtype):
+        f, g, scale = model(images, tokens)[:3]
+        loss = clip_contrastive_loss(f.float(), g.float(), scale.float(), caption_ids)
+    grad_norm = _optimise(loss, optimizer, scheduler, params, grad_clip_norm, scaler)
+    with torch.no_grad():
+        clip.logit_scale.clamp_(0, math.log(max_logit_scale))
+    return StepMetrics(loss.item(), grad_norm, float(lr),
+                       {"contrastive": loss.item(), "logit_scale": float(clip.logit_scale.detach().exp())})

@@ -194,6 +194,21 @@ def save_checkpoint(model: CLIPN, spec: ModelSpec, uri: str, storage_options: di
     return digest
 
 
+def save_base_clip(clip: torch.nn.Module, uri: str, storage_options: dict | None = None) -> str:
+    """Write a whole open_clip CLIP's state dict to ``uri`` (.safetensors); return its sha256.
+
+    The file is what open_clip loads as ``pretrained=<file>`` for the same architecture,
+    so it serves as ``model.pretrained`` of the CLIPN training and scoring jobs (the
+    ``clip`` training stage writes it).
+    """
+    if not str(uri).endswith(".safetensors"):
+        raise WeightsError(f"base CLIP weights URI must end with .safetensors: {redact_uri(uri)}")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in clip.state_dict().items()}
+    data = safetensors.torch.save(state)
+    write_bytes(uri, data, storage_options)
+    return hashlib.sha256(data).hexdigest()
+
+
 def read_sidecar(uri: str, storage_options: dict | None = None) -> dict:
     """The validated JSON sidecar of checkpoint ``uri``."""
     side = sidecar_uri(uri)

@@ -25,6 +25,7 @@ from clipn_core.storage import filesystem, is_remote, write_bytes
 from jobs.publish import arrow_filesystem
 from jobs.train_data import decode_pairs_batch, pairs_dataset, resolve_source
 from jobs.train_loop import FAULT_ENV, train_loop_per_worker
+from jobs.train_stages import STAGES
 from schemas.train_config import TrainJobConfig
 
 log = logging.getLogger("clipn.train")
@@ -64,11 +65,10 @@ def run(cfg: TrainJobConfig) -> dict:
     t0 = time.perf_counter()
     opts = cfg.storage.storage_options()
     # Driver-side setup: a wrong architecture, weights URI or data location fails here.
-    model, spec = cc.build_clipn(cfg.model.architecture, cfg.model.pretrained, cfg.model.num_prompts, opts,
-                                 cfg.run.cache_dir, cfg.model.seed)
-    context_length = model.context_length
-    n_trainable = sum(p.numel() for p in model.trainable_parameters())
-    del model
+    stage = STAGES[cfg.stage](cfg, opts)
+    preprocess_cfg, context_length = stage.preprocess_cfg, stage.context_length
+    n_trainable = sum(p.numel() for p in stage.params)
+    del stage
     _check_writable(cfg.output.checkpoint, opts)
     data_fs, _ = arrow_filesystem(cfg.data.uri, opts)
     source = resolve_source(cfg.data, opts, data_fs)
@@ -78,11 +78,11 @@ def run(cfg: TrainJobConfig) -> dict:
     ds = pairs_dataset(cfg.data, source, opts, data_fs)
     ds = ds.map_batches(
         decode_pairs_batch, batch_size=cfg.data.decode_batch_size, num_cpus=cfg.data.decode_cpus,
-        fn_kwargs={"preprocess_cfg": spec.to_json_dict()["preprocess_cfg"], "context_length": context_length,
+        fn_kwargs={"preprocess_cfg": preprocess_cfg, "context_length": context_length,
                    "augment": cfg.data.augment, "max_pixels": cfg.data.max_pixels},
     )
-    log.info("training %s no tower (%d trainable parameters) on %s with %d worker(s), global batch %d, %d steps",
-             cfg.model.architecture, n_trainable, redact_uri(cfg.data.uri), cfg.run.num_workers,
+    log.info("training stage %s of %s (%d trainable parameters) on %s with %d worker(s), global batch %d, %d steps",
+             cfg.stage, cfg.model.architecture, n_trainable, redact_uri(cfg.data.uri), cfg.run.num_workers,
              cfg.loop.batch_size * cfg.run.num_workers, cfg.loop.steps)
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -1,12 +1,13 @@
 """The per-worker training loop of ``clipn train`` (runs inside Ray Train's TorchTrainer workers).
 
-Each worker builds the same seeded CLIPN, takes its shard of the pair dataset
-(``get_dataset_shard``), and runs :func:`clipn_core.training.clipn_train_step`. Every
-``checkpoint_every`` steps rank 0 writes a Ray Train checkpoint: the no tower's weights,
+Each worker builds the same seeded model for the configured stage
+(:mod:`jobs.train_stages`: the CLIPN no tower, or a whole base CLIP), takes its shard
+of the pair dataset (``get_dataset_shard``) and runs the stage's step. Every
+``checkpoint_every`` steps rank 0 writes a Ray Train checkpoint: the trained weights,
 optimiser, scheduler (and fp16 scaler) state, the step, the data position (epoch,
 batches consumed in it) and the metrics history. A restarted or rerun run resumes
-from the latest one. At the last step rank 0 writes the final CLIPN checkpoint
-(clipn_core format) and the metrics as JSON lines beside it.
+from the latest one. At the last step rank 0 writes the stage's final weights and the
+metrics as JSON lines beside them.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import torch
 import torch.distributed as dist
 
 import clipn_core as cc
-from clipn_core.images import SplitPreprocessor
+from clipn_core.errors import redact_uri
 from clipn_core.storage import write_bytes
-from clipn_core.training import build_optimizer, clipn_train_step, prompt_choices, warmup_cosine
+from clipn_core.training import warmup_cosine
 from clipn_core.weights import load_state_dict_strict
+from jobs.train_stages import STAGES, base_identity
 from schemas.train_config import TrainJobConfig
 
 log = logging.getLogger("clipn.train")
@@ -37,6 +39,8 @@ log = logging.getLogger("clipn.train")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FAULT_ENV = "CLIPN_TRAIN_FAULT"
 _FAULT_GRACE_S = 5.0
+_TRAINED_FILE = "trained.safetensors"
+_COLLECT_BATCH = 1024
 
 
 class TrainDataError(RuntimeError):
@@ -46,13 +50,6 @@ class TrainDataError(RuntimeError):
 def metrics_uri(checkpoint_uri: str) -> str:
     """``x.safetensors`` -> ``x.metrics.jsonl`` (the per-step metrics of the run that wrote it)."""
     return checkpoint_uri[: -len(".safetensors")] + ".metrics.jsonl"
-
-
-def base_identity(cfg: TrainJobConfig) -> dict:
-    """What a checkpoint's no tower was trained against; a resume with another base is refused."""
-    m = cfg.model
-    return {"architecture": m.architecture, "pretrained": m.pretrained, "num_prompts": m.num_prompts,
-            "seed": m.seed if m.pretrained is None else None}
 
 
 def _rank_counts(n_ok: int, n_bad: int, device) -> tuple[int, int, int]:
@@ -81,10 +78,49 @@ def _maybe_inject_fault(spec: str | None, step: int, rank: int) -> None:
         os._exit(1)
 
 
-def _save_ray_checkpoint(core, optimizer, scheduler, scaler, state: dict, history: list[dict]) -> str:
+class ShardBatches:
+    """This worker's batches, epoch after epoch: streamed from its Ray Data shard (decoded anew each
+    epoch), or with ``cache`` decoded once, kept in memory and reshuffled per (seed, epoch, rank).
+
+    Both yield dicts of CPU tensors with exactly ``batch_size`` rows (the partial batch is
+    dropped, so every worker runs the same number of steps per epoch on equal shards).
+    """
+
+    def __init__(self, shard, batch_size: int, cache: bool, seed: int, rank: int):
+        self.shard, self.batch_size, self.cache, self.seed, self.rank = shard, batch_size, cache, seed, rank
+        self._rows: dict[str, torch.Tensor] | None = None
+
+    def _collect(self) -> dict[str, torch.Tensor]:
+        parts: dict[str, list[torch.Tensor]] = {}
+        for batch in self.shard.iter_torch_batches(batch_size=_COLLECT_BATCH):
+            for k, v in batch.items():
+                parts.setdefault(k, []).append(v)
+        if not parts:
+            return {}
+        rows = {k: torch.cat(v) for k, v in parts.items()}
+        log.info("rank %d: cached %d decoded pairs (%.1f MB)", self.rank, len(rows["ok"]),
+                 sum(v.numel() * v.element_size() for v in rows.values()) / 1e6)
+        return rows
+
+    def epoch(self, epoch: int):
+        """Iterator over the batches of ``epoch``."""
+        if not self.cache:
+            yield from self.shard.iter_torch_batches(batch_size=self.batch_size, drop_last=True)
+            return
+        if self._rows is None:
+            self._rows = self._collect()
+        n = len(self._rows["ok"]) if self._rows else 0
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + epoch) * 1_009 + self.rank))
+        for start in range(0, n - self.batch_size + 1, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            yield {k: v[idx] for k, v in self._rows.items()}
+
+
+def _save_ray_checkpoint(trained, optimizer, scheduler, scaler, state: dict, history: list[dict]) -> str:
     d = tempfile.mkdtemp(prefix="clipn-ckpt-")
-    trainable = {k: v.detach().cpu().contiguous() for k, v in core.no_tower.state_dict().items()}
-    safetensors.torch.save_file(trainable, os.path.join(d, "no_tower.safetensors"))
+    weights = {k: v.detach().cpu().contiguous() for k, v in trained.state_dict().items()}
+    safetensors.torch.save_file(weights, os.path.join(d, _TRAINED_FILE))
     torch.save(optimizer.state_dict(), os.path.join(d, "optimizer.pt"))
     torch.save(scheduler.state_dict(), os.path.join(d, "scheduler.pt"))
     if scaler is not None:
@@ -94,12 +130,14 @@ def _save_ray_checkpoint(core, optimizer, scheduler, scaler, state: dict, histor
     return d
 
 
-def _report(metrics: dict, state: dict, rank: int, total_steps: int, checkpoint_dir: str | None) -> None:
+def _report(metrics: dict, parts: list[str], state: dict, rank: int, total_steps: int,
+            checkpoint_dir: str | None) -> None:
     """Report ``metrics`` to Ray Train from every rank (a collective); rank 0 attaches ``checkpoint_dir``
     when it wrote one, which is removed once Ray Train has persisted it."""
     if rank == 0:
-        log.info("step %d/%d loss %.4f (itbo %.4f tso %.4f) lr %.2e grad %.3f %.1f samples/s, skipped pairs %d",
-                 metrics["step"], total_steps, metrics["loss"], metrics["itbo"], metrics["tso"], metrics["lr"],
+        log.info("step %d/%d loss %.4f (%s) lr %.2e grad %.3f %.1f samples/s, skipped pairs %d",
+                 metrics["step"], total_steps, metrics["loss"], " ".join(f"{k} {metrics[k]:.4f}" for k in parts),
+                 metrics["lr"],
                  metrics["grad_norm"], metrics["samples_per_s"], state["skipped_pairs"])
     if checkpoint_dir is None:
         ray.train.report(metrics)
@@ -110,16 +148,16 @@ def _report(metrics: dict, state: dict, rank: int, total_steps: int, checkpoint_
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
-def _restore(ckpt: ray.train.Checkpoint, core, optimizer, scheduler, scaler, identity: dict) -> tuple[dict, list]:
+def _restore(ckpt: ray.train.Checkpoint, trained, optimizer, scheduler, scaler, identity: dict) -> tuple[dict, list]:
     with ckpt.as_directory() as d:
         state = json.loads(Path(d, "state.json").read_text())
         if state["base"] != identity:
             raise cc.WeightsError(
                 f"run checkpoint was trained on base {state['base']}, the config asks for {identity}; "
-                "use another run.name for another base model"
+                "use another run.name for another stage or base model"
             )
-        load_state_dict_strict(core.no_tower, safetensors.torch.load_file(os.path.join(d, "no_tower.safetensors")),
-                               "run checkpoint no_tower.safetensors")
+        load_state_dict_strict(trained, safetensors.torch.load_file(os.path.join(d, _TRAINED_FILE)),
+                               f"run checkpoint {_TRAINED_FILE}")
         optimizer.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=True))
         scheduler.load_state_dict(torch.load(os.path.join(d, "scheduler.pt"), weights_only=True))
         if scaler is not None and os.path.exists(os.path.join(d, "scaler.pt")):
@@ -131,7 +169,7 @@ def _restore(ckpt: ray.train.Checkpoint, core, optimizer, scheduler, scaler, ide
 def train_loop_per_worker(config: dict) -> dict | None:
     """Ray Train entry point. ``config``: ``{"cfg": TrainJobConfig as JSON dict, "fault": spec or None}``.
 
-    Returns (rank 0) a summary: final checkpoint URI, model id, steps, last metrics.
+    Returns (rank 0) a summary: final checkpoint URI, model id (sha256 of the weights), steps, last metrics.
     """
     cfg = TrainJobConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
@@ -140,19 +178,13 @@ def train_loop_per_worker(config: dict) -> dict | None:
     opts = cfg.storage.storage_options()
     loop, optim = cfg.loop, cfg.optim
 
-    core, spec = cc.build_clipn(cfg.model.architecture, cfg.model.pretrained, cfg.model.num_prompts, opts,
-                                cfg.run.cache_dir, cfg.model.seed)
-    core.train()
-    model = ray.train.torch.prepare_model(core)  # moves to the device; DDP when there are several workers
-    params = core.trainable_parameters()
-    optimizer = build_optimizer(core.no_tower.named_parameters(), optim.lr, optim.weight_decay,
-                                (optim.beta1, optim.beta2), optim.eps)
+    stage = STAGES[cfg.stage](cfg, opts)
+    model = ray.train.torch.prepare_model(stage.module)  # moves to the device; DDP when there are several workers
+    optimizer = stage.optimizer()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(optim.warmup_steps, loop.steps))
     on_gpu = device.type == "cuda"
     autocast = _AUTOCAST.get(loop.precision) if on_gpu else None
     scaler = torch.amp.GradScaler("cuda") if autocast is torch.float16 else None
-    normalize = SplitPreprocessor(core.preprocess_cfg).normalize
-    logit_scale = core.logit_scale
     identity = base_identity(cfg)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_pairs": 0, "skipped_batches": 0,
@@ -160,17 +192,18 @@ def train_loop_per_worker(config: dict) -> dict | None:
     history: list[dict] = []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        state, history = _restore(ckpt, core, optimizer, scheduler, scaler, identity)
+        state, history = _restore(ckpt, stage.trained, optimizer, scheduler, scaler, identity)
         state["restarts"] += 1
         if rank == 0:
             log.info("resumed at step %d (epoch %d, batch %d)", state["step"], state["epoch"], state["batch_in_epoch"])
 
-    shard = ray.train.get_dataset_shard("train")
+    batches = ShardBatches(ray.train.get_dataset_shard("train"), loop.batch_size, cfg.data.cache_decoded,
+                           loop.seed, rank)
     skip = state["batch_in_epoch"]
     t_last = time.perf_counter()
     while state["step"] < loop.steps:
         batches_seen, steps_this_epoch = 0, 0
-        for i, batch in enumerate(shard.iter_torch_batches(batch_size=loop.batch_size, drop_last=True)):
+        for i, batch in enumerate(batches.epoch(state["epoch"])):
             batches_seen += 1
             if i < skip:  # data position: batches of this epoch already trained on before the restart
                 continue
@@ -181,27 +214,22 @@ def train_loop_per_worker(config: dict) -> dict | None:
             if min_ok == 0:  # a rank has nothing usable: every rank skips this step together
                 state["skipped_batches"] += 1
                 continue
-            images = normalize(batch["pixels"][ok].to(device))
-            step_metrics = clipn_train_step(
-                model, images, batch["tokens"][ok].to(device),
-                prompt_choices(batch["sample_id"][ok], state["step"], loop.seed, core.no_tower.num_prompts).to(device),
-                batch["caption_id"][ok].to(device), logit_scale, optimizer, scheduler, params,
-                optim.grad_clip_norm, autocast, scaler,
-            )
+            usable = {k: batch[k][ok].to(device) for k in ("pixels", "tokens", "caption_id", "sample_id")}
+            step_metrics = stage.step(model, usable, state["step"], optimizer, scheduler, autocast, scaler)
             steps_this_epoch += 1
             state["step"] += 1
             state["samples"] += n_global
             step = state["step"]
             now = time.perf_counter()
-            history.append({"step": step, "epoch": state["epoch"], **vars(step_metrics), "global_batch": n_global,
+            history.append({"step": step, "epoch": state["epoch"], **step_metrics.as_dict(), "global_batch": n_global,
                             "samples_per_s": n_global / max(now - t_last, 1e-9),  # data wait included
                             "skipped_pairs": state["skipped_pairs"], "restarts": state["restarts"]})
             t_last = now
             is_last, is_ckpt = step >= loop.steps, step % loop.checkpoint_every == 0
             if is_last or is_ckpt or step % loop.log_every == 0:
-                folder = (_save_ray_checkpoint(core, optimizer, scheduler, scaler, state, history)
+                folder = (_save_ray_checkpoint(stage.trained, optimizer, scheduler, scaler, state, history)
                           if (is_last or is_ckpt) and rank == 0 else None)
-                _report(history[-1], state, rank, loop.steps, folder)
+                _report(history[-1], list(step_metrics.parts), state, rank, loop.steps, folder)
             _maybe_inject_fault(config.get("fault"), step, rank)
             if is_last:
                 break
@@ -219,10 +247,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
     if rank != 0:
         return None
-    core.eval()
-    model_id = cc.save_checkpoint(core, spec, cfg.output.checkpoint, opts)
+    model_id = stage.save_final(cfg.output.checkpoint, opts)
     write_bytes(metrics_uri(cfg.output.checkpoint), "".join(json.dumps(h) + "\n" for h in history).encode(), opts)
-    log.info("final CLIPN checkpoint %s (model id %s)", cfg.output.checkpoint, model_id[:16])
+    log.info("final %s weights %s (sha256 %s)", cfg.stage, redact_uri(cfg.output.checkpoint), model_id[:16])
     return {"checkpoint": cfg.output.checkpoint, "model_id": model_id, "steps": state["step"],
             "skipped_pairs": state["skipped_pairs"], "restarts": state["restarts"],
             "last": history[-1] if history else None}

@@ -31,14 +31,18 @@ class TrainDataConfig(StrictModel):
     decode_batch_size: int = Field(64, ge=1, description="pairs per CPU decode task batch")
     decode_cpus: float = Field(0.5, gt=0, description="CPUs per decode task")
     max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb limit (width x height)")
+    cache_decoded: bool = Field(
+        False, description="decode once and keep each worker's shard in memory, reshuffled every epoch "
+        "(small data sets trained for many epochs; augmentation is then fixed per pair)"
+    )
 
 
 class BaseClipConfig(StrictModel):
-    """The base CLIP whose no tower is trained (its own towers stay frozen)."""
+    """The base CLIP: frozen under a no tower (stage clipn), or the model trained (stage clip)."""
 
     architecture: str = Field(..., description="open_clip architecture (ViT-B-16, clipn-tiny, hf-hub:org/repo, ...)")
     pretrained: str | None = Field(None, description="base CLIP weights: open_clip tag, file or s3:// URI (none: seeded random init)")
-    num_prompts: int = Field(16, ge=1, description="number K of learnable no prompts")
+    num_prompts: int = Field(16, ge=1, description="number K of learnable no prompts (stage clipn)")
     seed: int = Field(0, description="seed of random init when no weights are given")
 
 
@@ -86,7 +90,8 @@ class RunSection(StrictModel):
 
 
 class TrainOutputConfig(StrictModel):
-    checkpoint: str = Field(..., description="final CLIPN checkpoint URI (.safetensors; the sidecar .json and .metrics.jsonl go beside it)")
+    checkpoint: str = Field(..., description="final weights URI (.safetensors): a CLIPN checkpoint with its .json sidecar "
+                            "(stage clipn) or open_clip base CLIP weights (stage clip); .metrics.jsonl goes beside it")
 
     @field_validator("checkpoint")
     @classmethod
@@ -97,8 +102,12 @@ class TrainOutputConfig(StrictModel):
 
 
 class TrainJobConfig(StrictModel):
-    """Train CLIPN's no tower and prompts on image-text pairs with Ray Train."""
+    """Train on image-text pairs with Ray Train: CLIPN's no tower and prompts (stage clipn), or a whole
+    base CLIP contrastively (stage clip, for worlds without pretrained weights such as the demo's)."""
 
+    stage: Literal["clipn", "clip"] = Field(
+        "clipn", description="clipn: the no tower over a frozen base CLIP; clip: the base CLIP itself (contrastive)"
+    )
     data: TrainDataConfig
     model: BaseClipConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from clipn_core.losses import clipn_loss, itbo_loss, tso_loss
+from clipn_core.losses import clip_contrastive_loss, clipn_loss, itbo_loss, tso_loss
 
 
 def test_itbo_and_tso_by_hand():
@@ -114,3 +114,20 @@ def test_two_process_gloo_equals_one_process(first):
         assert results[rank]["itbo"] == pytest.approx(single.itbo.item(), abs=1e-5)
         for name, p in heads.named_parameters():
             torch.testing.assert_close(results[rank]["grads"][name], p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_clip_contrastive_loss_by_hand_and_multi_positive():
+    torch.manual_seed(0)
+    f, g = (F.normalize(torch.randn(3, 8), dim=-1) for _ in range(2))
+    scale = torch.tensor(5.0)
+    logits = 5.0 * f @ g.T
+    # unique captions: open_clip's ClipLoss (cross-entropy against the diagonal, both directions)
+    expected = (F.cross_entropy(logits, torch.arange(3)) + F.cross_entropy(logits.T, torch.arange(3))) / 2
+    assert clip_contrastive_loss(f, g, scale).item() == pytest.approx(expected.item(), abs=1e-6)
+    assert clip_contrastive_loss(f, g, scale, torch.tensor([1, 2, 3])).item() == pytest.approx(expected.item(), abs=1e-6)
+    # rows 0 and 1 share a caption: each row's target is uniform over its two positives
+    targets = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    by_hand = (-(targets * logits.log_softmax(1)).sum(1).mean() - (targets * logits.T.log_softmax(1)).sum(1).mean()) / 2
+    got = clip_contrastive_loss(f, g, scale, torch.tensor([7, 7, 3]))
+    assert got.item() == pytest.approx(by_hand.item(), abs=1e-6)
+    assert got.item() != pytest.approx(expected.item(), abs=1e-3)

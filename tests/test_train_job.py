@@ -109,7 +109,7 @@ def test_checkpoints_on_s3_keep_the_latest_and_hold_the_full_state(s3_run):
     assert sorted(s["step"] for s in states) == [8, 12]
     for c in ckpts:
         names = {p.rsplit("/", 1)[-1] for p in fs.ls(c)}
-        assert {"no_tower.safetensors", "optimizer.pt", "scheduler.pt", "state.json", "metrics.jsonl"} <= names
+        assert {"trained.safetensors", "optimizer.pt", "scheduler.pt", "state.json", "metrics.jsonl"} <= names
     latest = max(states, key=lambda s: s["step"])
     assert latest["batch_in_epoch"] > 0 and latest["epoch"] >= 0 and latest["samples"] == 12 * 32
 

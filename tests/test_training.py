@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 
 import clipn_core as cc
+from clipn_core import world
 from clipn_core.images import SplitPreprocessor
 from clipn_core.training import (
     build_optimizer,
+    clip_train_step,
     clipn_train_step,
     prompt_choices,
     sample_id,
     text_id,
     warmup_cosine,
 )
+from clipn_core.weights import create_base_clip
 
 
 def test_warmup_then_cosine_to_zero():
@@ -69,7 +73,6 @@ def test_no_weight_decay_on_gains_biases_and_one_dim_params(tiny):
 
 
 def test_train_steps_lower_the_loss_and_touch_only_the_no_tower():
-    from clipn_core import world
 
     model, _ = cc.build_clipn("clipn-tiny", num_prompts=4, seed=0)
     frozen = {k: v.clone() for k, v in model.clip.state_dict().items()}
@@ -93,3 +96,27 @@ def test_train_steps_lower_the_loss_and_touch_only_the_no_tower():
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
     for k, v in model.clip.state_dict().items():
         assert torch.equal(v, frozen[k]), k
+
+
+def test_clip_stage_step_trains_both_towers_and_clamps_the_scale():
+    clip, _, _ = create_base_clip("clipn-tiny", seed=0)
+    clip.train()
+    before = {k: v.clone() for k, v in clip.state_dict().items()}
+    pre = SplitPreprocessor(dict(open_clip.get_model_preprocess_cfg(clip)))
+    captions = [f"a {c} {s}" for s in world.SHAPES[:4] for c in ("red", "blue")] * 2  # every caption twice
+    images = pre.normalize(torch.from_numpy(np.stack([
+        pre.to_uint8(world.render(cap.split()[2], cap.split()[1], i, 32)) for i, cap in enumerate(captions)])))
+    tokens = open_clip.SimpleTokenizer(context_length=32)(captions)
+    ids = torch.tensor([text_id(c) for c in captions])
+    opt = build_optimizer(clip.named_parameters(), lr=3e-3, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(2, 40))
+    losses = []
+    for _ in range(40):
+        m = clip_train_step(clip, clip, images, tokens, ids, opt, sched, list(clip.parameters()), 1.0,
+                            max_logit_scale=20.0)
+        losses.append(m.parts["contrastive"])
+        assert m.parts["logit_scale"] <= 20.0 + 1e-4
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
+    moved = [k for k, v in clip.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("visual.") for k in moved) and any(k.startswith("transformer.") for k in moved)
+    assert "logit_scale" in moved

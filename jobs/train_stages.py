@@ -1,0 +1,110 @@
+"""What each training stage trains, how one step runs, and what the run finally writes.
+
+``clipn`` (the product): CLIPN's no tower and prompts over a frozen base CLIP; the final
+output is a CLIPN checkpoint for the scoring job. ``clip``: a whole open_clip CLIP
+trained contrastively (both towers and the logit scale); the final output is base CLIP
+weights that ``model.pretrained`` of a ``clipn`` run loads. The demo world uses
+``clip`` to make its tiny base model, since no pretrained weights can be downloaded.
+
+The training loop (:mod:`jobs.train_loop`) is the same for both: it only sees
+``module`` (what Ray Train wraps), ``trained`` (whose state goes into run checkpoints),
+``params`` (clipped and counted), ``optimizer``, ``step`` and ``save_final``; the driver
+reads ``preprocess_cfg`` and ``context_length`` for the decode step.
+"""
+
+from __future__ import annotations
+
+import open_clip
+import torch
+from torch import nn
+
+import clipn_core as cc
+from clipn_core.images import SplitPreprocessor
+from clipn_core.model import check_standard_text_tower
+from clipn_core.training import (
+    StepMetrics,
+    build_optimizer,
+    clip_train_step,
+    clipn_train_step,
+    prompt_choices,
+)
+from clipn_core.weights import create_base_clip
+from schemas.train_config import TrainJobConfig
+
+
+def base_identity(cfg: TrainJobConfig) -> dict:
+    """What a run checkpoint was trained from; a resume with another stage or base is refused."""
+    m = cfg.model
+    identity = {"stage": cfg.stage, "architecture": m.architecture, "pretrained": m.pretrained,
+                "seed": m.seed if m.pretrained is None else None}
+    if cfg.stage == "clipn":
+        identity["num_prompts"] = m.num_prompts
+    return identity
+
+
+class ClipnStage:
+    """Train the no tower (and prompts) of a CLIPN built on ``model.architecture`` / ``model.pretrained``."""
+
+    def __init__(self, cfg: TrainJobConfig, storage_options: dict):
+        m = cfg.model
+        self.core, self.spec = cc.build_clipn(m.architecture, m.pretrained, m.num_prompts, storage_options,
+                                              cfg.run.cache_dir, m.seed)
+        self.core.train()  # the no tower only; the CLIP stays in eval mode
+        self.module: nn.Module = self.core
+        self.trained: nn.Module = self.core.no_tower
+        self.preprocess_cfg = self.core.preprocess_cfg
+        self.context_length = self.core.context_length
+        self.normalize = SplitPreprocessor(self.preprocess_cfg).normalize
+        self.seed, self.optim, self.clip_norm = cfg.loop.seed, cfg.optim, cfg.optim.grad_clip_norm
+        self.params = self.core.trainable_parameters()
+
+    def optimizer(self) -> torch.optim.AdamW:
+        o = self.optim
+        return build_optimizer(self.trained.named_parameters(), o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
+
+    def step(self, model, batch: dict, step: int, optimizer, scheduler, autocast, scaler) -> StepMetrics:
+        """One step on a batch of usable rows already on the device (``pixels`` uint8)."""
+        prompts = prompt_choices(batch["sample_id"], step, self.seed, self.core.no_tower.num_prompts)
+        return clipn_train_step(model, self.normalize(batch["pixels"]), batch["tokens"],
+                                prompts.to(batch["tokens"].device), batch["caption_id"], self.core.logit_scale,
+                                optimizer, scheduler, self.params, self.clip_norm, autocast, scaler)
+
+    def save_final(self, uri: str, storage_options: dict) -> str:
+        """Write the CLIPN checkpoint (+ sidecar); returns the model id."""
+        self.core.eval()
+        return cc.save_checkpoint(self.core, self.spec, uri, storage_options)
+
+
+class ClipStage:
+    """Train a whole open_clip CLIP contrastively; identical captions count as positives."""
+
+    def __init__(self, cfg: TrainJobConfig, storage_options: dict):
+        m = cfg.model
+        self.clip, _, _ = create_base_clip(m.architecture, m.pretrained, storage_options, cfg.run.cache_dir, m.seed)
+        check_standard_text_tower(self.clip)  # so that a CLIPN can be built on the result
+        self.clip.train()
+        self.module: nn.Module = self.clip
+        self.trained: nn.Module = self.clip
+        self.preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(self.clip))
+        self.context_length = int(self.clip.positional_embedding.shape[0])
+        self.normalize = SplitPreprocessor(self.preprocess_cfg).normalize
+        self.optim, self.clip_norm = cfg.optim, cfg.optim.grad_clip_norm
+        self.params = [p for p in self.clip.parameters() if p.requires_grad]
+
+    def optimizer(self) -> torch.optim.AdamW:
+        o = self.optim
+        return build_optimizer(self.clip.named_parameters(), o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
+
+    def step(self, model, batch: dict, step: int, optimizer, scheduler, autocast, scaler) -> StepMetrics:
+        """One step on a batch of usable rows already on the device (``pixels`` uint8)."""
+        return clip_train_step(model, self.clip, self.normalize(batch["pixels"]), batch["tokens"],
+                               batch["caption_id"], optimizer, scheduler, self.params, self.clip_norm,
+                               autocast, scaler)
+
+    def save_final(self, uri: str, storage_options: dict) -> str:
+        """Write the base CLIP weights (open_clip-loadable .safetensors); returns their sha256."""
+        self.clip.eval()
+        return cc.save_base_clip(self.clip, uri, storage_options)
+
+
+STAGES = {"clipn": ClipnStage, "clip": ClipStage}
