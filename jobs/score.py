@@ -29,17 +29,17 @@ from jobs.publish import (
 from jobs.scorer import ScorerActor, load_model
 from jobs.sources import input_dataset, read_decode_batch, read_tar_batch
 from schemas.output import OUTPUT_SCHEMA_VERSION
-from schemas.score_config import ScoreJobConfig
+from schemas.score_config import ClassesConfig, ScoreJobConfig
 
 log = logging.getLogger("clipn.score")
 
 
-def resolve_classes(cfg: ScoreJobConfig, storage_options: dict) -> tuple[str, ...]:
+def resolve_classes(classes: ClassesConfig, storage_options: dict) -> tuple[str, ...]:
     """Validated ID class names from the inline list or the class file (one per line)."""
-    if cfg.classes.names is not None:
-        return cc.validate_class_names(cfg.classes.names)
+    if classes.names is not None:
+        return cc.validate_class_names(classes.names)
     try:
-        text = read_bytes(cfg.classes.file, storage_options).decode("utf-8")
+        text = read_bytes(classes.file, storage_options).decode("utf-8")
     except (cc.StorageError, UnicodeDecodeError) as e:
         raise cc.ClassListError(f"classes.file: {e}") from e
     return cc.validate_class_names([ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")])
@@ -59,7 +59,7 @@ def run(cfg: ScoreJobConfig) -> dict:
     rt = cfg.runtime
 
     # Driver-side setup: everything that can be wrong in the config fails here.
-    classes = resolve_classes(cfg, opts)
+    classes = resolve_classes(cfg.classes, opts)
     templates = cc.load_templates(cfg.templates, opts)
     model, model_id = load_model(cfg.model, opts, rt.cache_dir)
     heads = cc.build_class_heads(model, cc.get_tokenizer(model), classes, templates)

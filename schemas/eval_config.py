@@ -1,0 +1,50 @@
+"""Config of the evaluation job (``clipn evaluate``). Extra fields are forbidden everywhere.
+
+The model and class sections are the scoring job's own models, so an evaluated setup
+is exactly what the nightly job would run.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from schemas.common import StorageConfig, StrictModel
+from schemas.score_config import ClassesConfig, ModelConfig
+
+
+class EvalDataConfig(StrictModel):
+    """A labelled Parquet set: encoded images, an ID/OOD flag and (for ID accuracy) the ID class name."""
+
+    uri: str = Field(..., description="Parquet file or folder (local or s3://) of the labelled ID and OOD images")
+    image_column: str = Field("image", description="column of encoded image bytes")
+    is_id_column: str = Field("is_id", description="boolean column: true for in-distribution images")
+    label_column: str | None = Field("shape", description="ID class name of each ID image, for ID accuracy (none: no accuracy)")
+    max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb limit (width x height)")
+
+
+class EvalOutputConfig(StrictModel):
+    dir: str = Field(..., description="folder or s3:// prefix for report.md, report.json, roc.png, histograms.png")
+
+
+class EvalRuntimeConfig(StrictModel):
+    batch_size: int = Field(256, ge=1, description="images per model forward")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="where the model runs")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast on CUDA (CPU runs fp32)")
+    logit_scale: float = Field(100.0, gt=0, description="logit scale s of the scores (as in the scoring job)")
+    mcm_temperature: float = Field(1.0, gt=0, description="MCM softmax temperature")
+    cache_dir: str | None = Field(None, description="local cache of downloaded weights")
+
+
+class EvalJobConfig(StrictModel):
+    """Evaluate every registered score on labelled ID and OOD images: AUROC, FPR95, AUPR, ID accuracy,
+    CTW/ATD decision rates, ROC curves and score histograms."""
+
+    data: EvalDataConfig
+    model: ModelConfig
+    classes: ClassesConfig
+    templates: str | None = Field(None, description="template set name (default, world) or template file URI")
+    output: EvalOutputConfig
+    runtime: EvalRuntimeConfig = Field(default_factory=EvalRuntimeConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
