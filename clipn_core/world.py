@@ -179,14 +179,19 @@ class World:
         write_bytes(uri, buf.getvalue(), storage_options)
         return uri
 
-    def write_lake(self, prefix: str, n: int, storage_options: dict | None = None) -> list[str]:
-        """``n`` image objects (ID and held-out shapes mixed) under ``prefix``; returns their URIs, sorted."""
+    def write_lake(self, prefix: str, n: int, storage_options: dict | None = None, workers: int = 8) -> dict[str, Sample]:
+        """``n`` image objects (ID and held-out shapes mixed) under ``prefix``, written by ``workers``
+        threads; returns {URI: its Sample} (the labels, for checking what a job made of the lake)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from .storage import write_bytes
 
-        uris = []
-        for i, sample in enumerate(self.samples("lake", n)):
+        def put(item: tuple[int, Sample]) -> tuple[str, Sample]:
+            i, sample = item
             data, ext = self.image_bytes(sample)
             uri = f"{prefix.rstrip('/')}/{i:06d}.{ext}"
             write_bytes(uri, data, storage_options)
-            uris.append(uri)
-        return sorted(uris)
+            return uri, sample
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            return dict(sorted(pool.map(put, enumerate(self.samples("lake", n)))))

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from schemas.eval_config import EvalJobConfig
 from schemas.score_config import ScoreJobConfig
 from schemas.train_config import TrainJobConfig
 
@@ -121,10 +122,23 @@ def _train(args) -> int:
     return 0
 
 
-def _demo(args) -> int:
-    from jobs.demo import run_demo
+def _evaluate(args) -> int:
+    from jobs.evaluate import run
 
-    return run_demo(Path(args.out), n_images=args.images)
+    cfg = build_config(EvalJobConfig, args)
+    report = run(cfg)
+    best = ", ".join(f"{k} {v['auroc']:.1f}" for k, v in report["scores"].items())
+    print(f"evaluated {report['data']['id']} ID + {report['data']['ood']} OOD images; AUROC {best}; "
+          f"report {cfg.output.dir.rstrip('/')}/report.md")
+    return 0
+
+
+def _demo(args) -> int:
+    from jobs.demo import FULL, SMALL, run_demo
+
+    run_demo(Path(args.out), endpoint=args.endpoint, size=SMALL if args.small else FULL,
+             cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    return 0
 
 
 def _job_errors() -> tuple[type[Exception], ...]:
@@ -146,9 +160,16 @@ def make_parser() -> argparse.ArgumentParser:
                            description=TrainJobConfig.__doc__)
     add_config_arguments(train, TrainJobConfig)
     train.set_defaults(func=_train)
-    demo = sub.add_parser("demo", help="score a small generated lake with a tiny model (local Ray)")
-    demo.add_argument("--out", default="demo_out", help="folder for the lake, model and output")
-    demo.add_argument("--images", type=int, default=24, help="number of generated images")
+    evaluate = sub.add_parser("evaluate", help="AUROC/FPR95/AUPR, ID accuracy and CTW/ATD rates on labelled ID/OOD images",
+                              description=EvalJobConfig.__doc__)
+    add_config_arguments(evaluate, EvalJobConfig)
+    evaluate.set_defaults(func=_evaluate)
+    demo = sub.add_parser("demo", help="the whole product on a generated world: train, score a lake, evaluate (local Ray)")
+    demo.add_argument("--out", default="demo_out", help="local folder for the scores, the report, configs and the cache")
+    demo.add_argument("--endpoint", default=None,
+                      help="an existing S3-compatible endpoint (e.g. MinIO at http://127.0.0.1:9000); default: moto on loopback")
+    demo.add_argument("--cache-dir", default=None, help="where the trained tiny base CLIP is cached (default: <out>/cache)")
+    demo.add_argument("--small", action="store_true", help="the reduced demo of the tests: same training, 40 lake and 350 evaluation images")
     demo.set_defaults(func=_demo)
     return parser
 

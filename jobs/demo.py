@@ -1,72 +1,270 @@
-"""``clipn demo``: generate a small image lake, build a tiny CLIPN checkpoint, run the scoring job on it.
+"""``clipn demo`` (``make demo``): the whole product on a generated world, offline, on one machine.
 
-A first look at the product with no downloads: real decoding, a real local Ray actor
-pool and real Parquet output. The tiny model is seeded but untrained, so its OOD
-flags are not meaningful (the demo-world issue adds training); the lake also holds
-broken files to show that each still gets its row.
+1. an S3-compatible server: moto's server on loopback, or an endpoint you give (MinIO);
+2. the world (:class:`clipn_core.world.World`): an image lake (with three broken files),
+   training pairs and labelled ID / OOD evaluation images, written to the bucket;
+3. a tiny base CLIP trained by the training job's ``clip`` stage (cached locally, so a
+   second run reuses it);
+4. CLIPN's no tower trained by the training job on 2 Ray Train workers;
+5. the nightly scoring job on the lake, with the world's template set;
+6. ``clipn evaluate`` on the labelled set;
+7. a summary: evaluation table, lake flags against the world's truth, output paths.
+
+Every step is the real job run in-process with a validated config; the configs are
+also written as YAML under ``<out>/configs`` so each step can be rerun with the CLI.
+Outputs that outlive the demo (scores, report) go to the local ``<out>`` folder:
+moto's server, and everything in it, stops when the demo ends.
 """
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 import json
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow.dataset as pads
+import yaml
 
-import clipn_core as cc
-from clipn_core import world
+from clipn_core.storage import write_bytes
+from clipn_core.world import World, encode, render
+from schemas.eval_config import EvalJobConfig
 from schemas.score_config import ScoreJobConfig
+from schemas.train_config import TrainJobConfig
 
-ID_SHAPES = ["circle", "square", "triangle", "star"]
-
-
-def write_lake(lake: Path, n_images: int) -> None:
-    """``n_images`` JPEG/PNG shapes plus three broken files under ``lake``."""
-    lake.mkdir(parents=True, exist_ok=True)
-    combos = itertools.cycle(itertools.product(world.SHAPES, world.COLOURS))
-    for i in range(n_images):
-        shape, colour = next(combos)
-        fmt = "PNG" if i % 3 == 0 else "JPEG"
-        ext = "png" if fmt == "PNG" else "jpg"
-        (lake / f"{i:04d}_{colour}_{shape}.{ext}").write_bytes(world.encode(world.render(shape, colour, i, 64), fmt))
-    (lake / "broken_empty.jpg").write_bytes(b"")
-    (lake / "broken_text.jpg").write_bytes(b"not an image\n")
-    good = world.encode(world.render("circle", "red", 0, 64))
-    (lake / "broken_truncated.jpg").write_bytes(good[: len(good) // 2])
+log = logging.getLogger("clipn.demo")
+BUCKET = "clipn-demo"
+_MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def run_demo(out: Path, n_images: int = 24) -> int:
+@dataclass(frozen=True)
+class DemoSize:
+    """How big the demo world is and how long each model trains (steps of ``batch_size`` pairs per worker)."""
+
+    pairs: int = 16000
+    lake: int = 1000
+    eval_id: int = 600
+    eval_ood: int = 400
+    clip_steps: int = 800
+    clipn_steps: int = 100
+    batch_size: int = 128
+
+
+FULL = DemoSize()
+# The reduced demo of the end-to-end test: the same training (fewer steps or pairs left the tiny CLIP
+# at chance level on held-out shapes), a small lake and evaluation set.
+SMALL = DemoSize(lake=40, eval_id=200, eval_ood=150)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_moto():
+    """moto's S3 server on 127.0.0.1 at a free port; returns (server, endpoint URL)."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError as e:
+        raise SystemExit("clipn demo needs moto's S3 server: pip install 'clipn-lake[demo]', "
+                         "or pass --endpoint of an S3-compatible server") from e
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    return server, f"http://127.0.0.1:{port}"
+
+
+def _ensure_bucket(endpoint: str, bucket: str) -> None:
+    import boto3
+    from botocore.exceptions import ClientError
+
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except ClientError:
+        s3.create_bucket(Bucket=bucket)
+
+
+def _step(n: int, total: int, text: str) -> float:
+    print(f"\n[{n}/{total}] {text}", flush=True)
+    return time.perf_counter()
+
+
+def write_world(world: World, size: DemoSize, root: str, opts: dict) -> dict[str, bool]:
+    """Lake objects (+3 broken files), pairs and eval Parquet under ``root``; returns lake URI -> is_id
+    (None for the broken files)."""
+    lake = f"{root}/lake"
+    truth: dict[str, bool | None] = {u: s.is_id for u, s in world.write_lake(lake, size.lake, opts).items()}
+    good = encode(render("circle", "red", 0, world.size))
+    for name, data in (("broken_empty.jpg", b""), ("broken_text.jpg", b"not an image\n"),
+                       ("broken_truncated.jpg", good[: len(good) // 2])):
+        write_bytes(f"{lake}/{name}", data, opts)
+        truth[f"{lake}/{name}"] = None
+    world.write_parquet(world.pairs_table(size.pairs), f"{root}/pairs/pairs.parquet", opts)
+    world.write_parquet(world.eval_table(size.eval_id, size.eval_ood), f"{root}/eval/eval.parquet", opts)
+    return truth
+
+
+def demo_configs(out: Path, root: str, endpoint: str, size: DemoSize, base_clip: str, world: World) -> dict:
+    """The validated configs of the demo's four jobs (clip stage, clipn stage, score, evaluate)."""
+    storage = {"endpoint_url": endpoint, "region": "us-east-1"}
+    run = {"storage_path": f"{root}/runs", "num_workers": 2, "cpus_per_worker": 0.5}
+    data = {"uri": f"{root}/pairs/pairs.parquet", "augment": False, "cache_decoded": True, "decode_cpus": 0.25}
+    loop = {"batch_size": size.batch_size, "log_every": 50, "precision": "fp32"}
+    clip = TrainJobConfig.model_validate({
+        "stage": "clip", "data": data, "model": {"architecture": "clipn-tiny", "seed": 0},
+        "optim": {"lr": 4e-3, "weight_decay": 0.1, "warmup_steps": 50},
+        "loop": {**loop, "steps": size.clip_steps, "checkpoint_every": size.clip_steps},
+        "run": {**run, "name": f"demo-clip-{Path(base_clip).stem}"}, "output": {"checkpoint": base_clip},
+        "storage": storage,
+    })
+    clipn = TrainJobConfig.model_validate({
+        "stage": "clipn", "data": data,
+        "model": {"architecture": "clipn-tiny", "pretrained": base_clip, "num_prompts": 16},
+        "optim": {"lr": 1e-3, "weight_decay": 0.2, "warmup_steps": 20},
+        "loop": {**loop, "steps": size.clipn_steps, "checkpoint_every": size.clipn_steps},
+        "run": {**run, "name": f"demo-clipn-{int(time.time())}"},
+        "output": {"checkpoint": f"{root}/models/clipn-world.safetensors"}, "storage": storage,
+    })
+    classes = {"names": list(world.id_shapes)}
+    score = ScoreJobConfig.model_validate({
+        "input": {"kind": "prefix", "uri": f"{root}/lake"}, "output": {"uri": str(out / "scores")},
+        "model": {"checkpoint": clipn.output.checkpoint}, "classes": classes, "templates": "world",
+        "runtime": {"batch_size": 256, "decode_batch_size": 256, "pool_size": 1}, "storage": storage,
+    })
+    evaluate = EvalJobConfig.model_validate({
+        "data": {"uri": f"{root}/eval/eval.parquet", "label_column": "shape"},
+        "model": {"checkpoint": clipn.output.checkpoint}, "classes": classes, "templates": "world",
+        "output": {"dir": str(out / "report")}, "storage": storage,
+    })
+    return {"train-clip": clip, "train-clipn": clipn, "score": score, "evaluate": evaluate}
+
+
+def base_clip_path(cache_dir: Path, world: World, size: DemoSize) -> Path:
+    """Cache file of the tiny base CLIP, keyed by everything that determines it."""
+    key = json.dumps({"world": [world.seed, list(world.ood_shapes), world.size], "pairs": size.pairs,
+                      "steps": size.clip_steps, "batch": size.batch_size, "version": 2}, sort_keys=True)
+    return cache_dir / f"base-clip-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
+
+
+def lake_summary(partition: str, truth: dict) -> dict:
+    """Published lake rows joined with the world's truth: rows by status, flags on true ID / OOD images."""
+    table = pads.dataset(partition, format="parquet").to_table(columns=["uri", "status", "is_ood"])
+    rows = table.to_pylist()
+    by_status: dict[str, int] = {}
+    flagged = {"id": [0, 0], "ood": [0, 0]}  # [flagged OOD, scored]
+    for r in rows:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+        is_id = truth.get(r["uri"])
+        if r["status"] == "ok" and is_id is not None:
+            kind = "id" if is_id else "ood"
+            flagged[kind][0] += bool(r["is_ood"])
+            flagged[kind][1] += 1
+    return {"rows": len(rows), "inputs": len(truth), "by_status": by_status,
+            "id_flagged_ood": 100 * flagged["id"][0] / max(1, flagged["id"][1]),
+            "ood_flagged_ood": 100 * flagged["ood"][0] / max(1, flagged["ood"][1])}
+
+
+def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cache_dir: Path | None = None,
+             seed: int = 0, compare_templates: tuple[str, ...] = ()) -> dict:
+    """Run the seven steps; returns {"evaluation": report, "lake": lake summary, "paths": {...}, "seconds": ...}.
+
+    ``compare_templates``: other template sets (names or URIs) to evaluate the same model with,
+    reported under ``"template_comparison"`` (reports in ``<out>/report-<name>``).
+    """
     import ray
 
-    from jobs.score import run
+    from jobs.evaluate import run as run_evaluate
+    from jobs.score import run as run_score
+    from jobs.train import run as run_train
 
+    t_start = time.perf_counter()
     out = out.resolve()
-    print(f"[1/3] writing a lake of {n_images} generated images (+3 broken files) to {out / 'lake'}")
-    write_lake(out / "lake", n_images)
-    ckpt = out / "model" / "clipn-tiny.safetensors"
-    print(f"[2/3] building a tiny CLIPN checkpoint at {ckpt}")
-    model, spec = cc.build_clipn("clipn-tiny", seed=0)
-    cc.save_checkpoint(model, spec, str(ckpt))
-    cfg = ScoreJobConfig.model_validate({
-        "input": {"kind": "prefix", "uri": str(out / "lake")},
-        "output": {"uri": str(out / "scores")},
-        "model": {"checkpoint": str(ckpt)},
-        "classes": {"names": ID_SHAPES},
-        "runtime": {"batch_size": 16, "pool_size": 1},
-    })
-    print("[3/3] running the scoring job on a local Ray (2 CPUs)")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    manifest = run(cfg)
-    table = pads.dataset(manifest["partition"], format="parquet").to_table(
-        columns=["uri", "status", "predicted_class", "score_ctw", "score_atd", "is_ood"]).sort_by("uri")
-    print(f"\n{'image':32} {'status':14} {'class':9} {'CTW':>6} {'ATD':>6}  OOD")
-    for row in table.to_pylist():
-        name = Path(row["uri"]).name[:32]
-        fmt = lambda v: "" if v is None else f"{v:6.3f}"  # noqa: E731
-        print(f"{name:32} {row['status']:14} {row['predicted_class'] or '':9} {fmt(row['score_ctw']):>6} "
-              f"{fmt(row['score_atd']):>6}  {'' if row['is_ood'] is None else row['is_ood']}")
-    print(f"\nrows {manifest['rows']}, by status {json.dumps(manifest['by_status'])}")
-    print(f"output: {manifest['partition']} (model untrained: flags are not meaningful yet)")
-    return 0
+    cache_dir = (cache_dir or out / "cache").resolve()
+    total = 7
+    world = World(seed=seed)
+    server = None
+    t = _step(1, total, "object storage")
+    if endpoint is None:
+        for k, v in _MOTO_CREDENTIALS.items():
+            os.environ.setdefault(k, v)
+        server, endpoint = _start_moto()
+        print(f"    moto S3 server on {endpoint} (in memory; stops with the demo)")
+    else:
+        print(f"    using {endpoint} (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+    try:
+        _ensure_bucket(endpoint, BUCKET)
+        root = f"s3://{BUCKET}/world-{seed}"
+        base_clip = base_clip_path(cache_dir, world, size)
+        cfgs = demo_configs(out, root, endpoint, size, str(base_clip), world)
+        (out / "configs").mkdir(parents=True, exist_ok=True)
+        for name, cfg in cfgs.items():
+            (out / "configs" / f"{name}.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True),
+                                                                         sort_keys=False))
+        opts = cfgs["score"].storage.storage_options()
+
+        t = _step(2, total, f"world: {size.lake} lake images (+3 broken), {size.pairs} training pairs, "
+                  f"{size.eval_id}+{size.eval_ood} labelled ID/OOD images -> {root}")
+        truth = write_world(world, size, root, opts)
+        print(f"    ID classes {list(world.id_shapes)}; held out (OOD) {list(world.ood_shapes)} "
+              f"({time.perf_counter() - t:.0f} s)")
+
+        if not ray.is_initialized():
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+        t = _step(3, total, f"tiny base CLIP (clipn-tiny, contrastive, {size.clip_steps} steps x 2 workers)")
+        if base_clip.exists():
+            print(f"    reusing cached {base_clip}")
+        else:
+            summary = run_train(cfgs["train-clip"])
+            print(f"    trained in {time.perf_counter() - t:.0f} s, final loss {summary['last']['loss']:.3f} -> {base_clip}")
+
+        t = _step(4, total, f"CLIPN no tower ({size.clipn_steps} steps x 2 workers, Ray Train)")
+        summary = run_train(cfgs["train-clipn"])
+        print(f"    trained in {time.perf_counter() - t:.0f} s, final loss {summary['last']['loss']:.3f} "
+              f"-> {summary['checkpoint']}")
+
+        t = _step(5, total, f"nightly scoring job on the lake ({len(truth)} objects)")
+        manifest = run_score(cfgs["score"])
+        lake = lake_summary(manifest["partition"], truth)
+        print(f"    {lake['rows']} rows for {lake['inputs']} inputs in {time.perf_counter() - t:.0f} s")
+
+        t = _step(6, total, "evaluate on the labelled ID/OOD set")
+        report = run_evaluate(cfgs["evaluate"])
+        comparison = {}
+        for templates in compare_templates:
+            label = Path(templates).stem
+            cfg = cfgs["evaluate"].model_copy(update={"templates": templates}, deep=True)
+            cfg.output.dir = str(out / f"report-{label}")
+            comparison[templates] = run_evaluate(cfg)
+        print(f"    done in {time.perf_counter() - t:.0f} s")
+    finally:
+        if server is not None:
+            server.stop()
+
+    seconds = time.perf_counter() - t_start
+    _step(7, total, f"summary ({seconds / 60:.1f} min)")
+    print(_summary_table(report, lake))
+    paths = {"scores": manifest["partition"], "report": str(out / "report" / "report.md"),
+             "configs": str(out / "configs"), "base_clip": str(base_clip)}
+    for k, v in paths.items():
+        print(f"    {k:10} {v}")
+    return {"evaluation": report, "template_comparison": comparison, "lake": lake, "paths": paths,
+            "seconds": round(seconds, 1), "size": asdict(size)}
+
+
+def _summary_table(report: dict, lake: dict) -> str:
+    lines = [f"    {'score':9} {'AUROC':>7} {'FPR95':>7}   (eval set: {report['data']['id']} ID + "
+             f"{report['data']['ood']} OOD, ID accuracy {report['id_accuracy']:.1f}%)"]
+    for name, m in report["scores"].items():
+        lines.append(f"    {name:9} {m['auroc']:7.2f} {m['fpr95']:7.2f}")
+    for name, r in report["decisions"].items():
+        lines.append(f"    {name} rule: flags {r['ood_flagged_ood']:.1f}% of OOD and {r['id_flagged_ood']:.1f}% of ID images")
+    lines.append(f"    lake: {lake['rows']} rows for {lake['inputs']} objects, by status {lake['by_status']}; "
+                 f"flagged OOD: {lake['ood_flagged_ood']:.1f}% of held-out shapes, {lake['id_flagged_ood']:.1f}% of ID shapes")
+    return "\n".join(lines)

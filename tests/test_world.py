@@ -31,7 +31,11 @@ def test_pairs_cover_every_shape_and_eval_sets_are_labelled():
 
 def test_writers_write_decodable_images_and_parquet(tmp_path):
     w = world.World(seed=3, size=40)
-    uris = w.write_lake(str(tmp_path / "lake"), 12)
+    lake = w.write_lake(str(tmp_path / "lake"), 12)
+    uris = list(lake)
+    serial = w.write_lake(str(tmp_path / "lake2"), 12, workers=1)  # threads change nothing but speed
+    assert [(u.rsplit("/", 1)[1], s) for u, s in serial.items()] == [(u.rsplit("/", 1)[1], s) for u, s in lake.items()]
+    assert [s.shape for s in lake.values()] == [s.shape for s in w.samples("lake", 12)]
     assert len(uris) == 12 and {u.rsplit(".", 1)[1] for u in uris} == {"jpg", "png"}
     for u in uris:
         img = cc.decode_image(open(u, "rb").read(), cc.image_transform({"size": 32}))
