@@ -43,6 +43,8 @@ def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes
         return fs.cat_file(path)
     except FileNotFoundError as e:
         raise StorageError(f"not found: {redact_uri(uri)}") from e
+    except PermissionError as e:
+        raise StorageError(f"access denied reading {redact_uri(uri)} (check the credentials and the bucket policy): {e}") from e
     except Exception as e:  # noqa: BLE001 - re-raised typed, with the URI
         raise StorageError(f"cannot read {redact_uri(uri)}: {type(e).__name__}: {e}") from e
 
@@ -54,6 +56,8 @@ def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = 
         if not is_remote(uri):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         fs.pipe_file(path, data)
+    except PermissionError as e:
+        raise StorageError(f"access denied writing {redact_uri(uri)} (check the credentials and the bucket policy): {e}") from e
     except Exception as e:  # noqa: BLE001
         raise StorageError(f"cannot write {redact_uri(uri)}: {type(e).__name__}: {e}") from e
 

@@ -17,6 +17,7 @@ import ray
 
 import clipn_core as cc
 from clipn_core.storage import is_remote, read_bytes
+from jobs.faults import maybe_die, score_fault_from_env
 from jobs.publish import (
     PartFilenames,
     arrow_filesystem,
@@ -59,6 +60,7 @@ def run(cfg: ScoreJobConfig) -> dict:
     rt = cfg.runtime
 
     # Driver-side setup: everything that can be wrong in the config fails here.
+    fault = score_fault_from_env()
     classes = resolve_classes(cfg.classes, opts)
     templates = cc.load_templates(cfg.templates, opts)
     model, model_id = load_model(cfg.model, opts, rt.cache_dir)
@@ -84,14 +86,14 @@ def run(cfg: ScoreJobConfig) -> dict:
                             fn_kwargs={**decode_kwargs, "extensions": cfg.input.extensions})
     else:
         ds = ds.map_batches(read_decode_batch, batch_size=rt.decode_batch_size, num_cpus=rt.decode_cpus,
-                            fn_kwargs=decode_kwargs)
+                            fn_kwargs={**decode_kwargs, "fault": fault})
     if done:
         ds = ds.map_batches(_drop_scored, fn_kwargs={"done": done}, batch_size=None)
     ds = ds.map_batches(
         ScorerActor,
         fn_constructor_kwargs={
             "model_cfg": cfg.model, "heads": heads, "runtime": rt, "decision": cfg.decision,
-            "storage_options": opts, "run_id": run_id, "embeddings": cfg.output.embeddings,
+            "storage_options": opts, "run_id": run_id, "embeddings": cfg.output.embeddings, "fault": fault,
         },
         batch_size=rt.batch_size,
         compute=ray.data.ActorPoolStrategy(size=rt.pool_size),
@@ -111,6 +113,7 @@ def run(cfg: ScoreJobConfig) -> dict:
         stats = staged_stats(staged, opts)
         if n_inputs is not None and not done and stats["rows"] != n_inputs:
             raise RuntimeError(f"wrote {stats['rows']} rows for {n_inputs} inputs; not publishing")
+        maybe_die(fault, "driver")  # test hook: a driver crash with everything staged, nothing published
         manifest = {
             "schema_version": OUTPUT_SCHEMA_VERSION,
             "run_id": run_id,

@@ -16,6 +16,7 @@ import torch
 import clipn_core as cc
 from clipn_core.images import SplitPreprocessor
 from clipn_core.scores import SCORES
+from jobs.faults import maybe_die
 from schemas.output import OUTPUT_SCHEMA, STATUS_OK, ood_column, score_column
 from schemas.score_config import DecisionConfig, ModelConfig, RuntimeConfig
 
@@ -42,7 +43,8 @@ class ScorerActor:
     """Ray Data callable class: uint8 pixels + status -> one output row per input row."""
 
     def __init__(self, model_cfg: ModelConfig, heads: cc.ClassHeads, runtime: RuntimeConfig,
-                 decision: DecisionConfig, storage_options: dict, run_id: str, embeddings: bool):
+                 decision: DecisionConfig, storage_options: dict, run_id: str, embeddings: bool,
+                 fault: str | None = None):
         model, self.model_id = load_model(model_cfg, storage_options, runtime.cache_dir)
         device = "cuda" if runtime.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         self.scorer = cc.BatchScorer(model, heads, device, runtime.precision, runtime.logit_scale, runtime.mcm_temperature)
@@ -52,8 +54,10 @@ class ScorerActor:
         self.decision = decision
         self.run_id = run_id
         self.embeddings = embeddings
+        self.fault = fault  # test hook, see jobs.faults
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        maybe_die(self.fault, "scorer")
         n = len(batch["uri"])
         ok = np.asarray(batch["status"] == STATUS_OK, dtype=bool)
         cols: dict[str, pa.Array] = {}

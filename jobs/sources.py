@@ -20,6 +20,7 @@ import ray
 from clipn_core.errors import redact_uri
 from clipn_core.images import DecodeError, SplitPreprocessor, load_rgb, split_preprocessor
 from clipn_core.storage import filesystem
+from jobs.faults import maybe_die
 from schemas.output import STATUS_OK, STATUS_READ_ERROR
 from schemas.score_config import InputConfig
 
@@ -100,8 +101,12 @@ def _stack(rows: list[dict]) -> dict[str, np.ndarray]:
     }
 
 
-def read_decode_batch(batch: dict, storage_options: dict, preprocess_cfg: dict, max_pixels: int) -> dict:
-    """CPU step for prefix/manifest inputs: fetch each URI's bytes and decode; one row per URI."""
+def read_decode_batch(batch: dict, storage_options: dict, preprocess_cfg: dict, max_pixels: int,
+                      fault: str | None = None) -> dict:
+    """CPU step for prefix/manifest inputs: fetch each URI's bytes and decode; one row per URI.
+
+    ``fault``: test hook (:mod:`jobs.faults`)."""
+    maybe_die(fault, "decode")
     pre = split_preprocessor(preprocess_cfg)
     blank = np.zeros((3, *pre.size), dtype=np.uint8)
     rows = []

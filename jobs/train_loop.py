@@ -31,6 +31,7 @@ from clipn_core.errors import redact_uri
 from clipn_core.storage import write_bytes
 from clipn_core.training import warmup_cosine
 from clipn_core.weights import load_state_dict_strict
+from jobs.faults import die_once
 from jobs.train_stages import STAGES, base_identity
 from schemas.train_config import TrainJobConfig
 
@@ -69,13 +70,11 @@ def _maybe_inject_fault(spec: str | None, step: int, rank: int) -> None:
         return
     fail_step, fail_rank, marker = spec.split(":", 2)
     if step == int(fail_step) and rank == int(fail_rank) and not os.path.exists(marker):
-        Path(marker).write_text(f"killed rank {rank} after step {step}\n")
         # Ray Train's controller registers reported checkpoints when it polls the workers
         # (every 2 s by default); a worker that dies sooner takes its last report with it.
         # Waiting models the crash we test: one after the latest checkpoint was registered.
         time.sleep(_FAULT_GRACE_S)
-        log.warning("fault injection: killing rank %d after step %d", rank, step)
-        os._exit(1)
+        die_once(marker, f"killed rank {rank} after step {step}")
 
 
 class ShardBatches:

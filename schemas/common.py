@@ -34,10 +34,25 @@ class StorageConfig(StrictModel):
     region: str | None = Field(None, description="S3 region name")
     anon: bool = Field(False, description="anonymous (unsigned) access")
     profile: str | None = Field(None, description="AWS profile name from ~/.aws/credentials")
+    max_attempts: int = Field(10, ge=1, description="attempts per S3 request, the first included: 500/503 SlowDown, "
+                              "throttling and connection errors are retried with exponential backoff and jitter")
+    connect_timeout_s: float = Field(10.0, gt=0, description="S3 connect timeout (seconds)")
+    read_timeout_s: float = Field(60.0, gt=0, description="S3 read timeout (seconds); a slower response is retried")
 
     def storage_options(self) -> dict:
-        """fsspec / s3fs storage options for these settings (local paths ignore them)."""
-        opts: dict = {"anon": self.anon}
+        """fsspec / s3fs storage options for these settings (local paths ignore them).
+
+        This is the one place where retries are configured: botocore's ``standard`` retry
+        mode: ``max_attempts`` per request, exponential backoff with jitter, for 5xx,
+        SlowDown / throttling and connection errors; s3fs wraps each call in its own fixed
+        loop of 5 attempts on top. Every reader and writer (Ray Data, Ray Train storage,
+        checkpoints, publishing) gets its filesystem from these options.
+        """
+        opts: dict = {
+            "anon": self.anon,
+            "config_kwargs": {"retries": {"max_attempts": self.max_attempts, "mode": "standard"},
+                              "connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s},
+        }
         if self.profile:
             opts["profile"] = self.profile
         client = {k: v for k, v in (("endpoint_url", self.endpoint_url), ("region_name", self.region)) if v}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import uuid
 
 import pytest
@@ -79,3 +80,12 @@ def ray_local(s3_server):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the reliability table (fault, injected, rows expected/written/lost/duplicated) when its cases ran."""
+    module = sys.modules.get("tests.test_reliability") or sys.modules.get("test_reliability")
+    if module is not None and module.ROWS:
+        terminalreporter.write_sep("-", "reliability: every input exactly once")
+        for line in module.table_lines():
+            terminalreporter.write_line(line)

@@ -1,0 +1,246 @@
+"""Reliability: storage faults, dead workers, a dead driver and bad setups never lose or duplicate a row.
+
+Every case runs the real jobs against the loopback S3 server (through a fault-injecting
+proxy where the case says so) and records one line of the table printed at the end:
+fault, faults injected, rows expected, rows written, rows lost, rows duplicated.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+import clipn_core as cc
+from clipn_core.storage import sha256_file
+from clipn_core.world import World
+from jobs.cli import main as cli_main
+from jobs.faults import SCORE_FAULT_ENV
+from jobs.score import run
+from schemas.score_config import ScoreJobConfig
+from tests.fault_proxy import FaultProxy
+
+pytestmark = pytest.mark.slow
+
+DAY = dt.date(2026, 11, 24)
+N_IMAGES = 40
+BROKEN = {"broken_empty.jpg": b"", "broken_text.jpg": b"plain text\n"}
+ROWS: list[tuple] = []
+
+
+def table_lines() -> list[str]:
+    """The reliability table of this session's cases (printed by conftest's terminal summary)."""
+    head = ("fault", "injected", "rows expected", "rows written", "rows lost", "rows duplicated")
+    widths = [max(len(str(r[i])) for r in [head, *ROWS]) for i in range(len(head))]
+    return ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in [head, *ROWS]]
+
+
+def record(fault: str, injected: int, expected: list[str], written: list[str]) -> None:
+    """Add a table row and assert nothing was lost or duplicated."""
+    counts = Counter(written)
+    lost = len(set(expected) - set(counts))
+    duplicated = sum(n - 1 for n in counts.values())
+    ROWS.append((fault, injected, len(expected), len(written), lost, duplicated))
+    assert lost == 0 and duplicated == 0 and len(written) == len(expected), ROWS[-1]
+
+
+@pytest.fixture(scope="module")
+def lake(s3_server, ray_local):
+    """A bucket with N_IMAGES world images + 2 broken files and a tiny checkpoint, written directly (no faults)."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="rel")
+    opts = {"client_kwargs": {"endpoint_url": s3_server}, "skip_instance_cache": True}
+    uris = list(World(seed=5).write_lake("s3://rel/lake", N_IMAGES, opts))
+    fs = fsspec.filesystem("s3", **opts)
+    for name, data in BROKEN.items():
+        fs.pipe_file(f"rel/lake/{name}", data)
+        uris.append(f"s3://rel/lake/{name}")
+    model, spec = cc.build_clipn("clipn-tiny", seed=4)
+    cc.save_checkpoint(model, spec, "s3://rel/models/clipn.safetensors", opts)
+    return {"endpoint": s3_server, "opts": opts, "uris": sorted(uris)}
+
+
+def _cfg(lake, out: str, endpoint: str | None = None, **runtime) -> ScoreJobConfig:
+    return ScoreJobConfig.model_validate({
+        "input": {"kind": "prefix", "uri": "s3://rel/lake"},
+        "output": {"uri": out, "run_date": str(DAY)},
+        "model": {"checkpoint": "s3://rel/models/clipn.safetensors"},
+        "classes": {"names": list(World().id_shapes)},
+        "templates": "world",
+        "storage": {"endpoint_url": endpoint or lake["endpoint"]},
+        "runtime": {"batch_size": 4, "decode_batch_size": 4, **runtime},
+    })
+
+
+def _published(lake, out: str):
+    fs = fsspec.filesystem("s3", **lake["opts"])
+    part = f"{out.removeprefix('s3://')}/run_date={DAY}"
+    if not fs.exists(f"{part}/_SUCCESS"):
+        return None
+    return pads.dataset(part, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)), format="parquet").to_table(
+        columns=["uri", "status", "predicted_class", "score_ctw", "score_atd", "score_mcm", "is_ood"]).sort_by("uri")
+
+
+@pytest.fixture(scope="module")
+def baseline(lake):
+    """The fault-free run every faulty run must reproduce."""
+    run(_cfg(lake, "s3://rel/out-baseline"))
+    table = _published(lake, "s3://rel/out-baseline")
+    record("none (baseline)", 0, lake["uris"], table["uri"].to_pylist())
+    return table
+
+
+def _same_rows_and_scores(table, baseline) -> None:
+    assert table["uri"].to_pylist() == baseline["uri"].to_pylist()
+    assert table["status"].to_pylist() == baseline["status"].to_pylist()
+    assert table["predicted_class"].to_pylist() == baseline["predicted_class"].to_pylist()
+    for col in ("score_ctw", "score_atd", "score_mcm"):
+        np.testing.assert_array_equal(table[col].to_numpy(zero_copy_only=False),
+                                      baseline[col].to_numpy(zero_copy_only=False))
+
+
+def test_scoring_under_10_percent_storage_faults_equals_the_fault_free_run(lake, baseline):
+    proxy = FaultProxy(lake["endpoint"], rate=0.10, seed=1)
+    endpoint = proxy.start()
+    try:
+        run(_cfg(lake, "s3://rel/out-faults", endpoint))
+    finally:
+        proxy.stop()
+    assert all(n > 0 for n in proxy.counts.values()), proxy.counts  # every kind was exercised
+    table = _published(lake, "s3://rel/out-faults")
+    record(f"S3 10% of {proxy.requests} requests ({', '.join(f'{k} {v}' for k, v in proxy.counts.items())})",
+           proxy.injected, lake["uris"], table["uri"].to_pylist())
+    _same_rows_and_scores(table, baseline)
+
+
+@pytest.mark.parametrize("where", ["scorer", "decode"])
+def test_a_killed_worker_is_replaced_and_every_input_has_one_row(lake, baseline, tmp_path, monkeypatch, where):
+    marker = tmp_path / f"{where}.killed"
+    monkeypatch.setenv(SCORE_FAULT_ENV, f"{where}:3:{marker}")
+    out = f"s3://rel/out-kill-{where}"
+    run(_cfg(lake, out))
+    assert marker.exists()  # the worker really died
+    table = _published(lake, out)
+    record(f"{where} worker killed (os._exit) at its 3rd batch", 1, lake["uris"], table["uri"].to_pylist())
+    _same_rows_and_scores(table, baseline)
+
+
+def test_driver_killed_before_publishing_then_rerun(lake, baseline, tmp_path, ray_local):
+    """The driver dies with the whole run staged: nothing becomes visible; the rerun publishes everything once."""
+    out = "s3://rel/out-driver"
+    cfg_file = tmp_path / "score.yaml"
+    cfg_file.write_text(yaml.safe_dump(_cfg(lake, out).model_dump(mode="json", exclude_none=True)))
+    marker = tmp_path / "driver.killed"
+    env = {**os.environ, SCORE_FAULT_ENV: f"driver:0:{marker}",
+           "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.run([sys.executable, "-m", "jobs.score", "--config", str(cfg_file)], env=env,
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and marker.exists(), proc.stderr[-2000:]
+    assert _published(lake, out) is None  # the failed attempt never became visible
+    fs = fsspec.filesystem("s3", **lake["opts"])
+    staged = [p for p in fs.find("rel/out-driver/_staging") if p.endswith(".parquet")]
+    assert staged  # it had written its rows, only to staging
+
+    run(_cfg(lake, out))  # the rerun of the same run date
+    table = _published(lake, out)
+    record("driver killed after staging, rerun", 1, lake["uris"], table["uri"].to_pylist())
+    _same_rows_and_scores(table, baseline)
+
+
+def test_training_under_10_percent_storage_faults_completes(lake, tmp_path):
+    """Pairs, run checkpoints and the final checkpoint all behind the faulty proxy."""
+    from jobs.train import run as run_train
+    from schemas.train_config import TrainJobConfig
+    from tests.test_train_job import history, make_pairs, pairs_table, train_cfg
+
+    fs = fsspec.filesystem("s3", **lake["opts"])
+    buf = io.BytesIO()
+    pq.write_table(pairs_table(make_pairs(96)), buf)
+    fs.pipe_file("rel/pairs/part-0.parquet", buf.getvalue())
+    proxy = FaultProxy(lake["endpoint"], rate=0.10, seed=2)
+    endpoint = proxy.start()
+    try:
+        cfg = TrainJobConfig.model_validate(train_cfg(
+            "s3://rel/pairs", tmp_path, "faulty", loop__steps=6, loop__checkpoint_every=3, loop__log_every=3,
+            run__num_workers=1, run__storage_path="s3://rel/runs", output__checkpoint="s3://rel/models/faulty.safetensors",
+            storage={"endpoint_url": endpoint}))
+        summary = run_train(cfg)
+    finally:
+        proxy.stop()
+    assert summary["steps"] == 6 and proxy.injected > 0, proxy.counts
+    steps = [h["step"] for h in history("s3://rel/models/faulty.safetensors", lake["opts"])]
+    record(f"training, S3 10% of {proxy.requests} requests (steps as rows)", proxy.injected,
+           [str(i) for i in range(1, 7)], [str(s) for s in steps])
+
+
+def _bad_setup_cases(lake, tmp_path) -> dict[str, tuple[list[str], str]]:
+    base = ["score", "--output.run_date", str(DAY), "--storage.endpoint_url", lake["endpoint"]]
+    good = {"--input.uri": "s3://rel/lake", "--model.checkpoint": "s3://rel/models/clipn.safetensors",
+            "--classes.names": json.dumps(list(World().id_shapes))}
+    small = tmp_path / "small.safetensors"
+    other, other_spec = cc.build_clipn("clipn-small", seed=0)
+    cc.save_checkpoint(other, other_spec, str(small))
+    # a checkpoint whose weights are another architecture's than its sidecar says
+    mixed = tmp_path / "mixed.safetensors"
+    mixed.write_bytes(small.read_bytes())
+    tiny_sidecar = json.loads(fsspec.filesystem("s3", **lake["opts"]).cat_file("rel/models/clipn.json"))
+    mixed.with_suffix(".json").write_text(json.dumps({**tiny_sidecar, "sha256": sha256_file(mixed)}))
+    bad_templates = tmp_path / "templates.txt"
+    bad_templates.write_bytes(b"\xff\xfe not utf-8 {}\n")
+
+    def args(**over):
+        merged = {**good, **over}
+        return [*base, *(x for kv in merged.items() for x in kv)]
+
+    return {
+        "missing bucket": (args(**{"--input.uri": "s3://no-such-bucket/lake"}), "no-such-bucket"),
+        "empty prefix": (args(**{"--input.uri": "s3://rel/nothing-here/"}), "rel/nothing-here"),
+        "empty class list": (args(**{"--classes.names": "[]"}), "class"),
+        "duplicated class list": (args(**{"--classes.names": '["circle", "circle"]'}), "duplicated class"),
+        "checkpoint of another architecture": (args(**{"--model.checkpoint": str(mixed)}), "mixed.safetensors"),
+        "unreadable template file": ([*args(), "--templates", str(bad_templates)], "templates.txt"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing bucket", "empty prefix", "empty class list", "duplicated class list",
+                                  "checkpoint of another architecture", "unreadable template file",
+                                  "wrong credentials"])
+def test_bad_setup_fails_with_one_clear_error_and_writes_nothing(lake, tmp_path, capsys, monkeypatch, case):
+    out = f"s3://rel/out-bad-{case.replace(' ', '-')}"
+    if case == "wrong credentials":
+        # moto accepts any key; the proxy plays an S3 that refuses them (403 InvalidAccessKeyId)
+        proxy = FaultProxy(lake["endpoint"], rate=0.0)
+        endpoint = proxy.start()
+        proxy.deny_access = True
+        argv = ["score", "--output.run_date", str(DAY), "--storage.endpoint_url", endpoint,
+                "--input.uri", "s3://rel/lake", "--model.checkpoint", "s3://rel/models/clipn.safetensors",
+                "--classes.names", json.dumps(list(World().id_shapes)), "--output.uri", out]
+        try:
+            code = cli_main(argv)
+        finally:
+            proxy.stop()
+        needle = "access denied"
+    else:
+        argv, needle = _bad_setup_cases(lake, tmp_path)[case]
+        code = cli_main([*argv, "--output.uri", out])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(err) == 1 and err[0].startswith(("error:", "config error:")) and needle in err[0], err
+    assert "testing" not in err[0]  # no credentials in messages
+    fs = fsspec.filesystem("s3", **lake["opts"])
+    assert not fs.exists(out.removeprefix("s3://"))  # nothing written
+    ROWS.append((f"bad setup: {case}", "-", 0, 0, 0, 0))
