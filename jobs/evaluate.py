@@ -18,7 +18,6 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 
@@ -31,7 +30,7 @@ from jobs.eval_report import histograms_png, markdown, roc_png
 from jobs.publish import arrow_filesystem
 from jobs.score import resolve_classes
 from jobs.scorer import load_model
-from jobs.sources import InputError
+from jobs.sources import InputError, checked_parquet
 from schemas.eval_config import EvalDataConfig, EvalJobConfig
 
 log = logging.getLogger("clipn.evaluate")
@@ -44,28 +43,13 @@ def read_eval_set(cfg: EvalDataConfig, storage_options: dict) -> pa.Table:
     Raises :class:`InputError` naming the URI or the config field at fault (missing
     path or column, wrong type, no ID or no OOD row).
     """
-    fs, path = filesystem(cfg.uri, storage_options)
-    try:
-        found = fs.exists(path)
-    except Exception as e:  # noqa: BLE001 - missing bucket, access denied: one clear line
-        raise InputError(f"cannot access data.uri {redact_uri(cfg.uri)}: {type(e).__name__}: {e}") from e
-    if not found:
-        raise InputError(f"data.uri does not exist: {redact_uri(cfg.uri)}")
-    arrow_fs, apath = arrow_filesystem(cfg.uri, storage_options)
-    try:
-        ds = pads.dataset(apath, filesystem=arrow_fs, format="parquet")
-    except Exception as e:  # noqa: BLE001 - not Parquet, unreadable footer
-        raise InputError(f"cannot read Parquet at {redact_uri(cfg.uri)}: {type(e).__name__}: {e}") from e
     wanted = {"image": ("data.image_column", cfg.image_column, (pa.binary(), pa.large_binary())),
               "is_id": ("data.is_id_column", cfg.is_id_column, (pa.bool_(),))}
     if cfg.label_column is not None:
         wanted["label"] = ("data.label_column", cfg.label_column, (pa.string(), pa.large_string()))
-    for field_name, column, kinds in wanted.values():
-        if column not in ds.schema.names:
-            raise InputError(f"{redact_uri(cfg.uri)} has no column {column!r} ({field_name}); columns: {ds.schema.names}")
-        if ds.schema.field(column).type not in kinds:
-            raise InputError(f"{redact_uri(cfg.uri)}: column {column!r} ({field_name}) is "
-                             f"{ds.schema.field(column).type}, expected {kinds[0]}")
+    arrow_fs, _ = arrow_filesystem(cfg.uri, storage_options)
+    ds = checked_parquet(cfg.uri, "data.uri", storage_options, arrow_fs,
+                         {field: (column, kinds) for field, column, kinds in wanted.values()})
     table = ds.to_table(columns=[c for _, c, _ in wanted.values()]).rename_columns(list(wanted))
     is_id = table["is_id"].fill_null(False).to_numpy(zero_copy_only=False)
     if table["is_id"].null_count:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
 import ray
 
 from clipn_core.errors import redact_uri
@@ -32,6 +33,34 @@ class InputError(ValueError):
 def _with_protocol(fs, path: str) -> str:
     protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def checked_parquet(uri: str, field: str, storage_options: dict, arrow_fs,
+                    columns: dict[str, tuple[str, tuple]]) -> pads.Dataset:
+    """Open the Parquet file or folder at ``uri`` (config field ``field``) through ``arrow_fs`` and check
+    ``columns`` ({config field: (column name, accepted Arrow types)}) from the metadata only.
+
+    Raises :class:`InputError` naming the URI and the field at fault (no access, missing
+    path, not Parquet, missing column, wrong type).
+    """
+    fs, path = filesystem(uri, storage_options)
+    try:
+        found = fs.exists(path)
+    except Exception as e:  # noqa: BLE001 - missing bucket, access denied: one clear line
+        raise InputError(f"cannot access {field} {redact_uri(uri)}: {type(e).__name__}: {e}") from e
+    if not found:
+        raise InputError(f"{field} does not exist: {redact_uri(uri)}")
+    try:
+        ds = pads.dataset(path, filesystem=arrow_fs, format="parquet")
+    except Exception as e:  # noqa: BLE001 - not Parquet, unreadable footer, ...
+        raise InputError(f"cannot read Parquet at {redact_uri(uri)} ({field}): {type(e).__name__}: {e}") from e
+    for field_name, (column, kinds) in columns.items():
+        if column not in ds.schema.names:
+            raise InputError(f"{redact_uri(uri)} has no column {column!r} ({field_name}); columns: {ds.schema.names}")
+        if ds.schema.field(column).type not in kinds:
+            raise InputError(f"{redact_uri(uri)}: column {column!r} ({field_name}) is "
+                             f"{ds.schema.field(column).type}, expected {kinds[0]}")
+    return ds
 
 
 def list_objects(uri: str, extensions: list[str], storage_options: dict) -> list[str]:

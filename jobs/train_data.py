@@ -17,14 +17,13 @@ import posixpath
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import ray
 
 from clipn_core.errors import redact_uri
 from clipn_core.images import DecodeError, load_rgb, split_preprocessor
 from clipn_core.storage import filesystem
 from clipn_core.training import sample_id, text_id
-from jobs.sources import InputError, list_objects, tar_members
+from jobs.sources import InputError, checked_parquet, list_objects, tar_members
 from schemas.train_config import TrainDataConfig
 
 log = logging.getLogger("clipn.train.data")
@@ -41,25 +40,11 @@ def resolve_source(cfg: TrainDataConfig, storage_options: dict, arrow_fs) -> str
         if not shards:
             raise InputError(f"no .tar shards under {redact_uri(cfg.uri)} (data.uri)")
         return shards
-    fs, path = filesystem(cfg.uri, storage_options)
-    try:
-        found = fs.exists(path)
-    except Exception as e:  # noqa: BLE001 - missing bucket, access denied: one clear line
-        raise InputError(f"cannot access data.uri {redact_uri(cfg.uri)}: {type(e).__name__}: {e}") from e
-    if not found:
-        raise InputError(f"data.uri does not exist: {redact_uri(cfg.uri)}")
-    try:
-        schema = pads.dataset(path, filesystem=arrow_fs, format="parquet").schema
-    except Exception as e:  # noqa: BLE001 - not Parquet, unreadable footer, ...
-        raise InputError(f"cannot read Parquet schema of {redact_uri(cfg.uri)}: {type(e).__name__}: {e}") from e
-    for field_name, column, kinds in (("data.image_column", cfg.image_column, (pa.binary(), pa.large_binary())),
-                                      ("data.caption_column", cfg.caption_column, (pa.string(), pa.large_string()))):
-        if column not in schema.names:
-            raise InputError(f"{redact_uri(cfg.uri)} has no column {column!r} ({field_name}); columns: {schema.names}")
-        if schema.field(column).type not in kinds:
-            raise InputError(f"{redact_uri(cfg.uri)}: column {column!r} ({field_name}) is "
-                             f"{schema.field(column).type}, expected {kinds[0]}")
-    return path
+    checked_parquet(cfg.uri, "data.uri", storage_options, arrow_fs, {
+        "data.image_column": (cfg.image_column, (pa.binary(), pa.large_binary())),
+        "data.caption_column": (cfg.caption_column, (pa.string(), pa.large_string())),
+    })
+    return filesystem(cfg.uri, storage_options)[1]
 
 
 def pairs_dataset(cfg: TrainDataConfig, source: str | list[str], storage_options: dict, arrow_fs) -> ray.data.Dataset:
