@@ -96,7 +96,7 @@ def _step(n: int, total: int, text: str) -> float:
     return time.perf_counter()
 
 
-def write_world(world: World, size: DemoSize, root: str, opts: dict) -> dict[str, bool]:
+def write_world(world: World, size: DemoSize, root: str, opts: dict) -> dict[str, bool | None]:
     """Lake objects (+3 broken files), pairs and eval Parquet under ``root``; returns lake URI -> is_id
     (None for the broken files)."""
     lake = f"{root}/lake"
