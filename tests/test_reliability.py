@@ -209,7 +209,7 @@ def _bad_setup_cases(lake, tmp_path) -> dict[str, tuple[list[str], str]]:
     return {
         "missing bucket": (args(**{"--input.uri": "s3://no-such-bucket/lake"}), "no-such-bucket"),
         "empty prefix": (args(**{"--input.uri": "s3://rel/nothing-here/"}), "rel/nothing-here"),
-        "empty class list": (args(**{"--classes.names": "[]"}), "class"),
+        "empty class list": (args(**{"--classes.names": "[]"}), "class list is empty"),
         "duplicated class list": (args(**{"--classes.names": '["circle", "circle"]'}), "duplicated class"),
         "checkpoint of another architecture": (args(**{"--model.checkpoint": str(mixed)}), "mixed.safetensors"),
         "unreadable template file": ([*args(), "--templates", str(bad_templates)], "templates.txt"),
