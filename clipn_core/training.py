@@ -109,15 +109,24 @@ def _autocast(dtype: torch.dtype | None):
     return torch.autocast(device_type="cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def _optimise(
-    loss: torch.Tensor,
+def _train_step(
+    loss_fn: Callable[[], tuple[torch.Tensor, object]],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     params: list[nn.Parameter],
     grad_clip_norm: float | None,
+    autocast_dtype: torch.dtype | None,
     scaler: torch.amp.GradScaler | None,
-) -> float:
-    """backward -> (unscale) -> clip -> step -> schedule; returns the gradient norm before clipping."""
+) -> tuple[object, float, float]:
+    """zero grads -> ``loss_fn()`` under autocast -> backward -> (unscale) -> clip -> step -> schedule.
+
+    ``loss_fn`` returns (loss to minimise, anything the caller reports). Returns (that
+    anything, the gradient norm before clipping, the learning rate used).
+    """
+    lr = float(optimizer.param_groups[0]["lr"])
+    optimizer.zero_grad(set_to_none=True)
+    with _autocast(autocast_dtype):
+        loss, report = loss_fn()
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -131,7 +140,7 @@ def _optimise(
     else:
         optimizer.step()
     scheduler.step()
-    return float(grad_norm)
+    return report, float(grad_norm), lr
 
 
 def clipn_train_step(
@@ -156,13 +165,13 @@ def clipn_train_step(
     ``autocast_dtype`` enables CUDA autocast (bf16/fp16); ``scaler`` is needed for fp16.
     Metric parts: ``itbo``, ``tso``.
     """
-    lr = optimizer.param_groups[0]["lr"]
-    optimizer.zero_grad(set_to_none=True)
-    with _autocast(autocast_dtype):
+    def loss_fn():
         f, g, g_no = model(images, tokens, prompt_idx=prompt_idx)
         loss = clipn_loss(f.float(), g.float(), g_no.float(), logit_scale, caption_ids)
-    grad_norm = _optimise(loss.total, optimizer, scheduler, params, grad_clip_norm, scaler)
-    return StepMetrics(loss.total.item(), grad_norm, float(lr), {"itbo": loss.itbo.item(), "tso": loss.tso.item()})
+        return loss.total, loss
+
+    loss, grad_norm, lr = _train_step(loss_fn, optimizer, scheduler, params, grad_clip_norm, autocast_dtype, scaler)
+    return StepMetrics(loss.total.item(), grad_norm, lr, {"itbo": loss.itbo.item(), "tso": loss.tso.item()})
 
 
 def clip_train_step(
@@ -187,13 +196,13 @@ def clip_train_step(
     does). Inputs as in :func:`clipn_train_step`; captions sharing a ``caption_ids``
     value are positives. Metric parts: ``contrastive``, ``logit_scale``.
     """
-    lr = optimizer.param_groups[0]["lr"]
-    optimizer.zero_grad(set_to_none=True)
-    with _autocast(autocast_dtype):
+    def loss_fn():
         f, g, scale = model(images, tokens)[:3]
         loss = clip_contrastive_loss(f.float(), g.float(), scale.float(), caption_ids)
-    grad_norm = _optimise(loss, optimizer, scheduler, params, grad_clip_norm, scaler)
+        return loss, loss
+
+    loss, grad_norm, lr = _train_step(loss_fn, optimizer, scheduler, params, grad_clip_norm, autocast_dtype, scaler)
     with torch.no_grad():
         clip.logit_scale.clamp_(0, math.log(max_logit_scale))
-    return StepMetrics(loss.item(), grad_norm, float(lr),
+    return StepMetrics(loss.item(), grad_norm, lr,
                        {"contrastive": loss.item(), "logit_scale": float(clip.logit_scale.detach().exp())})
