@@ -62,6 +62,18 @@ def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = 
         raise StorageError(f"cannot write {redact_uri(uri)}: {type(e).__name__}: {e}") from e
 
 
+def check_writable(uri: str, field: str, storage_options: dict[str, Any] | None = None, probe: str = ".probe") -> None:
+    """Write and delete an empty object at ``uri + probe``; :class:`StorageError` naming ``field`` (the config
+    field holding ``uri``) when that fails (missing bucket, no rights), so jobs fail before any work starts."""
+    probe_uri = uri + probe
+    try:
+        write_bytes(probe_uri, b"", storage_options)
+        fs, path = filesystem(probe_uri, storage_options)
+        fs.rm(path)
+    except Exception as e:  # noqa: BLE001 - typed, with the field at fault
+        raise StorageError(f"{field} {redact_uri(uri)} is not writable: {e}") from e
+
+
 def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = filesystem(uri, storage_options)
     return fs.exists(path)

@@ -25,7 +25,7 @@ import clipn_core as cc
 from clipn_core.errors import redact_uri
 from clipn_core.images import DecodeError, load_rgb, split_preprocessor
 from clipn_core.metrics import ood_metrics, top1_accuracy
-from clipn_core.storage import filesystem, write_bytes
+from clipn_core.storage import check_writable, write_bytes
 from jobs.eval_report import histograms_png, markdown, roc_png
 from jobs.publish import arrow_filesystem
 from jobs.score import resolve_classes
@@ -126,13 +126,7 @@ def run(cfg: EvalJobConfig) -> dict:
     labels_all = None
     if "label" in table.column_names:
         labels_all = _label_indices(table["label"].to_pylist(), is_id_all, classes, cfg.data.label_column)
-    probe = cfg.output.dir.rstrip("/") + "/.probe"
-    try:
-        write_bytes(probe, b"", opts)
-        fs, p = filesystem(probe, opts)
-        fs.rm(p)
-    except Exception as e:  # noqa: BLE001 - typed, naming the field
-        raise cc.StorageError(f"output.dir {redact_uri(cfg.output.dir)} is not writable: {e}") from e
+    check_writable(cfg.output.dir.rstrip("/"), "output.dir", opts, probe="/.probe")
 
     model, model_id = load_model(cfg.model, opts, rt.cache_dir)
     heads = cc.build_class_heads(model, cc.get_tokenizer(model), classes, templates)

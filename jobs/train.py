@@ -19,9 +19,8 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-import clipn_core as cc
 from clipn_core.errors import redact_uri
-from clipn_core.storage import filesystem, is_remote, write_bytes
+from clipn_core.storage import check_writable, is_remote
 from jobs.publish import arrow_filesystem
 from jobs.train_data import decode_pairs_batch, pairs_dataset, resolve_source
 from jobs.train_loop import FAULT_ENV, train_loop_per_worker
@@ -49,17 +48,6 @@ def run_config(cfg: TrainJobConfig) -> RunConfig:
     )
 
 
-def _check_writable(uri: str, opts: dict) -> None:
-    """Fail before training when the final checkpoint could not be written (missing bucket, no rights)."""
-    probe = uri + ".probe"
-    try:
-        write_bytes(probe, b"", opts)
-        fs, path = filesystem(probe, opts)
-        fs.rm(path)
-    except Exception as e:  # noqa: BLE001 - typed, with the field at fault
-        raise cc.StorageError(f"output.checkpoint {redact_uri(uri)} is not writable: {e}") from e
-
-
 def run(cfg: TrainJobConfig) -> dict:
     """Train; returns the summary of rank 0 (final checkpoint URI, model id, steps, last metrics, run path)."""
     t0 = time.perf_counter()
@@ -69,7 +57,7 @@ def run(cfg: TrainJobConfig) -> dict:
     preprocess_cfg, context_length = stage.preprocess_cfg, stage.context_length
     n_trainable = sum(p.numel() for p in stage.params)
     del stage
-    _check_writable(cfg.output.checkpoint, opts)
+    check_writable(cfg.output.checkpoint, "output.checkpoint", opts)
     data_fs, _ = arrow_filesystem(cfg.data.uri, opts)
     source = resolve_source(cfg.data, opts, data_fs)
 
