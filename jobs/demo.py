@@ -60,20 +60,21 @@ FULL = DemoSize()
 SMALL = DemoSize(lake=40, eval_id=200, eval_ood=150)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for loopback servers of the demo and the tests)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _start_moto():
+def start_moto():
     """moto's S3 server on 127.0.0.1 at a free port; returns (server, endpoint URL)."""
     try:
         from moto.server import ThreadedMotoServer
     except ImportError as e:
         raise SystemExit("clipn demo needs moto's S3 server: pip install 'clipn-lake[demo]', "
                          "or pass --endpoint of an S3-compatible server") from e
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
@@ -194,7 +195,7 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
     if endpoint is None:
         for k, v in _MOTO_CREDENTIALS.items():
             os.environ.setdefault(k, v)
-        server, endpoint = _start_moto()
+        server, endpoint = start_moto()
         print(f"    moto S3 server on {endpoint} (in memory; stops with the demo)")
     else:
         print(f"    using {endpoint} (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")

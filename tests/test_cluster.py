@@ -6,7 +6,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import yaml
 import clipn_core as cc
 from clipn_core import world
 from jobs.cli import build_config, make_parser
+from jobs.demo import free_port
 from schemas.score_config import ScoreJobConfig
 from schemas.train_config import TrainJobConfig
 
@@ -158,17 +158,11 @@ def test_local_stack_configs_validate_and_compose_wires_minio_to_ray():
     assert "8265" in " ".join(services["ray-head"]["ports"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def local_head(tmp_path):
     """A separate single-node Ray started by cluster/local/ray_head.sh on loopback; killed at the end."""
     bin_dir = Path(sys.executable).parent
-    ports = {name: _free_port() for name in ("gcs", "dash", "agent", "env", "metrics", "client")}
+    ports = {name: free_port() for name in ("gcs", "dash", "agent", "env", "metrics", "client")}
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY": str(bin_dir / "ray"),
            "RAY_PORT": str(ports["gcs"]), "RAY_DASHBOARD_PORT": str(ports["dash"]), "RAY_NUM_CPUS": "2",
            # Ray's token authentication, explicit for the head and the `ray job submit` client alike.
