@@ -42,7 +42,24 @@ def base_identity(cfg: TrainJobConfig) -> dict:
     return identity
 
 
-class ClipnStage:
+class _Stage:
+    """What both stages share: the trained parameters, their AdamW, the normalisation of uint8 pixels."""
+
+    def _setup(self, module: nn.Module, trained: nn.Module, preprocess_cfg: dict, context_length: int,
+               cfg: TrainJobConfig) -> None:
+        self.module, self.trained = module, trained
+        self.preprocess_cfg, self.context_length = preprocess_cfg, context_length
+        self.normalize = SplitPreprocessor(preprocess_cfg).normalize
+        self.optim, self.clip_norm = cfg.optim, cfg.optim.grad_clip_norm
+        self.params = [p for p in trained.parameters() if p.requires_grad]
+
+    def optimizer(self) -> torch.optim.AdamW:
+        """AdamW over ``trained`` with open_clip's no-decay groups and the config's hyper-parameters."""
+        o = self.optim
+        return build_optimizer(self.trained.named_parameters(), o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
+
+
+class ClipnStage(_Stage):
     """Train the no tower (and prompts) of a CLIPN built on ``model.architecture`` / ``model.pretrained``."""
 
     def __init__(self, cfg: TrainJobConfig, storage_options: dict):
@@ -50,17 +67,8 @@ class ClipnStage:
         self.core, self.spec = cc.build_clipn(m.architecture, m.pretrained, m.num_prompts, storage_options,
                                               cfg.run.cache_dir, m.seed)
         self.core.train()  # the no tower only; the CLIP stays in eval mode
-        self.module: nn.Module = self.core
-        self.trained: nn.Module = self.core.no_tower
-        self.preprocess_cfg = self.core.preprocess_cfg
-        self.context_length = self.core.context_length
-        self.normalize = SplitPreprocessor(self.preprocess_cfg).normalize
-        self.seed, self.optim, self.clip_norm = cfg.loop.seed, cfg.optim, cfg.optim.grad_clip_norm
-        self.params = self.core.trainable_parameters()
-
-    def optimizer(self) -> torch.optim.AdamW:
-        o = self.optim
-        return build_optimizer(self.trained.named_parameters(), o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
+        self._setup(self.core, self.core.no_tower, self.core.preprocess_cfg, self.core.context_length, cfg)
+        self.seed = cfg.loop.seed
 
     def step(self, model, batch: dict, step: int, optimizer, scheduler, autocast, scaler) -> StepMetrics:
         """One step on a batch of usable rows already on the device (``pixels`` uint8)."""
@@ -75,7 +83,7 @@ class ClipnStage:
         return cc.save_checkpoint(self.core, self.spec, uri, storage_options)
 
 
-class ClipStage:
+class ClipStage(_Stage):
     """Train a whole open_clip CLIP contrastively; identical captions count as positives."""
 
     def __init__(self, cfg: TrainJobConfig, storage_options: dict):
@@ -83,17 +91,8 @@ class ClipStage:
         self.clip, _, _ = create_base_clip(m.architecture, m.pretrained, storage_options, cfg.run.cache_dir, m.seed)
         check_standard_text_tower(self.clip)  # so that a CLIPN can be built on the result
         self.clip.train()
-        self.module: nn.Module = self.clip
-        self.trained: nn.Module = self.clip
-        self.preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(self.clip))
-        self.context_length = int(self.clip.positional_embedding.shape[0])
-        self.normalize = SplitPreprocessor(self.preprocess_cfg).normalize
-        self.optim, self.clip_norm = cfg.optim, cfg.optim.grad_clip_norm
-        self.params = [p for p in self.clip.parameters() if p.requires_grad]
-
-    def optimizer(self) -> torch.optim.AdamW:
-        o = self.optim
-        return build_optimizer(self.clip.named_parameters(), o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
+        self._setup(self.clip, self.clip, dict(open_clip.get_model_preprocess_cfg(self.clip)),
+                    int(self.clip.positional_embedding.shape[0]), cfg)
 
     def step(self, model, batch: dict, step: int, optimizer, scheduler, autocast, scaler) -> StepMetrics:
         """One step on a batch of usable rows already on the device (``pixels`` uint8)."""
