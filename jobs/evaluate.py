@@ -23,15 +23,16 @@ import torch
 
 import clipn_core as cc
 from clipn_core.errors import redact_uri
-from clipn_core.images import DecodeError, load_rgb, split_preprocessor
+from clipn_core.images import split_preprocessor
 from clipn_core.metrics import ood_metrics, top1_accuracy
 from clipn_core.storage import check_writable, write_bytes
 from jobs.eval_report import histograms_png, markdown, roc_png
 from jobs.publish import arrow_filesystem
 from jobs.score import resolve_classes
 from jobs.scorer import load_model
-from jobs.sources import InputError, checked_parquet
+from jobs.sources import InputError, checked_parquet, decode_row
 from schemas.eval_config import EvalDataConfig, EvalJobConfig
+from schemas.output import STATUS_OK
 
 log = logging.getLogger("clipn.evaluate")
 REPORT_FILES = ("report.json", "report.md", "roc.png", "histograms.png", "scores.parquet")
@@ -88,14 +89,15 @@ def _score_all(scorer: cc.BatchScorer, images: list, pre, batch_size: int, max_p
     """Decode + score in batches; returns (kept row indices, predicted index, scores, decisions, undecodable)."""
     kept, undecodable = [], []
     preds, scores, decisions = [], {}, {}
+    blank = np.zeros((3, *pre.size), dtype=np.uint8)
     for start in range(0, len(images), batch_size):
         pixels, rows = [], []
         for i in range(start, min(start + batch_size, len(images))):
-            loaded = load_rgb(images[i] or b"", max_pixels)
-            if isinstance(loaded, DecodeError):
-                undecodable.append({"row": i, "error": loaded.kind.value})
+            row = decode_row(str(i), images[i] or b"", pre, max_pixels, blank)
+            if row["status"] != STATUS_OK:
+                undecodable.append({"row": i, "error": row["status"]})
                 continue
-            pixels.append(pre.to_uint8(loaded[0]))
+            pixels.append(row["pixels"])
             rows.append(i)
         if not rows:
             continue

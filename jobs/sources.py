@@ -109,7 +109,9 @@ def _row(uri, size, status, error, pixels):
     return {"uri": uri, "byte_size": size, "status": status, "error": error, "pixels": pixels}
 
 
-def _decode_row(uri: str, data: bytes, pre: SplitPreprocessor, max_pixels: int, blank: np.ndarray) -> dict:
+def decode_row(uri: str, data: bytes, pre: SplitPreprocessor, max_pixels: int, blank: np.ndarray) -> dict:
+    """One image's row: ``status`` ok with uint8 ``pixels`` [3, H, W], or the decode error's status and
+    message with ``blank`` pixels (undecodable, too large, or failing the preprocessing)."""
     loaded = load_rgb(data, max_pixels)
     if isinstance(loaded, DecodeError):
         return _row(uri, len(data), loaded.kind.value, loaded.message, blank)
@@ -147,7 +149,7 @@ def read_decode_batch(batch: dict, storage_options: dict, preprocess_cfg: dict, 
         except Exception as e:  # noqa: BLE001 - recorded in the row, never dropped
             rows.append(_row(uri, -1, STATUS_READ_ERROR, f"{type(e).__name__}: {e}", blank))
             continue
-        rows.append(_decode_row(uri, data, pre, max_pixels, blank))
+        rows.append(decode_row(uri, data, pre, max_pixels, blank))
     return _stack(rows)
 
 
@@ -179,7 +181,7 @@ def read_tar_batch(batch: dict, storage_options: dict, preprocess_cfg: dict, max
         try:
             for name, data in tar_members(shard, storage_options):
                 if name.lower().endswith(exts):
-                    rows.append(_decode_row(f"{shard}#{name}", data, pre, max_pixels, blank))
+                    rows.append(decode_row(f"{shard}#{name}", data, pre, max_pixels, blank))
         except Exception as e:  # noqa: BLE001
             del rows[start:]  # a torn shard: record the shard, not a partial member list
             rows.append(_row(shard, -1, STATUS_READ_ERROR, f"unreadable tar shard: {type(e).__name__}: {e}", blank))
