@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check clipn_core jobs schemas tests benchmarks
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_score.py
+	$(PY) benchmarks/bench_throughput.py
 
 bench-quality: $(STAMP)
 	$(PY) benchmarks/bench_quality.py --out bench_quality_out

@@ -1,46 +1,41 @@
 """clipn_core: the CLIPN model library (model, weights, heads, scores, losses, metrics, images).
 
-Never imports Ray: usable in a notebook, a Ray actor or a plain script.
+Never imports Ray: usable in a notebook, a Ray actor or a plain script. Names are
+loaded on first use (PEP 562), so ``import clipn_core.images`` in a decode worker
+costs Pillow and NumPy, not torch and open_clip.
 """
 
-from . import architectures  # noqa: F401  (registers model_configs/*.json with open_clip)
-from .errors import (
-    CheckpointKeyError,
-    ClassListError,
-    ClipnError,
-    ModelConfigError,
-    StorageError,
-    TemplateError,
-    WeightsError,
-)
-from .heads import (
-    ClassHeads,
-    build_class_heads,
-    class_set_hash,
-    load_templates,
-    validate_class_names,
-)
-from .images import DecodedImage, DecodeError, DecodeErrorKind, decode_image, image_transform
-from .inference import BatchScorer, BatchScores
-from .losses import ClipnLoss, clipn_loss, itbo_loss, tso_loss
-from .metrics import OODMetrics, fpr_at_tpr, ood_metrics, top1_accuracy
-from .model import CLIPN, NoTextTower, get_tokenizer
-from .scores import SCORES, ScoreInputs, ScoreResult, compute_scores
-from .weights import (
-    ModelSpec,
-    build_clipn,
-    import_original_checkpoint,
-    load_checkpoint,
-    save_base_clip,
-    save_checkpoint,
-)
+from __future__ import annotations
 
-__all__ = [
-    "BatchScorer", "BatchScores", "CLIPN", "CheckpointKeyError", "ClassHeads", "ClassListError",
-    "ClipnError", "ClipnLoss", "DecodeError", "DecodeErrorKind", "DecodedImage", "ModelConfigError",
-    "ModelSpec", "NoTextTower", "OODMetrics", "SCORES", "ScoreInputs", "ScoreResult", "StorageError",
-    "TemplateError", "WeightsError", "build_class_heads", "build_clipn", "class_set_hash",
-    "clipn_loss", "compute_scores", "decode_image", "fpr_at_tpr", "get_tokenizer", "image_transform",
-    "import_original_checkpoint", "itbo_loss", "load_checkpoint", "load_templates", "ood_metrics",
-    "save_base_clip", "save_checkpoint", "top1_accuracy", "tso_loss", "validate_class_names",
-]
+import importlib
+from typing import Any
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    **dict.fromkeys(("CheckpointKeyError", "ClassListError", "ClipnError", "InputError", "ModelConfigError",
+                     "StorageError", "TemplateError", "WeightsError"), "errors"),
+    **dict.fromkeys(("ClassHeads", "build_class_heads", "class_set_hash", "load_class_names", "load_templates",
+                     "validate_class_names"), "heads"),
+    **dict.fromkeys(("DecodedImage", "DecodeError", "DecodeErrorKind", "decode_image", "image_transform"), "images"),
+    **dict.fromkeys(("BatchScorer", "BatchScores"), "inference"),
+    **dict.fromkeys(("ClipnLoss", "clipn_loss", "itbo_loss", "tso_loss"), "losses"),
+    **dict.fromkeys(("OODMetrics", "fpr_at_tpr", "ood_metrics", "top1_accuracy"), "metrics"),
+    **dict.fromkeys(("CLIPN", "NoTextTower", "get_tokenizer"), "model"),
+    **dict.fromkeys(("SCORES", "ScoreInputs", "ScoreResult", "compute_scores"), "scores"),
+    **dict.fromkeys(("ModelSpec", "build_clipn", "import_original_checkpoint", "load_checkpoint", "save_base_clip",
+                     "save_checkpoint"), "weights"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'clipn_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

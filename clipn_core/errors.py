@@ -80,6 +80,10 @@ class StorageError(ClipnError):
     """An object-storage URI that cannot be read or written."""
 
 
+class InputError(ClipnError, ValueError):
+    """A job's configured input is missing, empty or malformed (raised before any work starts)."""
+
+
 def _preview(items: list, limit: int = 8) -> str:
     shown = ", ".join(str(i) for i in items[:limit])
     more = f" (+{len(items) - limit} more)" if len(items) > limit else ""

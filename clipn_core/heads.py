@@ -105,6 +105,23 @@ def validate_class_names(names) -> tuple[str, ...]:
     return cleaned
 
 
+def load_class_names(names=None, file: str | None = None, storage_options: dict | None = None) -> tuple[str, ...]:
+    """Validated ID class names from an inline list (``names``) or a text file URI (``file``, one name per
+    line; blank lines and ``#`` comments ignored). Exactly one of the two is given.
+
+    Raises :class:`ClassListError` naming ``classes.file`` when the file cannot be read or decoded.
+    """
+    if (names is None) == (file is None):
+        raise ClassListError("give exactly one of classes.names or classes.file")
+    if names is not None:
+        return validate_class_names(names)
+    try:
+        text = read_bytes(file, storage_options).decode("utf-8")
+    except (StorageError, UnicodeDecodeError) as e:
+        raise ClassListError(f"classes.file: {e}") from e
+    return validate_class_names([ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")])
+
+
 @torch.no_grad()
 def build_class_heads(
     model: CLIPN,

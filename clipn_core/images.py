@@ -1,13 +1,27 @@
-"""Image bytes -> preprocessed tensor, using the model's own open_clip preprocessing config.
+"""Image bytes -> preprocessed pixels, using the model's own open_clip preprocessing config.
 
 Decoding never raises for bad input: every failure comes back as a :class:`DecodeError`
 value (``kind`` + message) so one bad object cannot kill a batch. Before any pixel is
-decoded the header's size is checked against ``max_pixels`` (decompression bombs).
+decoded the header's size is checked against ``max_pixels`` (decompression bombs). A
+file cut short gets the same kind, ``truncated``, in every format: a decode failure on
+bytes whose format's end marker is missing (JPEG EOI, PNG IEND, GIF trailer, WebP RIFF
+length) or whose decoder says so.
 
 Conversions to RGB: EXIF orientation applied; palette and greyscale expanded; alpha
 composited over white; CMYK converted; 16-bit and 32-bit integer images scaled to 8
 bits (Pillow's own ``convert("RGB")`` would clip them to white). Animated images
 use their first frame.
+
+Two preprocessing modes produce the same uint8 [3, H, W] the model's eval transform
+would see before ``ToTensor`` + ``Normalize``:
+
+* ``exact``: open_clip's own transform (resize, centre crop), bit-identical to it;
+* ``fast``: for the usual ``resize_mode: shortest`` with a square size, large JPEGs are
+  decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (Pillow's ``draft``) while their
+  short side stays at least twice the model's, so the model's own filter still does the
+  final antialiasing, and only the crop box is resampled. A 12 MP photo preprocesses in
+  a third of the time at 0.2 grey levels from ``exact``; the README quotes the effect on
+  the scores.
 """
 
 from __future__ import annotations
@@ -15,16 +29,28 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
+import struct
 import warnings
 from dataclasses import dataclass, fields
 from enum import Enum
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
-from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+if TYPE_CHECKING:
+    import torch
+
 DEFAULT_MAX_PIXELS = 64_000_000  # ~ 8000 x 8000; a 24-bit RGB decode of that is ~192 MB
+PreprocessMode = Literal["fast", "exact"]
+PREPROCESS_MODES: tuple[str, ...] = ("fast", "exact")
+# fast mode never drafts a JPEG below this many times the model's side: at 1x the DCT's box-like
+# downscale replaces the bicubic one and moved AUROC by up to 1 point on the demo world at 8x;
+# at 2x it moved by at most 0.34 (MCM) and CTW/ATD by 0.04
+_DRAFT_FLOOR = 2
+_PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+                "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
 
 
 class DecodeErrorKind(str, Enum):
@@ -59,6 +85,8 @@ class DecodedImage:
 def image_transform(preprocess_cfg: dict, is_train: bool = False):
     """open_clip's transform for a model's preprocess config: eval (resize, centre crop, to tensor,
     normalise) or, with ``is_train``, train (random resized crop, to tensor, normalise)."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
     known = {f.name for f in fields(PreprocessCfg)}
     cfg = {k: v for k, v in preprocess_cfg.items() if k in known}
     for key in ("size", "mean", "std"):
@@ -91,8 +119,33 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def load_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, int, int, str] | DecodeError:
-    """Bytes -> (8-bit RGB image with EXIF orientation applied, source width, height, mode), or a DecodeError."""
+def ends_early(data: bytes) -> bool:
+    """True when ``data`` is a JPEG, PNG, GIF or WebP file whose end marker or declared length is missing."""
+    if data[:3] == b"\xff\xd8\xff":
+        return not data.rstrip(b"\0").endswith(b"\xff\xd9")
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return b"IEND" not in data[-16:]
+    if data[:4] == b"GIF8":
+        return not data.rstrip(b"\0").endswith(b";")
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 8:
+        return struct.unpack("<I", data[4:8])[0] + 8 > len(data)
+    return False
+
+
+def _failure(data: bytes, e: BaseException) -> DecodeError:
+    msg = str(e)
+    if isinstance(e, EOFError) or "truncat" in msg.lower() or ends_early(data):
+        return DecodeError(DecodeErrorKind.TRUNCATED, f"{type(e).__name__}: {msg}")
+    return DecodeError(DecodeErrorKind.DECODE_ERROR, f"{type(e).__name__}: {msg}")
+
+
+def load_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+             draft_short_side: int | None = None) -> tuple[Image.Image, int, int, str] | DecodeError:
+    """Bytes -> (8-bit RGB image with EXIF orientation applied, source width, height, mode), or a DecodeError.
+
+    ``draft_short_side``: let a JPEG decode at 1/2, 1/4 or 1/8 scale in the DCT domain as
+    long as its short side stays >= this many pixels (the ``fast`` preprocessing).
+    """
     if not data:
         return DecodeError(DecodeErrorKind.EMPTY, "zero bytes")
     try:
@@ -106,23 +159,26 @@ def load_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.I
                     f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}",
                 )
             mode = img.mode
+            if draft_short_side and img.format == "JPEG":
+                scale = draft_short_side / min(width, height)
+                if scale <= 0.5:
+                    img.draft(mode, (math.ceil(width * scale), math.ceil(height * scale)))
             img.seek(0)  # first frame of animated GIF/PNG/WebP
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img), width, height, mode
+            transposed = ImageOps.exif_transpose(img, in_place=True)
+            return to_rgb(transposed if transposed is not None else img), width, height, mode
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return DecodeError(DecodeErrorKind.TOO_LARGE, str(e))
     except UnidentifiedImageError:
+        if ends_early(data):  # a header cut short is still recognisably a truncated image
+            return DecodeError(DecodeErrorKind.TRUNCATED, "the file ends inside its header")
         return DecodeError(DecodeErrorKind.NOT_AN_IMAGE, "not a recognised image format")
     except (OSError, SyntaxError, EOFError) as e:
-        msg = str(e)
-        truncated = "truncated" in msg or isinstance(e, EOFError)
-        kind = DecodeErrorKind.TRUNCATED if truncated else DecodeErrorKind.DECODE_ERROR
-        return DecodeError(kind, f"{type(e).__name__}: {msg}")
+        return _failure(data, e)
     except ValueError as e:
         return DecodeError(DecodeErrorKind.UNSUPPORTED_MODE, f"{type(e).__name__}: {e}")
     except Exception as e:  # noqa: BLE001 - the contract: a bad image never kills the batch
-        return DecodeError(DecodeErrorKind.DECODE_ERROR, f"{type(e).__name__}: {e}")
+        return _failure(data, e)
 
 
 def decode_image(data: bytes, transform, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage | DecodeError:
@@ -138,47 +194,109 @@ def decode_image(data: bytes, transform, max_pixels: int = DEFAULT_MAX_PIXELS) -
     return DecodedImage(tensor, width, height, mode)
 
 
+def shortest_side_crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """The region of a ``width`` x ``height`` image that torchvision's ``Resize(size)`` (shortest side)
+    followed by ``CenterCrop(size)`` keeps, in source pixel coordinates (left, top, right, bottom)."""
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    left = int(round((new_w - size) / 2.0))
+    top = int(round((new_h - size) / 2.0))
+    sx, sy = width / new_w, height / new_h
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+
+
 class SplitPreprocessor:
     """The model's eval (or, with ``is_train``, train) transform split in two halves, for pipelines
     that ship pixels between processes.
 
-    ``to_uint8`` runs the geometric part (resize, crop) on a CPU worker and returns
-    uint8 [3, H, W]: a quarter of the bytes of a float tensor. ``normalize`` finishes
-    on the scoring device: ``(x / 255 - mean) / std``, the same arithmetic as open_clip's
-    ToTensor + Normalize, so results equal :func:`decode_image`'s to float rounding.
+    :meth:`decode` (bytes) and :meth:`to_uint8` (a decoded RGB image) run the geometric
+    part (resize, crop) on a CPU worker and return uint8 [3, H, W]: a quarter of the
+    bytes of a float tensor. :meth:`normalize` finishes on the scoring device:
+    ``(x / 255 - mean) / std``, open_clip's ToTensor + Normalize, so in ``exact`` mode
+    results equal :func:`decode_image`'s to float rounding.
+
+    ``mode``: ``exact`` or ``fast`` (module docstring). ``fast`` applies to the eval
+    transform with ``resize_mode: shortest`` and a square size; anything else runs exact.
     """
 
-    def __init__(self, preprocess_cfg: dict, is_train: bool = False):
+    def __init__(self, preprocess_cfg: dict, is_train: bool = False, mode: PreprocessMode = "exact"):
+        if mode not in PREPROCESS_MODES:
+            raise ValueError(f"preprocessing mode must be one of {PREPROCESS_MODES}, got {mode!r}")
+        self.preprocess_cfg = dict(preprocess_cfg)
+        self.is_train = is_train
+        size = preprocess_cfg.get("size", 224)
+        self.size = tuple(size) if isinstance(size, list | tuple) else (size, size)
+        self.interpolation = str(preprocess_cfg.get("interpolation", "bicubic"))
+        self._filter = _PIL_FILTERS.get(self.interpolation)
+        self.fast = (mode == "fast" and not is_train and self.size[0] == self.size[1] and self._filter is not None
+                     and preprocess_cfg.get("resize_mode", "shortest") == "shortest")
+        if not self.fast:
+            self._open_clip_parts  # noqa: B018 - build (and check) the transform now, not at the first image
+
+    @functools.cached_property
+    def _open_clip_parts(self):
+        """(geometry transform, mean [1, 3, 1, 1], std [1, 3, 1, 1]) from open_clip's transform; imported
+        lazily so decode workers in fast mode never load torch or open_clip."""
+        import torch
         from torchvision.transforms import Compose, Normalize
 
-        full = image_transform(preprocess_cfg, is_train=is_train)
+        full = image_transform(self.preprocess_cfg, is_train=self.is_train)
         steps = list(full.transforms)
         norm = steps[-1]
         if not isinstance(norm, Normalize) or "ToTensor" not in type(steps[-2]).__name__:
             raise ValueError(f"unexpected open_clip eval transform layout: {full}")
-        self.geometry = Compose(steps[:-2])
-        self.mean = torch.tensor(norm.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(norm.std, dtype=torch.float32).view(1, 3, 1, 1)
-        size = preprocess_cfg.get("size", 224)
-        self.size = tuple(size) if isinstance(size, list | tuple) else (size, size)
+        mean = torch.tensor(norm.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(norm.std, dtype=torch.float32).view(1, 3, 1, 1)
+        return Compose(steps[:-2]), mean, std
+
+    def decode(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | DecodeError:
+        """Encoded image bytes -> uint8 [3, H, W], or the :class:`DecodeError` (never raises)."""
+        loaded = load_rgb(data, max_pixels, draft_short_side=_DRAFT_FLOOR * self.size[0] if self.fast else None)
+        if isinstance(loaded, DecodeError):
+            return loaded
+        try:
+            return self._fast_geometry(loaded[0]) if self.fast else self.to_uint8(loaded[0])
+        except Exception as e:  # noqa: BLE001 - one bad image never kills the batch
+            return DecodeError(DecodeErrorKind.DECODE_ERROR, f"preprocessing failed: {type(e).__name__}: {e}")
+
+    def _fast_geometry(self, rgb: Image.Image) -> np.ndarray:
+        side = self.size[0]
+        box = shortest_side_crop_box(*rgb.size, side)
+        out = rgb.resize((side, side), self._filter, box=box)
+        return np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1))
 
     def to_uint8(self, rgb: Image.Image) -> np.ndarray:
-        """RGB PIL image -> resized/cropped uint8 array [3, H, W]."""
-        out = self.geometry(rgb)
+        """RGB PIL image -> resized/cropped uint8 array [3, H, W] (open_clip's geometry, always exact)."""
+        out = self._open_clip_parts[0](rgb)
         arr = np.asarray(out.convert("RGB") if isinstance(out, Image.Image) else out, dtype=np.uint8)
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, 3, H, W] (any device) -> normalised float32 [N, 3, H, W] on the same device."""
-        x = pixels.float().div_(255.0)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        """uint8 [N, 3, H, W] (any device) -> normalised float32 [N, 3, H, W] on the same device.
+
+        ``(x / 255 - mean) / std`` computed as one cast and two in-place passes,
+        ``x * (1 / (255 std)) - mean / std``: a quarter of the time of the textbook form on
+        a CPU, equal to it to float rounding.
+        """
+        scale, shift = self._affine_on(pixels.device)
+        return pixels.float().mul_(scale).sub_(shift)
+
+    def _affine_on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 / (255 std), mean / std) [1, 3, 1, 1] on ``device``, computed and copied there once."""
+        cache = self.__dict__.setdefault("_affine_by_device", {})
+        if device not in cache:
+            _, mean, std = self._open_clip_parts
+            cache[device] = ((1.0 / (255.0 * std)).to(device), (mean / std).to(device))
+        return cache[device]
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_split_preprocessor(preprocess_json: str, is_train: bool) -> SplitPreprocessor:
-    return SplitPreprocessor(json.loads(preprocess_json), is_train=is_train)
+def _cached_split_preprocessor(preprocess_json: str, is_train: bool, mode: str) -> SplitPreprocessor:
+    return SplitPreprocessor(json.loads(preprocess_json), is_train=is_train, mode=mode)
 
 
-def split_preprocessor(preprocess_cfg: dict, is_train: bool = False) -> SplitPreprocessor:
+def split_preprocessor(preprocess_cfg: dict, is_train: bool = False, mode: PreprocessMode = "exact") -> SplitPreprocessor:
     """A :class:`SplitPreprocessor` built once per process and config (decode tasks call this per batch)."""
-    return _cached_split_preprocessor(json.dumps(preprocess_cfg, sort_keys=True, default=list), is_train)
+    return _cached_split_preprocessor(json.dumps(preprocess_cfg, sort_keys=True, default=list), is_train, mode)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .heads import ClassHeads
+from .images import split_preprocessor
 from .model import CLIPN
 from .scores import (
     DEFAULT_LOGIT_SCALE,
@@ -40,10 +41,13 @@ class BatchScores:
 
 
 class BatchScorer:
-    """Scores batches of preprocessed images [N, 3, H, W] against fixed class heads.
+    """Scores batches of images against fixed class heads: normalised float [N, 3, H, W]
+    (:meth:`__call__`) or the model's uint8 pixels [N, 3, H, W] (:meth:`score_pixels`).
 
     ``precision``: ``fp32``, ``bf16`` or ``fp16`` autocast for the image tower (only on
-    CUDA; CPU always runs fp32). Scores are computed in float32 either way.
+    CUDA; CPU always runs fp32). Scores are computed in float32 either way. On CUDA the
+    images go in channels-last layout; ``compile`` wraps the image tower in
+    ``torch.compile`` (dynamic batch size; the first batches pay the compilation).
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class BatchScorer:
         precision: str = "fp32",
         logit_scale: float = DEFAULT_LOGIT_SCALE,
         mcm_temperature: float = DEFAULT_MCM_TEMPERATURE,
+        compile: bool = False,
     ):
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
@@ -64,6 +69,11 @@ class BatchScorer:
         self.precision = precision
         self.logit_scale = logit_scale
         self.mcm_temperature = mcm_temperature
+        self.channels_last = self.device.type == "cuda"
+        if self.channels_last:
+            self.model.clip.visual.to(memory_format=torch.channels_last)
+        self._encode = torch.compile(self.model.encode_image, dynamic=True) if compile else self.model.encode_image
+        self._normalize = split_preprocessor(self.model.preprocess_cfg).normalize
 
     def _autocast(self):
         if self.device.type != "cuda" or self.precision == "fp32":
@@ -72,10 +82,23 @@ class BatchScorer:
         return torch.autocast("cuda", dtype=dtype)
 
     @torch.inference_mode()
+    def score_pixels(self, pixels: torch.Tensor) -> BatchScores:
+        """Score uint8 pixels [N, 3, H, W] (the model's resized, cropped input, on any device): copied to
+        the scoring device (pinned and asynchronous from CPU to CUDA), normalised there, scored."""
+        if pixels.device != self.device:
+            if self.device.type == "cuda" and pixels.device.type == "cpu":
+                pixels = pixels.pin_memory()
+            pixels = pixels.to(self.device, non_blocking=True)
+        return self(self._normalize(pixels))
+
+    @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> BatchScores:
+        """Score normalised images [N, 3, H, W] float32 (any device)."""
         images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            features = self.model.encode_image(images, normalize=True)
+            features = self._encode(images, normalize=True)
         inputs = ScoreInputs(features.float(), self.heads_yes, self.heads_no, self.logit_scale, self.mcm_temperature)
         results = compute_scores(inputs)
         idx, prob = inputs.predicted

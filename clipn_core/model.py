@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import nn
 
+from . import architectures  # noqa: F401  (registers model_configs/*.json with open_clip)
 from .errors import ModelConfigError
 
 DEFAULT_NUM_PROMPTS = 16

@@ -1,4 +1,5 @@
-"""The ``clipn`` command line. Flags are derived from the pydantic config models, never listed by hand.
+"""The ``clipn`` command line (also ``python -m jobs``). Flags are derived from the pydantic config models,
+never listed by hand.
 
 ``clipn score --config score.yaml --set runtime.batch_size=32 --output.uri s3://b/out``:
 the YAML file, then ``--set`` pairs, then per-field flags fill one config dict, which
@@ -105,8 +106,8 @@ def _score(args) -> int:
 
     cfg = build_config(ScoreJobConfig, args)
     manifest = run(cfg)
-    print(f"published {manifest['partition']}: {manifest['rows']} rows, by status {manifest['by_status']}, "
-          f"OOD rate {manifest['ood_rate']}")
+    print(f"published {manifest.partition}: {manifest.rows} rows, by status {manifest.by_status}, "
+          f"OOD rate {manifest.ood_rate}")
     return 0
 
 
@@ -178,17 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from clipn_core.errors import ClipnError
-    from jobs.sources import InputError
 
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (ClipnError, InputError, *_job_errors()) as e:
+    except (ClipnError, *_job_errors()) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -232,7 +232,7 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
 
         t = _step(5, total, f"nightly scoring job on the lake ({len(truth)} objects)")
         manifest = run_score(cfgs["score"])
-        lake = lake_summary(manifest["partition"], truth)
+        lake = lake_summary(manifest.partition, truth)
         print(f"    {lake['rows']} rows for {lake['inputs']} inputs in {time.perf_counter() - t:.0f} s")
 
         t = _step(6, total, "evaluate on the labelled ID/OOD set")
@@ -251,7 +251,7 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
     seconds = time.perf_counter() - t_start
     _step(7, total, f"summary ({seconds / 60:.1f} min)")
     print(_summary_table(report, lake))
-    paths = {"scores": manifest["partition"], "report": str(out / "report" / "report.md"),
+    paths = {"scores": manifest.partition, "report": str(out / "report" / "report.md"),
              "configs": str(out / "configs"), "base_clip": str(base_clip)}
     for k, v in paths.items():
         print(f"    {k:10} {v}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import sys
 import time
 
 import numpy as np
@@ -22,23 +21,20 @@ import pyarrow.parquet as pq
 import torch
 
 import clipn_core as cc
-from clipn_core.errors import redact_uri
-from clipn_core.images import split_preprocessor
+from clipn_core.errors import InputError, redact_uri
+from clipn_core.images import DecodeError, SplitPreprocessor, split_preprocessor
 from clipn_core.metrics import ood_metrics, top1_accuracy
-from clipn_core.storage import check_writable, write_bytes
+from clipn_core.storage import Storage
 from jobs.eval_report import histograms_png, markdown, roc_png
-from jobs.publish import arrow_filesystem
-from jobs.score import resolve_classes
-from jobs.scorer import load_model
-from jobs.sources import InputError, checked_parquet, decode_row
+from jobs.inputs import checked_parquet
+from jobs.score.scorer import load_model
 from schemas.eval_config import EvalDataConfig, EvalJobConfig
-from schemas.output import STATUS_OK
 
 log = logging.getLogger("clipn.evaluate")
 REPORT_FILES = ("report.json", "report.md", "roc.png", "histograms.png", "scores.parquet")
 
 
-def read_eval_set(cfg: EvalDataConfig, storage_options: dict) -> pa.Table:
+def read_eval_set(cfg: EvalDataConfig, storage: Storage) -> pa.Table:
     """The labelled set with columns ``image``, ``is_id`` and (when configured) ``label``.
 
     Raises :class:`InputError` naming the URI or the config field at fault (missing
@@ -48,8 +44,7 @@ def read_eval_set(cfg: EvalDataConfig, storage_options: dict) -> pa.Table:
               "is_id": ("data.is_id_column", cfg.is_id_column, (pa.bool_(),))}
     if cfg.label_column is not None:
         wanted["label"] = ("data.label_column", cfg.label_column, (pa.string(), pa.large_string()))
-    arrow_fs, _ = arrow_filesystem(cfg.uri, storage_options)
-    ds = checked_parquet(cfg.uri, "data.uri", storage_options, arrow_fs,
+    ds = checked_parquet(cfg.uri, "data.uri", storage,
                          {field: (column, kinds) for field, column, kinds in wanted.values()})
     table = ds.to_table(columns=[c for _, c, _ in wanted.values()]).rename_columns(list(wanted))
     is_id = table["is_id"].fill_null(False).to_numpy(zero_copy_only=False)
@@ -85,23 +80,22 @@ def summarize(scores: dict[str, np.ndarray], decisions: dict[str, np.ndarray], i
     return out
 
 
-def _score_all(scorer: cc.BatchScorer, images: list, pre, batch_size: int, max_pixels: int):
+def _score_all(scorer: cc.BatchScorer, images: list, pre: SplitPreprocessor, batch_size: int, max_pixels: int):
     """Decode + score in batches; returns (kept row indices, predicted index, scores, decisions, undecodable)."""
     kept, undecodable = [], []
     preds, scores, decisions = [], {}, {}
-    blank = np.zeros((3, *pre.size), dtype=np.uint8)
     for start in range(0, len(images), batch_size):
         pixels, rows = [], []
         for i in range(start, min(start + batch_size, len(images))):
-            row = decode_row(str(i), images[i] or b"", pre, max_pixels, blank)
-            if row["status"] != STATUS_OK:
-                undecodable.append({"row": i, "error": row["status"]})
+            out = pre.decode(images[i] or b"", max_pixels)
+            if isinstance(out, DecodeError):
+                undecodable.append({"row": i, "error": out.kind.value})
                 continue
-            pixels.append(row["pixels"])
+            pixels.append(out)
             rows.append(i)
         if not rows:
             continue
-        out = scorer(pre.normalize(torch.from_numpy(np.stack(pixels))))
+        out = scorer.score_pixels(torch.from_numpy(np.stack(pixels)))
         kept += rows
         preds.append(out.predicted_index)
         for name, v in out.scores.items():
@@ -117,23 +111,23 @@ def _score_all(scorer: cc.BatchScorer, images: list, pre, batch_size: int, max_p
 def run(cfg: EvalJobConfig) -> dict:
     """Evaluate; returns the report dict (also written as ``report.json`` under ``output.dir``)."""
     t0 = time.perf_counter()
-    opts = cfg.storage.storage_options()
+    storage = cfg.storage.bind()
     rt = cfg.runtime
     if rt.device == "cuda" and not torch.cuda.is_available():
         raise cc.ModelConfigError("runtime.device is cuda but no CUDA device is visible")
-    classes = resolve_classes(cfg.classes, opts)
-    templates = cc.load_templates(cfg.templates, opts)
-    table = read_eval_set(cfg.data, opts)
+    classes = cc.load_class_names(cfg.classes.names, cfg.classes.file, storage.options)
+    templates = cc.load_templates(cfg.templates, storage.options)
+    table = read_eval_set(cfg.data, storage)
     is_id_all = table["is_id"].to_numpy(zero_copy_only=False)
     labels_all = None
     if "label" in table.column_names:
         labels_all = _label_indices(table["label"].to_pylist(), is_id_all, classes, cfg.data.label_column)
-    check_writable(cfg.output.dir.rstrip("/"), "output.dir", opts, probe="/.probe")
+    storage.check_writable(cfg.output.dir.rstrip("/"), "output.dir", probe="/.probe")
 
-    model, model_id = load_model(cfg.model, opts, rt.cache_dir)
+    model, model_id = load_model(cfg.model, storage, rt.cache_dir)
     heads = cc.build_class_heads(model, cc.get_tokenizer(model), classes, templates)
     scorer = cc.BatchScorer(model, heads, rt.device, rt.precision, rt.logit_scale, rt.mcm_temperature)
-    pre = split_preprocessor(model.preprocess_cfg)
+    pre = split_preprocessor(model.preprocess_cfg, mode=rt.preprocess)
     log.info("evaluating model %s on %d images (%d ID), %d classes, %d templates", model_id[:16], len(table),
              int(is_id_all.sum()), len(classes), len(templates))
     kept, predicted, scores, decisions, undecodable = _score_all(
@@ -156,11 +150,11 @@ def run(cfg: EvalJobConfig) -> dict:
         "files": list(REPORT_FILES),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    _write(cfg.output.dir, report, scores, decisions, is_id, kept, predicted, classes, table, opts)
+    _write(cfg.output.dir, report, scores, decisions, is_id, kept, predicted, classes, table, storage)
     return report
 
 
-def _write(out_dir: str, report: dict, scores, decisions, is_id, kept, predicted, classes, table, opts) -> None:
+def _write(out_dir: str, report: dict, scores, decisions, is_id, kept, predicted, classes, table, storage: Storage) -> None:
     root = out_dir.rstrip("/")
     per_image = {"row": kept, "is_id": is_id,
                  "predicted_class": [classes[i] for i in predicted]}
@@ -172,18 +166,9 @@ def _write(out_dir: str, report: dict, scores, decisions, is_id, kept, predicted
     pq.write_table(pa.table(per_image), buf)
     auroc = {k: v["auroc"] for k, v in report["scores"].items()}
     # report.json last: its presence means the other files are complete
-    write_bytes(f"{root}/scores.parquet", buf.getvalue(), opts)
-    write_bytes(f"{root}/roc.png", roc_png(scores, is_id, auroc), opts)
-    write_bytes(f"{root}/histograms.png", histograms_png(scores, is_id), opts)
-    write_bytes(f"{root}/report.md", markdown(report).encode(), opts)
-    write_bytes(f"{root}/report.json", json.dumps(report, indent=2).encode(), opts)
+    storage.write_bytes(f"{root}/scores.parquet", buf.getvalue())
+    storage.write_bytes(f"{root}/roc.png", roc_png(scores, is_id, auroc))
+    storage.write_bytes(f"{root}/histograms.png", histograms_png(scores, is_id))
+    storage.write_bytes(f"{root}/report.md", markdown(report).encode())
+    storage.write_bytes(f"{root}/report.json", json.dumps(report, indent=2).encode())
 
-
-def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import main as cli_main
-
-    return cli_main(["evaluate", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

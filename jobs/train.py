@@ -1,6 +1,6 @@
 """The training job: image-text pairs -> CPU decode (Ray Data) -> TorchTrainer workers -> CLIPN checkpoint.
 
-Usable as ``clipn train --config train.yaml`` or ``python -m jobs.train --config ...``
+Usable as ``clipn train --config train.yaml`` or ``python -m jobs train --config ...``
 (a ``ray job submit`` entrypoint). Everything that can be wrong in the configuration
 (data location and columns, base model and weights, output URI) fails on the driver
 before any Ray work starts. Rerunning with the same ``run.name`` and
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 
 import ray
@@ -20,8 +19,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from clipn_core.errors import redact_uri
-from clipn_core.storage import check_writable, is_remote
-from jobs.publish import arrow_filesystem
+from clipn_core.storage import is_remote
 from jobs.train_data import decode_pairs_batch, pairs_dataset, resolve_source
 from jobs.train_loop import FAULT_ENV, train_loop_per_worker
 from jobs.train_stages import STAGES
@@ -38,7 +36,7 @@ def run_config(cfg: TrainJobConfig) -> RunConfig:
     """Ray Train's RunConfig for the job: storage (local folder or object store), checkpoints kept, failures."""
     storage_path, storage_fs = os.path.abspath(cfg.run.storage_path), None
     if is_remote(cfg.run.storage_path):
-        storage_fs, storage_path = arrow_filesystem(cfg.run.storage_path, cfg.storage.storage_options())
+        storage_fs, storage_path = cfg.storage.bind().arrow(cfg.run.storage_path)
     return RunConfig(
         name=cfg.run.name,
         storage_path=storage_path,
@@ -51,19 +49,18 @@ def run_config(cfg: TrainJobConfig) -> RunConfig:
 def run(cfg: TrainJobConfig) -> dict:
     """Train; returns the summary of rank 0 (final checkpoint URI, model id, steps, last metrics, run path)."""
     t0 = time.perf_counter()
-    opts = cfg.storage.storage_options()
+    storage = cfg.storage.bind()
     # Driver-side setup: a wrong architecture, weights URI or data location fails here.
-    stage = STAGES[cfg.stage](cfg, opts)
+    stage = STAGES[cfg.stage](cfg, storage.options)
     preprocess_cfg, context_length = stage.preprocess_cfg, stage.context_length
     n_trainable = sum(p.numel() for p in stage.params)
     del stage
-    check_writable(cfg.output.checkpoint, "output.checkpoint", opts)
-    data_fs, _ = arrow_filesystem(cfg.data.uri, opts)
-    source = resolve_source(cfg.data, opts, data_fs)
+    storage.check_writable(cfg.output.checkpoint, "output.checkpoint")
+    source = resolve_source(cfg.data, storage)
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
-    ds = pairs_dataset(cfg.data, source, opts, data_fs)
+    ds = pairs_dataset(cfg.data, source, storage)
     ds = ds.map_batches(
         decode_pairs_batch, batch_size=cfg.data.decode_batch_size, num_cpus=cfg.data.decode_cpus,
         fn_kwargs={"preprocess_cfg": preprocess_cfg, "context_length": context_length,
@@ -89,12 +86,3 @@ def run(cfg: TrainJobConfig) -> dict:
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     return summary
 
-
-def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import main as cli_main
-
-    return cli_main(["train", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -19,47 +19,47 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from clipn_core.errors import redact_uri
+from clipn_core.errors import InputError, redact_uri
 from clipn_core.images import DecodeError, load_rgb, split_preprocessor
-from clipn_core.storage import filesystem
+from clipn_core.storage import Storage
 from clipn_core.training import sample_id, text_id
-from jobs.sources import InputError, checked_parquet, list_objects, tar_members
+from jobs.inputs import checked_parquet, list_objects, tar_members
 from schemas.train_config import TrainDataConfig
 
 log = logging.getLogger("clipn.train.data")
 
 
-def resolve_source(cfg: TrainDataConfig, storage_options: dict, arrow_fs) -> str | list[str]:
+def resolve_source(cfg: TrainDataConfig, storage: Storage) -> str | list[str]:
     """Check the data source on the driver, without Ray: the Parquet path (columns and types
     checked from the file metadata) or the list of WebDataset shard URIs.
 
     Raises :class:`InputError` naming the URI or the config field at fault.
     """
     if cfg.kind == "webdataset":
-        shards = list_objects(cfg.uri, [".tar"], storage_options)
+        shards = list_objects(cfg.uri, [".tar"], storage)
         if not shards:
             raise InputError(f"no .tar shards under {redact_uri(cfg.uri)} (data.uri)")
         return shards
-    checked_parquet(cfg.uri, "data.uri", storage_options, arrow_fs, {
+    checked_parquet(cfg.uri, "data.uri", storage, {
         "data.image_column": (cfg.image_column, (pa.binary(), pa.large_binary())),
         "data.caption_column": (cfg.caption_column, (pa.string(), pa.large_string())),
     })
-    return filesystem(cfg.uri, storage_options)[1]
+    return storage.fs(cfg.uri)[1]
 
 
-def pairs_dataset(cfg: TrainDataConfig, source: str | list[str], storage_options: dict, arrow_fs) -> ray.data.Dataset:
+def pairs_dataset(cfg: TrainDataConfig, source: str | list[str], storage: Storage) -> ray.data.Dataset:
     """Dataset of raw pairs, ``image`` (bytes) and ``caption`` (str), from :func:`resolve_source`'s result.
 
     Parquet is read by Ray; WebDataset shards become one row each and are expanded by
     :func:`read_shard_pairs` in CPU tasks.
     """
     if cfg.kind == "parquet":
-        ds = ray.data.read_parquet(source, filesystem=arrow_fs).select_columns([cfg.image_column, cfg.caption_column])
+        ds = ray.data.read_parquet(source, filesystem=storage.arrow(cfg.uri)[0]).select_columns([cfg.image_column, cfg.caption_column])
         renames = {old: new for old, new in ((cfg.image_column, "image"), (cfg.caption_column, "caption")) if old != new}
         return ds.rename_columns(renames) if renames else ds
     ds = ray.data.from_arrow(pa.table({"uri": source})).repartition(len(source))
     return ds.map_batches(read_shard_pairs, batch_size=1, num_cpus=cfg.decode_cpus,
-                          fn_kwargs={"storage_options": storage_options, "extensions": cfg.image_extensions})
+                          fn_kwargs={"storage": storage, "extensions": cfg.image_extensions})
 
 
 def _member_key(name: str) -> tuple[str, str]:
@@ -70,7 +70,7 @@ def _member_key(name: str) -> tuple[str, str]:
     return posixpath.join(folder, stem), "." + ext.lower()
 
 
-def read_shard_pairs(batch: dict, storage_options: dict, extensions: list[str]) -> dict:
+def read_shard_pairs(batch: dict, storage: Storage, extensions: list[str]) -> dict:
     """Expand WebDataset shards into pairs. A sample lacking its image or caption, and a shard that
     cannot be read, yields a row with empty image bytes (counted as a skipped pair downstream)."""
     images, captions = [], []
@@ -79,7 +79,7 @@ def read_shard_pairs(batch: dict, storage_options: dict, extensions: list[str]) 
         shard = str(shard)
         samples: dict[str, dict[str, bytes]] = {}  # key -> extension -> bytes
         try:
-            for name, data in tar_members(shard, storage_options):
+            for name, data in tar_members(shard, storage):
                 key, ext = _member_key(name)
                 samples.setdefault(key, {})[ext] = data
         except Exception as e:  # noqa: BLE001 - recorded as a skipped pair, never a crash

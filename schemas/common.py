@@ -6,6 +6,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from clipn_core.storage import Storage
+
 
 def _dot_lower(extensions: list[str]) -> list[str]:
     if not extensions:
@@ -38,6 +40,8 @@ class StorageConfig(StrictModel):
                               "throttling and connection errors are retried with exponential backoff and jitter")
     connect_timeout_s: float = Field(10.0, gt=0, description="S3 connect timeout (seconds)")
     read_timeout_s: float = Field(60.0, gt=0, description="S3 read timeout (seconds); a slower response is retried")
+    max_connections: int = Field(64, ge=1, description="S3 connections kept open per process (botocore's pool; "
+                                 "fetches beyond it queue)")
 
     def storage_options(self) -> dict:
         """fsspec / s3fs storage options for these settings (local paths ignore them).
@@ -51,7 +55,8 @@ class StorageConfig(StrictModel):
         opts: dict = {
             "anon": self.anon,
             "config_kwargs": {"retries": {"max_attempts": self.max_attempts, "mode": "standard"},
-                              "connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s},
+                              "connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s,
+                              "max_pool_connections": self.max_connections},
         }
         if self.profile:
             opts["profile"] = self.profile
@@ -59,3 +64,7 @@ class StorageConfig(StrictModel):
         if client:
             opts["client_kwargs"] = client
         return opts
+
+    def bind(self) -> Storage:
+        """The :class:`~clipn_core.storage.Storage` every stage of a job reads and writes through."""
+        return Storage(self.storage_options())

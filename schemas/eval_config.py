@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from schemas.common import StorageConfig, StrictModel
-from schemas.score_config import ClassesConfig, ModelConfig
+from schemas.score_config import ClassesConfig, ModelConfig, ScoringOptions
 
 
 class EvalDataConfig(StrictModel):
@@ -28,13 +28,9 @@ class EvalOutputConfig(StrictModel):
     dir: str = Field(..., description="folder or s3:// prefix for report.md, report.json, roc.png, histograms.png")
 
 
-class EvalRuntimeConfig(StrictModel):
+class EvalRuntimeConfig(ScoringOptions):
     batch_size: int = Field(256, ge=1, description="images per model forward")
     device: Literal["cpu", "cuda"] = Field("cpu", description="where the model runs")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast on CUDA (CPU runs fp32)")
-    logit_scale: float = Field(100.0, gt=0, description="logit scale s of the scores (as in the scoring job)")
-    mcm_temperature: float = Field(1.0, gt=0, description="MCM softmax temperature")
-    cache_dir: str | None = Field(None, description="local cache of downloaded weights")
 
 
 class EvalJobConfig(StrictModel):

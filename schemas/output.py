@@ -11,10 +11,9 @@ from __future__ import annotations
 import pyarrow as pa
 
 from clipn_core.scores import SCORES
+from schemas.status import STATUS_OK, STATUS_READ_ERROR, STATUSES  # noqa: F401  (re-exported)
 
 OUTPUT_SCHEMA_VERSION = 1
-STATUS_OK = "ok"
-STATUS_READ_ERROR = "read_error"
 
 
 def score_column(name: str) -> str:

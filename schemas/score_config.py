@@ -74,18 +74,34 @@ class DecisionConfig(StrictModel):
         return self
 
 
-class RuntimeConfig(StrictModel):
-    batch_size: int = Field(64, ge=1, description="images per model forward on a scorer actor")
-    decode_batch_size: int = Field(32, ge=1, description="images per CPU read+decode task batch")
-    decode_cpus: float = Field(0.5, gt=0, description="CPUs per read+decode task (differs from cpus_per_actor so Ray keeps decoding out of the scorer actors)")
-    pool_size: int = Field(1, ge=1, description="number of scorer actors")
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per scorer actor (0 on CPU machines)")
-    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per scorer actor")
+class ScoringOptions(StrictModel):
+    """How images become scores: shared by the scoring job and ``clipn evaluate``, so an evaluated setup
+    scores exactly as the nightly job would."""
+
+    preprocess: Literal["fast", "exact"] = Field(
+        "fast", description="fast: JPEG decoded at reduced scale (never below the model size) and only the crop resampled; "
+        "exact: bit-identical to open_clip's eval transform")
     precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="autocast on GPU (CPU runs fp32)")
     logit_scale: float = Field(100.0, gt=0, description="logit scale s of the scores")
     mcm_temperature: float = Field(1.0, gt=0, description="MCM softmax temperature")
-    max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb limit (width x height)")
     cache_dir: str | None = Field(None, description="local cache of downloaded weights")
+
+
+class RuntimeConfig(ScoringOptions):
+    batch_size: int = Field(64, ge=1, description="images per model forward on a scorer actor")
+    decode_batch_size: int = Field(32, ge=1, description="images per read+decode task batch")
+    decode_cpus: float = Field(0.5, gt=0, description="CPUs per read+decode task (differs from cpus_per_actor so Ray keeps decoding out of the scorer actors)")
+    fetch_concurrency: int = Field(32, ge=1, description="object reads in flight per read task (one GET per object)")
+    decode: Literal["cpu", "device"] = Field(
+        "cpu", description="cpu: decode and resize in CPU tasks, ship uint8 pixels; device: ship encoded bytes, the "
+        "scorer decodes JPEG batches on its device (nvJPEG on CUDA) and other formats on its CPU")
+    pool_size: int = Field(1, ge=1, description="number of scorer actors")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per scorer actor (0 on CPU machines)")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per scorer actor")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads of a scorer on CPU (default: Ray's, "
+                                      "one per reserved CPU)")
+    compile: bool = Field(False, description="torch.compile the image tower (pays off on long GPU runs)")
+    max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb limit (width x height)")
 
 
 class ScoreJobConfig(StrictModel):

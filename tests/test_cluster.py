@@ -72,12 +72,12 @@ def _config_files_on_head() -> dict[str, Path]:
 def test_rayjob_entrypoint_names_a_real_command_and_its_config_validates(manifest):
     job = _one(KUBERAY / manifest, "RayJob")
     argv = shlex.split(job["spec"]["entrypoint"])
-    assert argv[:2] == ["python", "-m"] and argv[2].startswith("jobs.")
-    command = argv[2].removeprefix("jobs.")
+    assert argv[:3] == ["python", "-m", "jobs"]  # the one entrypoint: the clipn CLI
+    command = argv[3]
     assert command in CONFIG_MODELS and command in make_parser()._subparsers._group_actions[0].choices
-    assert argv[3] == "--config"
-    config_file = _config_files_on_head()[argv[4]]
-    assert config_file.exists(), f"{manifest}: {argv[4]} is not generated from an existing file"
+    assert argv[4] == "--config"
+    config_file = _config_files_on_head()[argv[5]]
+    assert config_file.exists(), f"{manifest}: {argv[5]} is not generated from an existing file"
     _validate(command, config_file)
     assert job["spec"]["clusterSelector"]["ray.io/cluster"] == _raycluster()["metadata"]["name"]
 
@@ -226,7 +226,7 @@ def test_ray_job_submit_runs_the_scoring_job_on_a_local_head(local_head, tmp_pat
     done = subprocess.run(
         [env["RAY"], "job", "submit", "--address", address, "--working-dir", str(ROOT),
          "--runtime-env", str(CLUSTER / "runtime_env.yaml"), "--",
-         "python", "-m", "jobs.score", "--config", str(config)],
+         "python", "-m", "jobs", "score", "--config", str(config)],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=420,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -6,6 +6,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from clipn_core import world
@@ -120,3 +121,98 @@ def test_other_modes_become_rgb(mode):
     out = load_rgb(_save(img, "TIFF"))
     assert not isinstance(out, DecodeError), out
     assert out[0].mode == "RGB"
+
+
+def _photo(width, height, seed=0):
+    """A photo-like image (smooth colours + texture + noise): JPEG-compresses and resamples like a photo."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (height // 16 + 2, width // 16 + 2, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC), dtype=np.float32)
+    return Image.fromarray(np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "JPEG-progressive", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_a_truncated_file_is_truncated_in_every_format(fmt):
+    """The same fault gets the same status whatever the format and wherever the file was cut
+    (a JPEG cut in its header used to come out as decode_error, a WebP always did)."""
+    name, _, variant = fmt.partition("-")
+    data = _save(_photo(120, 90), name, **({"progressive": True} if variant else {}))
+    for frac in (0.02, 0.1, 0.3, 0.5, 0.9, 0.99):
+        out = load_rgb(data[: int(len(data) * frac)])
+        assert isinstance(out, DecodeError) and out.kind == DecodeErrorKind.TRUNCATED, (fmt, frac, out)
+    assert not isinstance(load_rgb(data), DecodeError)
+
+
+def test_fast_preprocessing_stays_within_a_few_grey_levels_of_exact():
+    """fast (JPEG draft + crop-box resample) against open_clip's exact transform on photo-sized JPEGs;
+    exact mode is open_clip's transform itself, bit for bit."""
+    from clipn_core.images import SplitPreprocessor
+
+    cfg = {"size": (224, 224), "mean": (0.48, 0.46, 0.41), "std": (0.27, 0.26, 0.28), "interpolation": "bicubic",
+           "resize_mode": "shortest"}
+    exact, fast = SplitPreprocessor(cfg, mode="exact"), SplitPreprocessor(cfg, mode="fast")
+    assert fast.fast and not exact.fast
+    reference = image_transform(cfg)
+    for i, size in enumerate([(500, 375), (1024, 768), (768, 1024), (640, 480), (224, 300), (1000, 200)]):
+        data = _save(_photo(*size, seed=i), "JPEG", quality=90)
+        want = reference(load_rgb(data)[0])
+        got_exact = exact.decode(data)
+        # exact: open_clip's pixels; normalised on the device side to the same tensor, to float rounding
+        assert torch.allclose(exact.normalize(torch.from_numpy(got_exact)[None])[0], want, atol=1e-5), size
+        diff = np.abs(fast.decode(data).astype(int) - got_exact.astype(int))
+        assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 8, (size, diff.mean(), np.percentile(diff, 99))
+    # a config fast mode does not cover (non-square) runs exact
+    assert not SplitPreprocessor({**cfg, "size": (224, 256)}, mode="fast").fast
+
+
+def test_device_decoder_matches_the_cpu_decoder_and_falls_back_with_the_same_statuses():
+    """The scorer-side decoder on the CPU device: plain JPEGs go through torchvision's decode_jpeg and a
+    torch resize (within 2 grey levels of exact, EXIF orientation applied); everything else falls back to
+    the CPU decoder and keeps its status."""
+    from clipn_core.device_decode import DeviceDecoder
+    from clipn_core.images import SplitPreprocessor
+
+    cfg = {"size": (64, 64), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic",
+           "resize_mode": "shortest"}
+    exact = SplitPreprocessor(cfg, mode="exact")
+    decoder = DeviceDecoder(SplitPreprocessor(cfg, mode="fast"), "cpu", max_pixels=10_000_000)
+    inputs = [_save(_photo(200, 150, seed=i), "JPEG", quality=92) for i in range(3)]
+    for orientation in (3, 6, 8):  # rotated phone photos
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        inputs.append(_save(_photo(90, 60, seed=orientation), "JPEG", quality=95, exif=exif.tobytes()))
+    on_device = len(inputs)
+    fallback_ok = [_save(_photo(80, 80, seed=7), "PNG"),
+                   _save(_photo(80, 80, seed=8).convert("CMYK"), "JPEG", quality=95)]
+    fallback_bad = {b"": "empty", b"plain text": "not_an_image", inputs[0][: len(inputs[0]) // 2]: "truncated",
+                    _save(_photo(4000, 3000), "JPEG", quality=50): "too_large"}
+    batch = inputs + fallback_ok + list(fallback_bad)
+    out = decoder(batch)
+    assert out.on_device == on_device
+    assert out.rows == list(range(on_device + len(fallback_ok)))
+    assert {i: e.kind.value for i, e in out.errors.items()} == {
+        on_device + len(fallback_ok) + j: status for j, status in enumerate(fallback_bad.values())}
+    assert out.pixels.shape == (len(out.rows), 3, 64, 64) and out.pixels.dtype == torch.uint8
+    for j, i in enumerate(out.rows):
+        want = exact.decode(batch[i])
+        diff = np.abs(out.pixels[j].numpy().astype(int) - want.astype(int))
+        assert diff.mean() < 1.0 and diff.max() <= 2, (i, diff.mean(), diff.max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_decoder_on_cuda_decodes_jpegs_with_nvjpeg_close_to_the_cpu():
+    from clipn_core.device_decode import DeviceDecoder
+    from clipn_core.images import SplitPreprocessor
+
+    cfg = {"size": (224, 224), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic",
+           "resize_mode": "shortest"}
+    exact = SplitPreprocessor(cfg, mode="exact")
+    decoder = DeviceDecoder(SplitPreprocessor(cfg, mode="fast"), "cuda")
+    batch = [_save(_photo(500, 375, seed=i), "JPEG", quality=90) for i in range(8)] + [_save(_photo(80, 80), "PNG"), b""]
+    out = decoder(batch)
+    assert out.pixels.device.type == "cuda" and out.on_device == 8 and out.rows == list(range(9))
+    assert {i: e.kind.value for i, e in out.errors.items()} == {9: "empty"}
+    for j in range(8):  # nvJPEG's IDCT differs from libjpeg's by a few grey levels at most
+        diff = np.abs(out.pixels[j].cpu().numpy().astype(int) - exact.decode(batch[j]).astype(int))
+        assert diff.mean() < 2.0, diff.mean()

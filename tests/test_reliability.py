@@ -147,7 +147,7 @@ def test_driver_killed_before_publishing_then_rerun(lake, baseline, tmp_path, ra
     marker = tmp_path / "driver.killed"
     env = {**os.environ, SCORE_FAULT_ENV: f"driver:0:{marker}",
            "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    proc = subprocess.run([sys.executable, "-m", "jobs.score", "--config", str(cfg_file)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "jobs", "score", "--config", str(cfg_file)], env=env,
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and marker.exists(), proc.stderr[-2000:]
     assert _published(lake, out) is None  # the failed attempt never became visible

@@ -21,6 +21,7 @@ from PIL import Image
 
 import clipn_core as cc
 from clipn_core import world
+from clipn_core.images import split_preprocessor
 from jobs.cli import main as cli_main
 from jobs.score import run
 from schemas.output import OUTPUT_SCHEMA
@@ -53,6 +54,9 @@ def _gif():
 
 GOOD = {f"good_{i:02d}_{s}.jpg": world.encode(world.render(s, c, i, 48))
         for i, (s, c) in enumerate([(s, c) for s in ("circle", "square", "star", "ring") for c in ("red", "blue", "green")])}
+# keys that URL handling, globbing and Parquet must all leave exactly as they are
+GOOD.update({name: world.encode(world.render("square", "pink", i, 48)) for i, name in enumerate(
+    ["odd key #1 ?ü+%20[x]*.jpg", "ünïcödé café.jpg"])})
 GOOD_JPEG = next(iter(GOOD.values()))
 ODD = {  # name -> (bytes, expected status)
     "bad_truncated.jpg": (GOOD_JPEG[: len(GOOD_JPEG) // 2], "truncated"),
@@ -127,7 +131,7 @@ def _read(lake, uri):
 
 def test_prefix_job_one_row_per_image_statuses_schema_and_scores(lake, tmp_path):
     out = "s3://lake/out1"
-    manifest = run(_cfg(lake, out, output__embeddings=True, runtime__cache_dir=str(tmp_path)))
+    manifest = run(_cfg(lake, out, output__embeddings=True, runtime__cache_dir=str(tmp_path), runtime__preprocess="exact"))
     fs = fsspec.filesystem("s3", **lake["opts"])
     part = f"lake/out1/run_date={DAY}"
     assert fs.exists(f"{part}/_SUCCESS") and fs.exists(f"{part}/_manifest.json")
@@ -147,20 +151,25 @@ def test_prefix_job_one_row_per_image_statuses_schema_and_scores(lake, tmp_path)
         if status != "ok":
             assert rows[name]["score_atd"] is None and rows[name]["error"]
     assert all(rows[n]["status"] == "ok" for n in GOOD)
-    assert manifest["rows"] == len(table) and manifest["by_status"]["ok"] == len(GOOD) + 4
-    assert manifest["model_id"] == lake["model_id"]
+    assert manifest.rows == len(table) and manifest.by_status["ok"] == len(GOOD) + 4
+    assert manifest.model_id == lake["model_id"]
     assert str(rows["bad_text.jpg"]["run_date"]) == str(DAY)
 
-    # scores equal clipn_core called directly on the same bytes
+    # in exact mode, scores equal clipn_core called directly on the same bytes: the library's one-image
+    # decode (open_clip's transform) and the job's split decode + device-side normalisation
     model = lake["model"]
     heads = cc.build_class_heads(model, cc.get_tokenizer(model), CLASSES, cc.load_templates("default"))
     tf = cc.image_transform(model.preprocess_cfg)
     names = list(GOOD)
     batch = torch.stack([cc.decode_image(GOOD[n], tf).tensor for n in names])
-    direct = cc.BatchScorer(model, heads)(batch)
+    scorer = cc.BatchScorer(model, heads)
+    direct = scorer(batch)
+    pre = split_preprocessor(model.preprocess_cfg, mode="exact")
+    split = scorer.score_pixels(torch.from_numpy(np.stack([pre.decode(GOOD[n]) for n in names])))
     for i, n in enumerate(names):
         r = rows[n]
         for score in cc.SCORES:
+            assert r[f"score_{score}"] == pytest.approx(float(split.scores[score][i]), rel=1e-5, abs=1e-6), (n, score)
             assert r[f"score_{score}"] == pytest.approx(float(direct.scores[score][i]), rel=1e-4, abs=1e-5), (n, score)
         assert r["predicted_class"] == CLASSES[direct.predicted_index[i]]
         assert r["ood_ctw"] == bool(direct.decisions["ctw"][i]) and r["is_ood"] == bool(direct.decisions["atd"][i])
@@ -170,13 +179,27 @@ def test_prefix_job_one_row_per_image_statuses_schema_and_scores(lake, tmp_path)
     assert "testing" not in text and json.loads(text)["classes"] == CLASSES
 
 
+def test_decoding_on_the_scorer_gives_the_same_rows_and_close_scores(lake):
+    """decode: device runs the scorer-side decoder (torchvision's decode_jpeg on this CPU, nvJPEG on CUDA): the
+    same row and status for every input as CPU decoding, and scores within resampling noise of it."""
+    run(_cfg(lake, "s3://lake/out-cpu"))
+    run(_cfg(lake, "s3://lake/out-device", runtime__decode="device"))
+    cpu = {r["uri"]: r for r in _read(lake, "s3://lake/out-cpu").to_pylist()}
+    device = {r["uri"]: r for r in _read(lake, "s3://lake/out-device").to_pylist()}
+    assert sorted(cpu) == sorted(device) and len(cpu) == len(GOOD) + len(ODD)
+    for uri, r in cpu.items():
+        assert device[uri]["status"] == r["status"], uri
+        if r["status"] == "ok":
+            assert device[uri]["score_mcm"] == pytest.approx(r["score_mcm"], abs=0.02), uri
+
+
 def test_rerun_replaces_the_partition_and_skip_scored(lake):
     out = "s3://lake/out2"
     first = run(_cfg(lake, out))
     second = run(_cfg(lake, out))
     table = _read(lake, out)
-    assert len(table) == first["rows"] == second["rows"]  # not doubled
-    assert set(table.column("run_id").to_pylist()) == {second["run_id"]}
+    assert len(table) == first.rows == second.rows  # not doubled
+    assert set(table.column("run_id").to_pylist()) == {second.run_id}
 
     fs = fsspec.filesystem("s3", **lake["opts"])
     fs.pipe_file("lake/images/new_tonight.jpg", world.encode(world.render("triangle", "pink", 99, 48)))
@@ -186,14 +209,14 @@ def test_rerun_replaces_the_partition_and_skip_scored(lake):
         # only the new image and the non-ok ones (retried) are scored again
         retried = {n for n, (_, s) in ODD.items() if s != "ok"}
         assert {u.rsplit("/", 1)[-1] for u in new.column("uri").to_pylist()} == {"new_tonight.jpg", *retried}
-        assert nxt["skipped_already_scored"] == len(GOOD) + 4
+        assert nxt.skipped_already_scored == len(GOOD) + 4
         # a later night where everything is already scored publishes an empty partition, not an error
         empty_day = DAY + dt.timedelta(days=2)
         with fs.open("lake/manifests/done.parquet", "wb") as f:
             pq.write_table(pa.table({"uri": lake["manifest_uris"][:5]}), f)
         none_left = run(_cfg(lake, out, input={"kind": "manifest", "uri": "s3://lake/manifests/done.parquet"},
                              output__run_date=str(empty_day), output__skip_scored=True))
-        assert none_left["rows"] == 0 and none_left["by_status"] == {}
+        assert none_left.rows == 0 and none_left.by_status == {}
         assert fs.exists(f"lake/out2/run_date={empty_day}/_SUCCESS")
     finally:
         fs.rm("lake/images/new_tonight.jpg")
@@ -204,7 +227,7 @@ def test_manifest_and_tar_inputs(lake):
     table = _read(lake, "s3://lake/out3")
     assert sorted(table.column("uri").to_pylist()) == sorted(lake["manifest_uris"])
     status = dict(zip(table.column("uri").to_pylist(), table.column("status").to_pylist()))
-    assert status["s3://lake/images/missing.jpg"] == "read_error" and m["by_status"] == {"ok": 5, "read_error": 1}
+    assert status["s3://lake/images/missing.jpg"] == "read_error" and m.by_status == {"ok": 5, "read_error": 1}
 
     run(_cfg(lake, "s3://lake/out4", input={"kind": "tar", "uri": "s3://lake/shards/"}))
     table = _read(lake, "s3://lake/out4")

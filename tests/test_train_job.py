@@ -15,9 +15,9 @@ import torch
 
 import clipn_core as cc
 from clipn_core import world
+from clipn_core.errors import InputError
 from jobs.cli import main as cli_main
 from jobs.score import run as run_score
-from jobs.sources import InputError
 from jobs.train import TrainingError, run
 from jobs.train_loop import FAULT_ENV
 from schemas.score_config import ScoreJobConfig
@@ -126,8 +126,8 @@ def test_final_checkpoint_loads_in_the_score_job(s3_run):
         "storage": {"endpoint_url": s3_run["cfg"].storage.endpoint_url},
         "runtime": {"batch_size": 8},
     }))
-    assert manifest["rows"] == 6 and manifest["by_status"] == {"ok": 6}
-    assert manifest["model_id"] == s3_run["summary"]["model_id"]
+    assert manifest.rows == 6 and manifest.by_status == {"ok": 6}
+    assert manifest.model_id == s3_run["summary"]["model_id"]
 
 
 def test_one_and_two_workers_take_the_same_first_step(ray_local, tmp_path):

@@ -2,7 +2,7 @@
 # The path without Docker: a single-node Ray head on this machine, bound to loopback.
 #   cluster/local/ray_head.sh start [extra `ray start` flags, e.g. --block]
 #   ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env cluster/runtime_env.yaml \
-#       -- python -m jobs.score --config cluster/local/score.yaml --set storage.endpoint_url=http://127.0.0.1:9000
+#       -- python -m jobs score --config cluster/local/score.yaml --set storage.endpoint_url=http://127.0.0.1:9000
 #   cluster/local/ray_head.sh stop       # note: `ray stop` stops every Ray on this machine
 # Any S3 endpoint works (MinIO, moto's server, AWS); export its credentials before `start`
 # so the Ray workers inherit them: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY.

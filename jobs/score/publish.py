@@ -1,4 +1,4 @@
-"""Output layout, staging and publishing of the scoring job.
+"""Publish: the output layout, staging, the staged rows' statistics and the atomic-as-possible publish.
 
 ``<root>/run_date=YYYY-MM-DD/part-*.parquet`` + ``_manifest.json`` + ``_SUCCESS`` (last).
 A run writes under ``<root>/_staging/<run_id>/`` (ignored by pyarrow, Spark and
@@ -11,25 +11,18 @@ idempotent and failed runs invisible.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections import Counter
 
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 from ray.data.datasource import FilenameProvider
 
-from clipn_core.scores import SCORES
-from clipn_core.storage import filesystem
-from schemas.output import OUTPUT_SCHEMA, STATUS_OK, ood_column
+from clipn_core.storage import Storage
+from schemas.manifest import ScoreManifest
+from schemas.status import STATUS_OK
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "_manifest.json"
-
-
-def arrow_filesystem(uri: str, storage_options: dict) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem wrapping the fsspec one, path without protocol) for Ray readers/writers."""
-    fs, path = filesystem(uri, storage_options)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 def partition_path(root: str, run_date: dt.date) -> str:
@@ -47,23 +40,28 @@ class PartFilenames(FilenameProvider):
         return f"part-{write_uuid}-{task_index:06d}.parquet"
 
 
-def staged_stats(staged_path: str, storage_options: dict) -> dict:
+def staged_stats(staged: str, storage: Storage) -> dict:
     """Counts by status and OOD rates of the staged files, streamed column batches (bounded memory)."""
-    fs, path = filesystem(staged_path, storage_options)
+    from clipn_core.scores import (
+        SCORES,  # not at module level: write workers unpickle PartFilenames from here
+    )
+    from schemas.output import OUTPUT_SCHEMA, ood_column
+
+    fs, path = storage.fs(staged)
     flags = ["is_ood"] + [ood_column(n) for n, s in SCORES.items() if s.threshold_free]
     if not fs.exists(path):  # every input skipped: Ray wrote no file
         return {"rows": 0, "files": 0, "by_status": {}, "ood_rate": {f: None for f in flags}}
-    dataset = pads.dataset(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)), format="parquet",
-                           schema=OUTPUT_SCHEMA)
+    dataset = pads.dataset(path, filesystem=storage.arrow(staged)[0], format="parquet", schema=OUTPUT_SCHEMA)
     status: Counter = Counter()
     flagged: Counter = Counter()
     files = 0
     for frag in dataset.get_fragments():
         files += 1
         for batch in frag.to_batches(columns=["status", *flags]):
-            status.update(batch.column("status").to_pylist())
+            counts = pc.value_counts(batch.column("status"))
+            status.update({v["values"]: v["counts"] for v in counts.to_pylist()})
             for f in flags:
-                flagged[f] += sum(1 for v in batch.column(f).to_pylist() if v)
+                flagged[f] += pc.sum(batch.column(f)).as_py() or 0
     ok = status.get(STATUS_OK, 0)
     return {
         "rows": sum(status.values()),
@@ -73,10 +71,10 @@ def staged_stats(staged_path: str, storage_options: dict) -> dict:
     }
 
 
-def publish(root: str, run_date: dt.date, staged: str, manifest: dict, storage_options: dict) -> str:
+def publish(root: str, run_date: dt.date, staged: str, manifest: ScoreManifest, storage: Storage) -> str:
     """Replace the run_date partition with the staged files; manifest then _SUCCESS last. Returns the partition URI."""
-    fs, final = filesystem(partition_path(root, run_date), storage_options)
-    _, staged_p = filesystem(staged, storage_options)
+    fs, final = storage.fs(partition_path(root, run_date))
+    _, staged_p = storage.fs(staged)
     if fs.exists(f"{final}/{SUCCESS}"):
         fs.rm(f"{final}/{SUCCESS}")
     if fs.exists(final):
@@ -86,21 +84,17 @@ def publish(root: str, run_date: dt.date, staged: str, manifest: dict, storage_o
     for src in staged_files:
         if src.endswith(".parquet"):
             fs.mv(src, f"{final}/{src.rsplit('/', 1)[-1]}")
-    fs.pipe_file(f"{final}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+    fs.pipe_file(f"{final}/{MANIFEST}", manifest.model_dump_json(indent=2).encode())
     fs.pipe_file(f"{final}/{SUCCESS}", b"")
-    remove_tree(staged, storage_options)
+    storage.remove_tree(staged)
     return partition_path(root, run_date)
 
 
-def remove_tree(uri: str, storage_options: dict) -> None:
-    fs, path = filesystem(uri, storage_options)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
-def scored_uris(root: str, run_date: dt.date, model_id: str, class_set_hash: str, storage_options: dict) -> set[str]:
+def scored_uris(root: str, run_date: dt.date, model_id: str, class_set_hash: str, storage: Storage) -> set[str]:
     """URIs scored ok in published partitions other than ``run_date`` with the same model and class set."""
-    fs, path = filesystem(root, storage_options)
+    from schemas.output import OUTPUT_SCHEMA
+
+    fs, path = storage.fs(root)
     if not fs.exists(path):
         return set()
     done = set()
@@ -110,8 +104,7 @@ def scored_uris(root: str, run_date: dt.date, model_id: str, class_set_hash: str
             continue
         if not fs.exists(f"{part}/{SUCCESS}"):
             continue  # never published: not trusted
-        dataset = pads.dataset(part, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)), format="parquet",
-                               schema=OUTPUT_SCHEMA)
+        dataset = pads.dataset(part, filesystem=storage.arrow(root)[0], format="parquet", schema=OUTPUT_SCHEMA)
         flt = ((pads.field("model_id") == model_id) & (pads.field("class_set_hash") == class_set_hash)
                & (pads.field("status") == STATUS_OK))
         for batch in dataset.to_batches(columns=["uri"], filter=flt):

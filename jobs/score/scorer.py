@@ -1,8 +1,10 @@
-"""The scoring step: a callable class run on a Ray actor pool; loads the model once per actor.
+"""Score: a callable class run on a Ray actor pool; loads the model once per actor.
 
-Input batches are rows of :mod:`jobs.sources`; output batches are Arrow tables with
-exactly :data:`schemas.output.OUTPUT_SCHEMA`. Rows whose status is not ``ok`` pass
-through with null scores, so every input keeps its one row.
+Input batches are the rows of :mod:`jobs.score.decode`: uint8 ``pixels`` (decoded in
+CPU tasks) or encoded ``data`` (decoded here by :class:`~clipn_core.device_decode.DeviceDecoder`,
+nvJPEG on CUDA). Output batches are Arrow tables with exactly
+:data:`schemas.output.OUTPUT_SCHEMA`. Rows whose status is not ``ok`` pass through with
+null scores, so every input keeps its one row.
 """
 
 from __future__ import annotations
@@ -14,19 +16,21 @@ import pyarrow as pa
 import torch
 
 import clipn_core as cc
-from clipn_core.images import SplitPreprocessor
+from clipn_core.device_decode import DeviceDecoder
+from clipn_core.images import split_preprocessor
 from clipn_core.scores import SCORES
+from clipn_core.storage import Storage
 from jobs.faults import maybe_die
 from schemas.output import OUTPUT_SCHEMA, STATUS_OK, ood_column, score_column
 from schemas.score_config import DecisionConfig, ModelConfig, RuntimeConfig
 
 
-def load_model(model_cfg: ModelConfig, storage_options: dict, cache_dir: str | None) -> tuple[cc.CLIPN, str]:
+def load_model(model_cfg: ModelConfig, storage: Storage, cache_dir: str | None) -> tuple[cc.CLIPN, str]:
     """(CLIPN in eval mode, model id) from a checkpoint or, for untrained runs, an architecture."""
     if model_cfg.checkpoint:
-        model, _, model_id = cc.load_checkpoint(model_cfg.checkpoint, storage_options, cache_dir)
+        model, _, model_id = cc.load_checkpoint(model_cfg.checkpoint, storage.options, cache_dir)
         return model, model_id
-    model, spec = cc.build_clipn(model_cfg.architecture, model_cfg.pretrained, storage_options=storage_options,
+    model, spec = cc.build_clipn(model_cfg.architecture, model_cfg.pretrained, storage_options=storage.options,
                                  cache_dir=cache_dir, seed=model_cfg.seed)
     ident = spec.base_weights
     return model, f"untrained:{ident['architecture']}:{ident.get('sha256') or ident.get('pretrained') or 'seed' + str(model_cfg.seed)}"
@@ -39,16 +43,25 @@ def is_ood_column(decision: DecisionConfig, scores: dict[str, np.ndarray], decis
     return decisions[decision.rule]
 
 
+def scoring_device(runtime: RuntimeConfig) -> str:
+    """``cuda`` when the actor holds a GPU and CUDA is visible, else ``cpu``."""
+    return "cuda" if runtime.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+
+
 class ScorerActor:
-    """Ray Data callable class: uint8 pixels + status -> one output row per input row."""
+    """Ray Data callable class: decoded pixels or encoded bytes + status -> one output row per input row."""
 
     def __init__(self, model_cfg: ModelConfig, heads: cc.ClassHeads, runtime: RuntimeConfig,
-                 decision: DecisionConfig, storage_options: dict, run_id: str, embeddings: bool,
+                 decision: DecisionConfig, storage: Storage, run_id: str, embeddings: bool,
                  fault: str | None = None):
-        model, self.model_id = load_model(model_cfg, storage_options, runtime.cache_dir)
-        device = "cuda" if runtime.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        self.scorer = cc.BatchScorer(model, heads, device, runtime.precision, runtime.logit_scale, runtime.mcm_temperature)
-        self.pre = SplitPreprocessor(model.preprocess_cfg)
+        if runtime.torch_threads:
+            torch.set_num_threads(runtime.torch_threads)
+        model, self.model_id = load_model(model_cfg, storage, runtime.cache_dir)
+        device = scoring_device(runtime)
+        self.scorer = cc.BatchScorer(model, heads, device, runtime.precision, runtime.logit_scale,
+                                     runtime.mcm_temperature, compile=runtime.compile)
+        pre = split_preprocessor(model.preprocess_cfg, mode=runtime.preprocess)
+        self.device_decoder = DeviceDecoder(pre, device, runtime.max_pixels)
         self.class_names = np.array(heads.class_names, dtype=object)
         self.class_set_hash = heads.class_set_hash
         self.decision = decision
@@ -56,10 +69,23 @@ class ScorerActor:
         self.embeddings = embeddings
         self.fault = fault  # test hook, see jobs.faults
 
+    def _decoded(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, torch.Tensor, np.ndarray, np.ndarray]:
+        """(ok mask [n], uint8 pixels of the ok rows, status [n], error [n]) after any device decoding."""
+        status, error = batch["status"].copy(), batch["error"].copy()
+        ok = np.asarray(status == STATUS_OK, dtype=bool)
+        if "pixels" in batch:
+            return ok, torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])), status, error
+        idx = np.flatnonzero(ok)
+        out = self.device_decoder([bytes(batch["data"][i]) for i in idx])
+        for j, err in out.errors.items():
+            status[idx[j]], error[idx[j]] = err.kind.value, err.message
+        ok = np.asarray(status == STATUS_OK, dtype=bool)
+        return ok, out.pixels, status, error
+
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         maybe_die(self.fault, "scorer")
         n = len(batch["uri"])
-        ok = np.asarray(batch["status"] == STATUS_OK, dtype=bool)
+        ok, pixels, status, error = self._decoded(batch)
         cols: dict[str, pa.Array] = {}
 
         def full(values: np.ndarray, pa_type) -> pa.Array:
@@ -69,8 +95,7 @@ class ScorerActor:
             return pa.array(out, type=pa_type, mask=~ok)
 
         if ok.any():
-            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
-            res = self.scorer(self.pre.normalize(pixels.to(self.scorer.device)))
+            res = self.scorer.score_pixels(pixels)
             idx = res.predicted_index
             cols["predicted_class"] = pa.array(_scatter(self.class_names[idx], ok, n), type=pa.string())
             cols["predicted_index"] = full(idx.astype(np.int32), pa.int32())
@@ -89,8 +114,8 @@ class ScorerActor:
             "uri": pa.array(batch["uri"].tolist(), pa.string()),
             "byte_size": pa.array(np.asarray(batch["byte_size"], dtype=np.int64), pa.int64(),
                                   mask=np.asarray(batch["byte_size"]) < 0),
-            "status": pa.array(batch["status"].tolist(), pa.string()),
-            "error": pa.array([e or None for e in batch["error"].tolist()], pa.string()),
+            "status": pa.array(status.tolist(), pa.string()),
+            "error": pa.array([e or None for e in error.tolist()], pa.string()),
             "model_id": pa.array([self.model_id] * n, pa.string()),
             "class_set_hash": pa.array([self.class_set_hash] * n, pa.string()),
             "run_id": pa.array([self.run_id] * n, pa.string()),

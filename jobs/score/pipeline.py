@@ -1,0 +1,143 @@
+"""Assembly of the nightly scoring job: setup on the driver, then read -> decode -> score -> write -> publish.
+
+Everything that can be wrong in the configuration (classes, templates, model, input
+listing) fails on the driver before any Ray work starts. Nothing is materialised or
+collected on the driver: Ray Data streams the rows from the read tasks through the
+scorer actors into staged Parquet, which is then published with its manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import ray
+
+import clipn_core as cc
+from clipn_core.storage import Storage, is_remote
+from jobs.faults import maybe_die, score_fault_from_env
+from jobs.score.decode import DecodeSettings, read_decode_batch, read_tar_batch
+from jobs.score.publish import (
+    PartFilenames,
+    partition_path,
+    publish,
+    scored_uris,
+    staged_stats,
+    staging_path,
+)
+from jobs.score.read import fetch_batch, input_dataset
+from jobs.score.scorer import ScorerActor, load_model
+from schemas.manifest import ScoreManifest
+from schemas.output import OUTPUT_SCHEMA_VERSION
+from schemas.score_config import ScoreJobConfig
+
+log = logging.getLogger("clipn.score")
+# Parquet writes of score rows are light; Ray's default of one whole CPU per write task
+# starves the decode tasks on small machines.
+WRITE_CPUS = 0.1
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the driver resolves before any Ray work: classes, templates, heads and the model's identity."""
+
+    classes: tuple[str, ...]
+    templates: tuple[str, ...]
+    heads: cc.ClassHeads
+    model_id: str
+    preprocess_cfg: dict
+
+
+def prepare(cfg: ScoreJobConfig, storage: Storage) -> Setup:
+    """Resolve and validate everything the run needs; raises a :class:`~clipn_core.ClipnError` naming the fault."""
+    classes = cc.load_class_names(cfg.classes.names, cfg.classes.file, storage.options)
+    templates = cc.load_templates(cfg.templates, storage.options)
+    model, model_id = load_model(cfg.model, storage, cfg.runtime.cache_dir)
+    heads = cc.build_class_heads(model, cc.get_tokenizer(model), classes, templates)
+    return Setup(classes, templates, heads, model_id, model.preprocess_cfg)
+
+
+def _drop_scored(batch: dict, done) -> dict:
+    import numpy as np
+
+    keep = np.array([u not in done for u in batch["uri"]], dtype=bool)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def run(cfg: ScoreJobConfig) -> ScoreManifest:
+    """Run the job; returns the published manifest. Raises before Ray work on any setup error."""
+    t0 = time.perf_counter()
+    storage = cfg.storage.bind()
+    run_id = cfg.run_id or uuid.uuid4().hex[:12]
+    run_date = cfg.effective_run_date()
+    rt = cfg.runtime
+
+    fault = score_fault_from_env()
+    setup = prepare(cfg, storage)
+    log.info("model %s, %d classes, %d templates, class set %s", setup.model_id[:16], len(setup.classes),
+             len(setup.templates), setup.heads.class_set_hash)
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    ds, n_inputs = input_dataset(cfg.input, storage)
+    done: set[str] = set()
+    if cfg.output.skip_scored:
+        done = scored_uris(cfg.output.uri, run_date, setup.model_id, setup.heads.class_set_hash, storage)
+        log.info("skip_scored: %d URIs already scored", len(done))
+    t_setup = time.perf_counter() - t0
+
+    settings = DecodeSettings(setup.preprocess_cfg, rt.preprocess, rt.decode, rt.max_pixels)
+    if cfg.input.kind == "tar":
+        ds = ds.map_batches(read_tar_batch, batch_size=1, num_cpus=rt.decode_cpus,
+                            fn_kwargs={"storage": storage, "settings": settings, "extensions": cfg.input.extensions})
+    elif rt.decode == "cpu":
+        ds = ds.map_batches(read_decode_batch, batch_size=rt.decode_batch_size, num_cpus=rt.decode_cpus,
+                            fn_kwargs={"storage": storage, "settings": settings, "concurrency": rt.fetch_concurrency,
+                                       "fault": fault})
+    else:  # the scorer decodes: the tasks only read
+        ds = ds.map_batches(fetch_batch, batch_size=rt.decode_batch_size, num_cpus=rt.decode_cpus,
+                            fn_kwargs={"storage": storage, "concurrency": rt.fetch_concurrency})
+    if done:
+        ds = ds.map_batches(_drop_scored, fn_kwargs={"done": done}, batch_size=None)
+    ds = ds.map_batches(
+        ScorerActor,
+        fn_constructor_kwargs={
+            "model_cfg": cfg.model, "heads": setup.heads, "runtime": rt, "decision": cfg.decision,
+            "storage": storage, "run_id": run_id, "embeddings": cfg.output.embeddings, "fault": fault,
+        },
+        batch_size=rt.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=rt.pool_size),
+        num_gpus=rt.gpus_per_actor,
+        num_cpus=rt.cpus_per_actor,
+        batch_format="numpy",
+    )
+
+    staged = staging_path(cfg.output.uri, run_id)
+    out_fs, staged_p = storage.arrow(staged)
+    try:
+        # Object stores have no directories; asking Ray to create one makes it delete a
+        # non-existent one (FileNotFoundError) when every input was skipped.
+        ds.write_parquet(staged_p, filesystem=out_fs, filename_provider=PartFilenames(),
+                         try_create_dir=not is_remote(cfg.output.uri), ray_remote_args={"num_cpus": WRITE_CPUS})
+        t_score = time.perf_counter() - t0 - t_setup
+        stats = staged_stats(staged, storage)
+        if n_inputs is not None and not done and stats["rows"] != n_inputs:
+            raise RuntimeError(f"wrote {stats['rows']} rows for {n_inputs} inputs; not publishing")
+        maybe_die(fault, "driver")  # test hook: a driver crash with everything staged, nothing published
+        manifest = ScoreManifest(
+            schema_version=OUTPUT_SCHEMA_VERSION, run_id=run_id, run_date=run_date,
+            partition=partition_path(cfg.output.uri, run_date), model_id=setup.model_id,
+            class_set_hash=setup.heads.class_set_hash, classes=list(setup.classes), templates=list(setup.templates),
+            inputs_listed=n_inputs, skipped_already_scored=len(done), **stats,
+            timings_s={"setup": round(t_setup, 3), "score_and_write": round(t_score, 3)},
+            images_per_s=round(stats["rows"] / t_score, 2) if t_score > 0 else None,
+            config=cfg.model_dump(mode="json"),
+        )
+        publish(cfg.output.uri, run_date, staged, manifest, storage)
+    except BaseException:
+        storage.remove_tree(staged)
+        raise
+    log.info("published %s: %d rows %s", manifest.partition, stats["rows"], stats["by_status"])
+    return manifest

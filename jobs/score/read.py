@@ -1,0 +1,145 @@
+"""List and read: the scoring job's inputs as a Ray dataset of URIs, and the concurrent object fetch.
+
+Inputs: ``prefix`` (image objects under a URI), ``manifest`` (a Parquet/CSV file of
+URIs, read by Ray) or ``tar`` (WebDataset shards, one row per shard). :func:`fetch_batch`
+is the pipeline's I/O step, separate from decoding: it reads the bytes of a batch of
+URIs with a bounded pool of requests in flight, one request per object, in Ray tasks
+that reserve almost no CPU, so many batches are in flight while the decode tasks keep
+the CPUs busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import fsspec.asyn
+import numpy as np
+import pyarrow as pa
+import ray
+
+from clipn_core.errors import InputError, redact_uri
+from clipn_core.storage import Storage
+from jobs.inputs import list_objects
+from schemas.status import STATUS_OK, STATUS_READ_ERROR
+
+if TYPE_CHECKING:  # the config (and the score registry behind it) is only needed on the driver
+    from schemas.score_config import InputConfig
+
+_pool_lock = threading.Lock()
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def input_dataset(cfg: InputConfig, storage: Storage) -> tuple[ray.data.Dataset, int | None]:
+    """(dataset with a ``uri`` column, number of inputs when known on the driver).
+
+    prefix: listed on the driver; manifest: read by Ray (streaming, never on the
+    driver); tar: one row per shard, expanded to images by the decode step.
+    """
+    if cfg.kind == "manifest":
+        arrow_fs, path = storage.arrow(cfg.uri)
+        if not storage.exists(cfg.uri):
+            raise InputError(f"manifest does not exist: {redact_uri(cfg.uri)}")
+        reader = ray.data.read_csv if path.endswith(".csv") else ray.data.read_parquet
+        ds = reader(path, filesystem=arrow_fs)
+        if cfg.uri_column not in ds.schema().names:
+            raise InputError(f"manifest {redact_uri(cfg.uri)} has no column {cfg.uri_column!r} (input.uri_column)")
+        ds = ds.select_columns([cfg.uri_column])
+        if cfg.uri_column != "uri":
+            ds = ds.rename_columns({cfg.uri_column: "uri"})
+        return ds, None
+    exts = [".tar"] if cfg.kind == "tar" else cfg.extensions
+    uris = list_objects(cfg.uri, exts, storage)
+    if not uris:
+        raise InputError(f"no {'/'.join(exts)} objects under {redact_uri(cfg.uri)}")
+    blocks = max(1, min(len(uris), 200, len(uris) // 16 or 1))
+    ds = ray.data.from_arrow(pa.table({"uri": uris})).repartition(blocks)
+    return ds, (len(uris) if cfg.kind == "prefix" else None)
+
+
+def _executor(concurrency: int) -> ThreadPoolExecutor:
+    """One pool per process and size, reused by every batch a worker process handles."""
+    with _pool_lock:
+        pool = _pools.get(concurrency)
+        if pool is None:
+            pool = _pools[concurrency] = ThreadPoolExecutor(concurrency, thread_name_prefix="clipn-fetch")
+        return pool
+
+
+async def _read(fs, path: str, limit: asyncio.Semaphore) -> bytes:
+    async with limit:
+        return await fs._cat_file(path)
+
+
+_limits: dict[tuple[int, int], asyncio.Semaphore] = {}
+
+
+def _limit(fs, concurrency: int) -> asyncio.Semaphore:
+    """The semaphore bounding reads in flight on ``fs``'s event loop (created on that loop)."""
+    key = (id(fs.loop), concurrency)
+    with _pool_lock:
+        if key not in _limits:
+            _limits[key] = fsspec.asyn.sync(fs.loop, _new_semaphore, concurrency)
+        return _limits[key]
+
+
+async def _new_semaphore(concurrency: int) -> asyncio.Semaphore:
+    return asyncio.Semaphore(concurrency)
+
+
+def start_fetch(uris: list[str], storage: Storage, concurrency: int) -> list[Future]:
+    """Start reading every URI; one future per URI, in input order, resolving to its bytes or raising its read
+    error. Up to ``concurrency`` reads are in flight per filesystem (one GET per S3 object, no HEAD).
+
+    Async filesystems (s3fs, gcsfs) read on their own event loop, the cheapest on CPU; the others in
+    a thread pool. URIs are taken literally: no glob expansion, so keys holding ``?``, ``*``, ``[``
+    or ``#`` are read as they are.
+    """
+    futures: list[Future] = []
+    for uri in uris:
+        try:
+            fs, path = storage.object_reader(uri)
+        except Exception as e:  # noqa: BLE001 - an unusable URI is that row's read error
+            failed: Future = Future()
+            failed.set_exception(e)
+            futures.append(failed)
+            continue
+        if getattr(fs, "async_impl", False):
+            futures.append(asyncio.run_coroutine_threadsafe(_read(fs, path, _limit(fs, concurrency)), fs.loop))
+        else:
+            futures.append(_executor(concurrency).submit(fs.cat_file, path))
+    return futures
+
+
+def fetch(uris: list[str], storage: Storage, concurrency: int) -> list[bytes | Exception]:
+    """Bytes of every URI, or the exception that stopped its read, in input order (:func:`start_fetch`)."""
+    out: list[bytes | Exception] = []
+    for future in start_fetch(uris, storage, concurrency):
+        try:
+            out.append(future.result())
+        except Exception as e:  # noqa: BLE001 - recorded in the row, never dropped
+            out.append(e)
+    return out
+
+
+def fetch_batch(batch: dict, storage: Storage, concurrency: int) -> dict[str, np.ndarray]:
+    """I/O step: one row per URI: ``uri``, ``byte_size`` (-1 when unread), ``status`` (``ok`` or
+    ``read_error``), ``error`` and ``data`` (the object's bytes; empty when unread)."""
+    uris = [str(u) for u in batch["uri"]]
+    size, status, error, data = [], [], [], []
+    for got in fetch(uris, storage, concurrency):
+        if isinstance(got, Exception):
+            size.append(-1)
+            status.append(STATUS_READ_ERROR)
+            error.append(f"{type(got).__name__}: {got}")
+            data.append(b"")
+        else:
+            size.append(len(got))
+            status.append(STATUS_OK)
+            error.append("")
+            data.append(got)
+    return {"uri": np.array(uris, dtype=object), "byte_size": np.array(size, dtype=np.int64),
+            "status": np.array(status, dtype=object), "error": np.array(error, dtype=object),
+            "data": np.array(data, dtype=object)}

@@ -1,0 +1,35 @@
+"""The scoring job's run manifest: ``_manifest.json`` of every published partition, and what ``run`` returns.
+
+Fields are only ever added; readers ignore fields they do not know, so a newer
+manifest stays readable by an older clipn-lake and the reverse.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ScoreManifest(BaseModel):
+    """What one scoring run did: identity of the model and class set, counts, rates, timings, config."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    schema_version: int = Field(description="version of the output schema (schemas.output)")
+    run_id: str
+    run_date: dt.date
+    partition: str = Field(description="URI of the published partition")
+    model_id: str = Field(description="sha256 of the checkpoint weights (or the untrained model's identity)")
+    class_set_hash: str = Field(description="hash of the ID class names and templates")
+    classes: list[str]
+    templates: list[str]
+    inputs_listed: int | None = Field(None, description="objects listed (prefix inputs; None when read by Ray)")
+    skipped_already_scored: int = Field(0, description="inputs skipped because skip_scored found them scored ok")
+    rows: int = Field(description="rows published: one per input image")
+    files: int
+    by_status: dict[str, int]
+    ood_rate: dict[str, float | None] = Field(description="share of ok rows flagged OOD, per decision column")
+    timings_s: dict[str, float]
+    images_per_s: float | None = Field(None, description="rows per second of the read-to-write pipeline")
+    config: dict = Field(description="the validated job config (never credentials: they are not config)")
