@@ -24,8 +24,15 @@ class ScoreManifest(BaseModel):
     class_set_hash: str = Field(description="hash of the ID class names and templates")
     classes: list[str]
     templates: list[str]
-    inputs_listed: int | None = Field(None, description="objects listed (prefix inputs; None when read by Ray)")
-    skipped_already_scored: int = Field(0, description="inputs skipped because skip_scored found them scored ok")
+    inputs_listed: int | None = Field(None, description="objects listed with a matching extension and not excluded "
+                                      "by the watermark (prefix inputs; None for manifests and shards)")
+    skipped_already_scored: int | None = Field(0, description="listed inputs left out because skip_scored found them "
+                                               "scored ok (None when the input count is not known)")
+    excluded_by_watermark: int = Field(0, description="objects left out because they were not modified after since")
+    since: dt.datetime | None = Field(None, description="the watermark applied (input.since), UTC")
+    since_from_run: str | None = Field(None, description="run id whose watermark was applied (since: last_run)")
+    watermark: dt.datetime | None = Field(None, description="when this run's listing began (UTC): the next run's "
+                                          "since with last_run")
     rows: int = Field(description="rows published: one per input image")
     files: int
     by_status: dict[str, int]

@@ -24,6 +24,17 @@ class InputConfig(StrictModel):
     uri: str = Field(..., description="prefix URI, manifest file URI, or folder/prefix of .tar shards")
     uri_column: str = Field("uri", description="manifest column holding image URIs")
     extensions: FileExtensions = Field(default_factory=lambda: list(IMAGE_EXTENSIONS), description="image file extensions (prefix and tar inputs)")
+    since: Literal["last_run"] | dt.datetime | None = Field(
+        None, description="prefix inputs: only objects modified after this time (UTC when no zone is given), or after "
+        "the watermark of the last published run of this output (last_run)")
+
+    @model_validator(mode="after")
+    def _since_needs_a_listing(self):
+        if self.since is not None and self.kind != "prefix":
+            raise ValueError("input.since needs kind: prefix (a listing carries the objects' modification times)")
+        if isinstance(self.since, dt.datetime) and self.since.tzinfo is None:
+            self.since = self.since.replace(tzinfo=dt.timezone.utc)
+        return self
 
 
 class OutputConfig(StrictModel):
@@ -31,6 +42,8 @@ class OutputConfig(StrictModel):
     run_date: dt.date | None = Field(None, description="partition date (default: today, UTC)")
     embeddings: bool = Field(False, description="also write the normalised image embedding (float16 list)")
     skip_scored: bool = Field(False, description="skip URIs already scored ok in other partitions with the same model id and class set")
+    staging_max_age_h: float = Field(24.0, ge=0.1, description="at start, delete staging folders of dead runs "
+                                     "whose heartbeat is older than this (hours); a live run's never is")
 
 
 class ModelConfig(StrictModel):

@@ -8,6 +8,7 @@ scorer actors into staged Parquet, which is then published with its manifest.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 import uuid
@@ -16,16 +17,19 @@ from dataclasses import dataclass
 import ray
 
 import clipn_core as cc
+from clipn_core.errors import InputError, redact_uri
 from clipn_core.storage import Storage, is_remote
 from jobs.faults import maybe_die, score_fault_from_env
 from jobs.score.decode import DecodeSettings, read_decode_batch, read_tar_batch
+from jobs.score.incremental import drop_scored, last_watermark, scored_uris
 from jobs.score.publish import (
+    Heartbeat,
     PartFilenames,
     partition_path,
     publish,
-    scored_uris,
     staged_stats,
     staging_path,
+    sweep_staging,
 )
 from jobs.score.read import fetch_batch, input_dataset
 from jobs.score.scorer import ScorerActor, load_model
@@ -59,35 +63,18 @@ def prepare(cfg: ScoreJobConfig, storage: Storage) -> Setup:
     return Setup(classes, templates, heads, model_id, model.preprocess_cfg)
 
 
-def _drop_scored(batch: dict, done) -> dict:
-    import numpy as np
+def resolve_since(cfg: ScoreJobConfig, storage: Storage, run_date: dt.date) -> tuple[dt.datetime | None, str | None]:
+    """(watermark to apply, run id it comes from) for ``input.since``: a time, the last run's, or none."""
+    if cfg.input.since == "last_run":
+        last = last_watermark(cfg.output.uri, run_date, storage)
+        return (last[0], last[1]) if last else (None, None)
+    return cfg.input.since, None
 
-    keep = np.array([u not in done for u in batch["uri"]], dtype=bool)
-    return {k: v[keep] for k, v in batch.items()}
 
-
-def run(cfg: ScoreJobConfig) -> ScoreManifest:
-    """Run the job; returns the published manifest. Raises before Ray work on any setup error."""
-    t0 = time.perf_counter()
-    storage = cfg.storage.bind()
-    run_id = cfg.run_id or uuid.uuid4().hex[:12]
-    run_date = cfg.effective_run_date()
+def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: Setup, storage: Storage, run_id: str,
+               fault: str | None) -> ray.data.Dataset:
+    """URIs -> output rows: read + decode tasks (or fetch only, when the scorer decodes), then the actor pool."""
     rt = cfg.runtime
-
-    fault = score_fault_from_env()
-    setup = prepare(cfg, storage)
-    log.info("model %s, %d classes, %d templates, class set %s", setup.model_id[:16], len(setup.classes),
-             len(setup.templates), setup.heads.class_set_hash)
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
-    ds, n_inputs = input_dataset(cfg.input, storage)
-    done: set[str] = set()
-    if cfg.output.skip_scored:
-        done = scored_uris(cfg.output.uri, run_date, setup.model_id, setup.heads.class_set_hash, storage)
-        log.info("skip_scored: %d URIs already scored", len(done))
-    t_setup = time.perf_counter() - t0
-
     settings = DecodeSettings(setup.preprocess_cfg, rt.preprocess, rt.decode, rt.max_pixels)
     if cfg.input.kind == "tar":
         ds = ds.map_batches(read_tar_batch, batch_size=1, num_cpus=rt.decode_cpus,
@@ -99,9 +86,7 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
     else:  # the scorer decodes: the tasks only read
         ds = ds.map_batches(fetch_batch, batch_size=rt.decode_batch_size, num_cpus=rt.decode_cpus,
                             fn_kwargs={"storage": storage, "concurrency": rt.fetch_concurrency})
-    if done:
-        ds = ds.map_batches(_drop_scored, fn_kwargs={"done": done}, batch_size=None)
-    ds = ds.map_batches(
+    return ds.map_batches(
         ScorerActor,
         fn_constructor_kwargs={
             "model_cfg": cfg.model, "heads": setup.heads, "runtime": rt, "decision": cfg.decision,
@@ -114,28 +99,61 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
         batch_format="numpy",
     )
 
+
+def run(cfg: ScoreJobConfig) -> ScoreManifest:
+    """Run the job; returns the published manifest. Raises before Ray work on any setup error."""
+    t0 = time.perf_counter()
+    storage = cfg.storage.bind()
+    run_id = cfg.run_id or uuid.uuid4().hex[:12]
+    run_date = cfg.effective_run_date()
+
+    fault = score_fault_from_env()
+    setup = prepare(cfg, storage)
+    log.info("model %s, %d classes, %d templates, class set %s", setup.model_id[:16], len(setup.classes),
+             len(setup.templates), setup.heads.class_set_hash)
+    since, since_run = resolve_since(cfg, storage, run_date)
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    watermark = dt.datetime.now(dt.timezone.utc)  # before the first listing request: the next night's since
+    inputs = input_dataset(cfg.input, storage, since)  # plans the listing: a missing or empty input fails here
+    ds = inputs.dataset
+    scored = (scored_uris(cfg.output.uri, run_date, setup.model_id, setup.heads.class_set_hash, storage)
+              if cfg.output.skip_scored else None)
+    if scored is not None:
+        ds = drop_scored(ds, scored)
+    sweep_staging(cfg.output.uri, storage, dt.timedelta(hours=cfg.output.staging_max_age_h), run_id)
     staged = staging_path(cfg.output.uri, run_id)
-    out_fs, staged_p = storage.arrow(staged)
+    t_setup = time.perf_counter() - t0
     try:
-        # Object stores have no directories; asking Ray to create one makes it delete a
-        # non-existent one (FileNotFoundError) when every input was skipped.
-        ds.write_parquet(staged_p, filesystem=out_fs, filename_provider=PartFilenames(),
-                         try_create_dir=not is_remote(cfg.output.uri), ray_remote_args={"num_cpus": WRITE_CPUS})
-        t_score = time.perf_counter() - t0 - t_setup
-        stats = staged_stats(staged, storage)
-        if n_inputs is not None and not done and stats["rows"] != n_inputs:
-            raise RuntimeError(f"wrote {stats['rows']} rows for {n_inputs} inputs; not publishing")
-        maybe_die(fault, "driver")  # test hook: a driver crash with everything staged, nothing published
-        manifest = ScoreManifest(
-            schema_version=OUTPUT_SCHEMA_VERSION, run_id=run_id, run_date=run_date,
-            partition=partition_path(cfg.output.uri, run_date), model_id=setup.model_id,
-            class_set_hash=setup.heads.class_set_hash, classes=list(setup.classes), templates=list(setup.templates),
-            inputs_listed=n_inputs, skipped_already_scored=len(done), **stats,
-            timings_s={"setup": round(t_setup, 3), "score_and_write": round(t_score, 3)},
-            images_per_s=round(stats["rows"] / t_score, 2) if t_score > 0 else None,
-            config=cfg.model_dump(mode="json"),
-        )
-        publish(cfg.output.uri, run_date, staged, manifest, storage)
+        with Heartbeat(staged, storage):
+            out_fs, staged_p = storage.arrow(staged)
+            # Object stores have no directories; asking Ray to create one makes it delete a
+            # non-existent one (FileNotFoundError) when every input was skipped.
+            score_rows(ds, cfg, setup, storage, run_id, fault).write_parquet(
+                staged_p, filesystem=out_fs, filename_provider=PartFilenames(),
+                try_create_dir=not is_remote(cfg.output.uri), ray_remote_args={"num_cpus": WRITE_CPUS})
+            t_score = time.perf_counter() - t0 - t_setup
+            stats = staged_stats(staged, storage)
+            listed, excluded = inputs.listing.totals() if inputs.listing else (None, 0)
+            if listed == 0 and not excluded:
+                raise InputError(f"no {'/'.join(cfg.input.extensions)} objects under {redact_uri(cfg.input.uri)}")
+            skipped = 0
+            if scored is not None:
+                skipped = listed - stats["rows"] if listed is not None else None
+            elif listed is not None and stats["rows"] != listed:
+                raise RuntimeError(f"wrote {stats['rows']} rows for {listed} listed inputs; not publishing")
+            maybe_die(fault, "driver")  # test hook: a driver crash with everything staged, nothing published
+            manifest = ScoreManifest(
+                schema_version=OUTPUT_SCHEMA_VERSION, run_id=run_id, run_date=run_date,
+                partition=partition_path(cfg.output.uri, run_date), model_id=setup.model_id,
+                class_set_hash=setup.heads.class_set_hash, classes=list(setup.classes),
+                templates=list(setup.templates), inputs_listed=listed, skipped_already_scored=skipped,
+                excluded_by_watermark=excluded, since=since, since_from_run=since_run, watermark=watermark,
+                **stats, timings_s={"setup": round(t_setup, 3), "score_and_write": round(t_score, 3)},
+                images_per_s=round(stats["rows"] / t_score, 2) if t_score > 0 else None,
+                config=cfg.model_dump(mode="json"),
+            )
+            publish(cfg.output.uri, run_date, staged, manifest, storage)
     except BaseException:
         storage.remove_tree(staged)
         raise

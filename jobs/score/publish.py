@@ -6,11 +6,18 @@ DuckDB globs because of the leading underscore) and only then replaces the parti
 remove the old ``_SUCCESS``, remove the old files, move the staged files in, write the
 manifest, write ``_SUCCESS``. Ray's writer appends; this is what makes reruns
 idempotent and failed runs invisible.
+
+A live run refreshes ``_staging/<run_id>/_heartbeat`` every minute (:class:`Heartbeat`);
+a driver killed mid-run leaves its staging folder behind, and the next run's
+:func:`sweep_staging` deletes staging folders whose heartbeat is older than
+``output.staging_max_age_h``, never a live one.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import threading
 from collections import Counter
 
 import pyarrow.compute as pc
@@ -23,14 +30,21 @@ from schemas.status import STATUS_OK
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "_manifest.json"
+HEARTBEAT = "_heartbeat"
+HEARTBEAT_EVERY_S = 60.0
+log = logging.getLogger("clipn.score")
 
 
 def partition_path(root: str, run_date: dt.date) -> str:
     return f"{root.rstrip('/')}/run_date={run_date.isoformat()}"
 
 
+def staging_root(root: str) -> str:
+    return f"{root.rstrip('/')}/_staging"
+
+
 def staging_path(root: str, run_id: str) -> str:
-    return f"{root.rstrip('/')}/_staging/{run_id}"
+    return f"{staging_root(root)}/{run_id}"
 
 
 class PartFilenames(FilenameProvider):
@@ -90,23 +104,69 @@ def publish(root: str, run_date: dt.date, staged: str, manifest: ScoreManifest, 
     return partition_path(root, run_date)
 
 
-def scored_uris(root: str, run_date: dt.date, model_id: str, class_set_hash: str, storage: Storage) -> set[str]:
-    """URIs scored ok in published partitions other than ``run_date`` with the same model and class set."""
-    from schemas.output import OUTPUT_SCHEMA
 
-    fs, path = storage.fs(root)
-    if not fs.exists(path):
-        return set()
-    done = set()
-    for part in fs.ls(path, detail=False):
-        name = part.rstrip("/").rsplit("/", 1)[-1]
-        if not name.startswith("run_date=") or name == f"run_date={run_date.isoformat()}":
+class Heartbeat:
+    """Context manager: writes ``<staged>/_heartbeat`` now and every ``every_s`` seconds until exit, so that
+    :func:`sweep_staging` can tell a live run's staging from a dead one's (the object's own modification
+    time, the store's clock, is what counts)."""
+
+    def __init__(self, staged: str, storage: Storage, every_s: float = HEARTBEAT_EVERY_S):
+        self.uri, self.storage, self.every_s = f"{staged}/{HEARTBEAT}", storage, every_s
+        self._stop = threading.Event()
+
+    def _beat(self) -> None:
+        self.storage.write_bytes(self.uri, dt.datetime.now(dt.timezone.utc).isoformat().encode())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self._beat()
+            except Exception as e:  # noqa: BLE001 - a missed beat only makes the sweep more careful next time
+                log.warning("could not refresh %s: %s", self.uri, e)
+
+    def __enter__(self) -> Heartbeat:
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name="staging-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _last_sign_of_life(fs, folder: str) -> dt.datetime | None:
+    """The heartbeat's modification time, or (staging from before heartbeats) the newest file's; None if empty."""
+    times = []
+    for info in fs.find(folder, detail=True).values():
+        mtime = info.get("LastModified") or info.get("mtime") or info.get("created")
+        if mtime is None:
             continue
-        if not fs.exists(f"{part}/{SUCCESS}"):
-            continue  # never published: not trusted
-        dataset = pads.dataset(part, filesystem=storage.arrow(root)[0], format="parquet", schema=OUTPUT_SCHEMA)
-        flt = ((pads.field("model_id") == model_id) & (pads.field("class_set_hash") == class_set_hash)
-               & (pads.field("status") == STATUS_OK))
-        for batch in dataset.to_batches(columns=["uri"], filter=flt):
-            done.update(batch.column("uri").to_pylist())
-    return done
+        if not isinstance(mtime, dt.datetime):
+            mtime = dt.datetime.fromtimestamp(float(mtime), dt.timezone.utc)
+        if info["name"].rstrip("/").endswith(f"/{HEARTBEAT}"):
+            return mtime
+        times.append(mtime)
+    return max(times) if times else None
+
+
+def sweep_staging(root: str, storage: Storage, max_age: dt.timedelta, live_run_id: str) -> list[str]:
+    """Delete ``<root>/_staging/<run>/`` folders of dead runs (no sign of life for ``max_age``); returns the
+    run ids removed. The current run's folder and any folder whose heartbeat is recent are left alone."""
+    fs, path = storage.fs(staging_root(root))
+    if not fs.exists(path):
+        return []
+    now = dt.datetime.now(dt.timezone.utc)
+    removed = []
+    for folder in fs.ls(path, detail=False):
+        run_id = folder.rstrip("/").rsplit("/", 1)[-1]
+        if run_id == live_run_id:
+            continue
+        seen = _last_sign_of_life(fs, folder)
+        if seen is None or now - seen < max_age:  # alive, or a folder being created this instant
+            continue
+        fs.rm(folder, recursive=True)
+        removed.append(run_id)
+        log.info("removed the staging of dead run %s (last sign of life %s)", run_id, seen.isoformat())
+    return removed
+

@@ -1,7 +1,7 @@
 """List and read: the scoring job's inputs as a Ray dataset of URIs, and the concurrent object fetch.
 
-Inputs: ``prefix`` (image objects under a URI), ``manifest`` (a Parquet/CSV file of
-URIs, read by Ray) or ``tar`` (WebDataset shards, one row per shard). :func:`fetch_batch`
+Inputs: ``prefix`` (image objects under a URI, listed in Ray tasks), ``manifest`` (a
+Parquet/CSV file of URIs, read by Ray) or ``tar`` (WebDataset shards, one row per shard). :func:`fetch_batch`
 is the pipeline's I/O step, separate from decoding: it reads the bytes of a batch of
 URIs with a bounded pool of requests in flight, one request per object, in Ray tasks
 that reserve almost no CPU, so many batches are in flight while the decode tasks keep
@@ -11,8 +11,10 @@ the CPUs busy.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import fsspec.asyn
@@ -23,6 +25,7 @@ import ray
 from clipn_core.errors import InputError, redact_uri
 from clipn_core.storage import Storage
 from jobs.inputs import list_objects
+from jobs.score.listing import ObjectListing
 from schemas.status import STATUS_OK, STATUS_READ_ERROR
 
 if TYPE_CHECKING:  # the config (and the score registry behind it) is only needed on the driver
@@ -32,12 +35,26 @@ _pool_lock = threading.Lock()
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
-def input_dataset(cfg: InputConfig, storage: Storage) -> tuple[ray.data.Dataset, int | None]:
-    """(dataset with a ``uri`` column, number of inputs when known on the driver).
+@dataclass
+class Inputs:
+    """The run's input rows (a ``uri`` column) and, for prefix inputs, the listing that counts them."""
 
-    prefix: listed on the driver; manifest: read by Ray (streaming, never on the
-    driver); tar: one row per shard, expanded to images by the decode step.
+    dataset: ray.data.Dataset
+    listing: ObjectListing | None = None
+
+
+def input_dataset(cfg: InputConfig, storage: Storage, since: dt.datetime | None = None,
+                  listing_cpus: float = 0.25) -> Inputs:
+    """The inputs as a dataset of URIs; nothing is listed or read on the driver.
+
+    prefix: listed in Ray tasks (:mod:`jobs.score.listing`), objects modified after ``since``
+    only; manifest: read by Ray; tar: one row per shard (a few thousand at most, listed
+    here), expanded to images by the decode step.
     """
+    if cfg.kind == "prefix":
+        listing = ObjectListing(cfg.uri, cfg.extensions, storage, since=since,
+                                target_ranges=max(16, 4 * int(ray.cluster_resources().get("CPU", 4))))
+        return Inputs(ray.data.read_datasource(listing, num_cpus=listing_cpus), listing)
     if cfg.kind == "manifest":
         arrow_fs, path = storage.arrow(cfg.uri)
         if not storage.exists(cfg.uri):
@@ -49,14 +66,11 @@ def input_dataset(cfg: InputConfig, storage: Storage) -> tuple[ray.data.Dataset,
         ds = ds.select_columns([cfg.uri_column])
         if cfg.uri_column != "uri":
             ds = ds.rename_columns({cfg.uri_column: "uri"})
-        return ds, None
-    exts = [".tar"] if cfg.kind == "tar" else cfg.extensions
-    uris = list_objects(cfg.uri, exts, storage)
-    if not uris:
-        raise InputError(f"no {'/'.join(exts)} objects under {redact_uri(cfg.uri)}")
-    blocks = max(1, min(len(uris), 200, len(uris) // 16 or 1))
-    ds = ray.data.from_arrow(pa.table({"uri": uris})).repartition(blocks)
-    return ds, (len(uris) if cfg.kind == "prefix" else None)
+        return Inputs(ds)
+    shards = list_objects(cfg.uri, [".tar"], storage)
+    if not shards:
+        raise InputError(f"no .tar objects under {redact_uri(cfg.uri)}")
+    return Inputs(ray.data.from_arrow(pa.table({"uri": shards})).repartition(len(shards)))
 
 
 def _executor(concurrency: int) -> ThreadPoolExecutor:

@@ -1,0 +1,80 @@
+"""Incremental nights: what a run leaves out and why, without holding per-object state on the driver.
+
+* ``output.skip_scored``: URIs already scored ``ok`` with the same model id and class set in
+  another published partition of this output are dropped by a Ray Data left anti-join on
+  ``uri`` (hash-partitioned across workers), before any object is fetched. The driver
+  only lists the published partitions (one per night).
+* ``input.since``: only objects modified after a watermark are listed. ``last_run`` takes
+  the watermark of the latest published run of this output for an earlier date (its
+  ``_manifest.json`` ``watermark``, the moment its listing began), so consecutive nights
+  see each object once and a rerun of a night sees what that night saw.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+import ray
+from ray.data.expressions import col
+
+from clipn_core.storage import Storage
+from jobs.score.publish import MANIFEST, SUCCESS
+from schemas.manifest import ScoreManifest
+from schemas.status import STATUS_OK
+
+log = logging.getLogger("clipn.score")
+# Hash partitions of the skip join: each is joined on its own, so the scored set never has to fit one
+# worker; more than the workers a lake night needs only costs empty tasks.
+JOIN_PARTITIONS = 16
+
+
+def published_partitions(root: str, storage: Storage, exclude: dt.date | None = None) -> list[str]:
+    """Paths (no protocol) of the published ``run_date=`` partitions under ``root`` (those with ``_SUCCESS``),
+    except the one of ``exclude``; one listing of the root, one existence check per partition."""
+    fs, path = storage.fs(root)
+    if not fs.exists(path):
+        return []
+    parts = []
+    for part in sorted(fs.ls(path, detail=False)):
+        name = part.rstrip("/").rsplit("/", 1)[-1]
+        if not name.startswith("run_date=") or (exclude and name == f"run_date={exclude.isoformat()}"):
+            continue
+        if fs.exists(f"{part}/{SUCCESS}"):  # never published: not trusted
+            parts.append(part)
+    return parts
+
+
+def last_watermark(root: str, run_date: dt.date, storage: Storage) -> tuple[dt.datetime, str] | None:
+    """(watermark, run id) of the latest published run of ``root`` for an earlier date than ``run_date``, or None.
+
+    Earlier dates only: rerunning a night then sees what that night saw the first time.
+    """
+    fs, _ = storage.fs(root)
+    best: tuple[dt.datetime, str] | None = None
+    for part in published_partitions(root, storage, exclude=run_date):
+        if part.rstrip("/").rsplit("run_date=", 1)[-1] > run_date.isoformat():
+            continue
+        manifest = ScoreManifest.model_validate_json(fs.cat_file(f"{part}/{MANIFEST}"))
+        if manifest.watermark is not None and (best is None or manifest.watermark > best[0]):
+            best = (manifest.watermark, manifest.run_id)
+    return best
+
+
+def scored_uris(root: str, run_date: dt.date, model_id: str, class_set_hash: str,
+                storage: Storage) -> ray.data.Dataset | None:
+    """A dataset of the URIs scored ``ok`` in published partitions other than ``run_date`` with the same
+    model and class set (read by Ray, never on the driver), or None when there is no such partition."""
+    parts = published_partitions(root, storage, exclude=run_date)
+    if not parts:
+        return None
+    arrow_fs, _ = storage.arrow(root)
+    ds = ray.data.read_parquet(parts, filesystem=arrow_fs, partitioning=None)
+    ds = ds.select_columns(["uri", "model_id", "class_set_hash", "status"]).filter(expr=(col("model_id") == model_id) & (col("class_set_hash") == class_set_hash)
+                   & (col("status") == STATUS_OK))
+    return ds.select_columns(["uri"])
+
+
+def drop_scored(inputs: ray.data.Dataset, scored: ray.data.Dataset) -> ray.data.Dataset:
+    """``inputs`` (a ``uri`` column) without the URIs in ``scored``: a hash-partitioned left anti-join."""
+    return inputs.join(scored, join_type="left_anti", num_partitions=JOIN_PARTITIONS, on=("uri",))

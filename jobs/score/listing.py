@@ -1,0 +1,371 @@
+"""List: the objects under a prefix as a stream of ``uri`` blocks, listed in Ray tasks, never held on the driver.
+
+**Object stores (S3, MinIO).** ListObjectsV2 returns keys in order, 1,000 per request, so
+one lister takes 10,000 sequential requests for 10 million keys. The key space under the
+prefix is therefore cut into disjoint key ranges that Ray read tasks list in parallel,
+each page by page (bounded memory; a range is resumed from its start if its task is
+retried). The driver plans the ranges with a few concurrent probes (one request each)
+and holds only the range bounds, never a key list:
+
+1. probe the whole prefix; fewer than a page of keys: one range;
+2. otherwise split it by the next character: one range per character of a common key
+   alphabet (``0-9A-Za-z-._/``) plus the gaps between them, so every possible key falls in
+   exactly one range whatever characters it holds; probe the parts, drop the empty ones
+   and split again the ones holding more than a page, until there are enough ranges
+   (about four per CPU) or none is large.
+
+A range ``[lower, upper)`` is listed with ``Prefix`` (their common prefix) and
+``StartAfter`` (just below ``lower``) and stops at ``upper``; keys outside the range are
+dropped, so ranges never overlap. Date- or hash-partitioned lakes split along their
+folders; a flat folder of ``img_000001.jpg`` keys splits along its digits.
+
+**Local folders** split by sub-folder (each listed recursively in its own task) plus one
+range for the files at the top. Other fsspec stores are listed by one task.
+
+Each task counts what it listed and what the ``since`` watermark excluded per range;
+:class:`ListingCounts` (a small actor, keyed by range so a retried task does not count
+twice) hands the totals to the driver for the manifest and the row check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import fsspec.asyn
+import pyarrow as pa
+import ray
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from clipn_core.errors import InputError, redact_uri
+from clipn_core.storage import Storage
+
+ALPHABET = "-./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
+PAGE_SIZE = 1000  # keys per ListObjectsV2 request (S3's maximum)
+_MAX_CHAR = "\U0010ffff"  # the greatest code point: sorts after every other character in UTF-8 order
+_MAX_PROBES = 4000  # planning requests at most (about 0.1 s each at 30 ms and 32 in flight)
+_PROBES_IN_FLIGHT = 32
+
+
+@dataclass(frozen=True)
+class KeyRange:
+    """Keys ``k`` with ``lower <= k < upper`` (``upper`` None: no bound), all starting with ``prefix``.
+
+    Keys are the paths below the bucket (S3) or below the listed folder's parent (local);
+    ``prefix`` is what the store is asked for, a prefix of ``lower`` and ``upper``.
+    """
+
+    prefix: str
+    lower: str
+    upper: str | None
+
+    @property
+    def splittable(self) -> bool:
+        """True for a whole-prefix range (every key starting with ``lower``), which splits by next character."""
+        return self.lower == self.prefix and self.upper == successor(self.prefix)
+
+    def holds(self, key: str) -> bool:
+        return key >= self.lower and (self.upper is None or key < self.upper)
+
+
+def successor(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix`` (None for the empty prefix)."""
+    while prefix:
+        last = ord(prefix[-1])
+        if last < 0x10FFFF:
+            nxt = last + 1 if not 0xD800 <= last + 1 <= 0xDFFF else 0xE000  # skip surrogates (not UTF-8)
+            return prefix[:-1] + chr(nxt)
+        prefix = prefix[:-1]
+    return None
+
+
+def start_after(lower: str) -> str:
+    """A string just below ``lower`` for S3's ``StartAfter``: every key >= ``lower`` sorts after it, and almost
+    nothing below ``lower`` does (only keys carrying U+10FFFF, which the range then drops)."""
+    last = ord(lower[-1])
+    if last == 0:
+        return lower[:-1]
+    prev = last - 1 if not 0xD800 <= last - 1 <= 0xDFFF else 0xD7FF
+    return lower[:-1] + chr(prev) + _MAX_CHAR
+
+
+def split(rng: KeyRange) -> list[KeyRange]:
+    """A whole-prefix range cut into one range per next character of :data:`ALPHABET` and the gaps between
+    them: together they hold every key of ``rng`` exactly once."""
+    q = rng.lower
+    parts: list[KeyRange] = []
+    low = q
+    for ch in ALPHABET:
+        if low < q + ch:  # the gap below this character
+            parts.append(KeyRange(q, low, q + ch))
+        parts.append(KeyRange(q + ch, q + ch, successor(q + ch)))
+        low = successor(q + ch)
+    if rng.upper is None or low < rng.upper:
+        parts.append(KeyRange(q, low, rng.upper))
+    return parts
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One listed object: its key, size in bytes and last-modified time (UTC)."""
+
+    key: str
+    size: int
+    modified: dt.datetime
+
+
+# ------------------------------------------------------------------ S3
+
+
+async def _s3_pages(fs, bucket: str, rng: KeyRange, page_size: int):
+    """(page, more): pages (lists of :class:`Listed`) of the keys of ``rng`` in order, and whether the range
+    goes on after each; stops at the range's end."""
+    kwargs = {"Bucket": bucket, "Prefix": rng.prefix, "MaxKeys": page_size}
+    if rng.lower > rng.prefix:
+        kwargs["StartAfter"] = start_after(rng.lower)
+    while True:
+        resp = await fs._call_s3("list_objects_v2", **kwargs)
+        page, done = [], not resp.get("IsTruncated")
+        for obj in resp.get("Contents", []):
+            key = obj["Key"]
+            if rng.upper is not None and key >= rng.upper:
+                done = True
+                break
+            if key >= rng.lower:
+                page.append(Listed(key, int(obj.get("Size", 0)), obj["LastModified"]))
+        yield page, not done
+        if done:
+            return
+        kwargs["ContinuationToken"] = resp["NextContinuationToken"]
+
+
+async def _probe(fs, bucket: str, rng: KeyRange, page_size: int, limit: asyncio.Semaphore) -> tuple[int, bool]:
+    """(keys of ``rng`` in its first page, whether the range goes on after it): one request."""
+    async with limit:
+        pages = _s3_pages(fs, bucket, rng, page_size)
+        try:
+            first, more = await pages.__anext__()
+        finally:
+            await pages.aclose()
+    return len(first), more
+
+
+async def _probe_all(fs, bucket: str, ranges: list[KeyRange], page_size: int) -> list[tuple[int, bool]]:
+    limit = asyncio.Semaphore(_PROBES_IN_FLIGHT)
+    return await asyncio.gather(*(_probe(fs, bucket, r, page_size, limit) for r in ranges))
+
+
+def plan_s3(fs, bucket: str, prefix: str, target: int, page_size: int = PAGE_SIZE) -> list[KeyRange]:
+    """Disjoint key ranges covering every key under ``prefix`` in ``bucket`` (module docstring); [] when none."""
+    root = KeyRange(prefix, prefix, successor(prefix))
+    ((count, big),) = fsspec.asyn.sync(fs.loop, _probe_all, fs, bucket, [root], page_size)
+    if not count and not big:
+        return []
+    if not big:
+        return [root]
+    final: list[KeyRange] = []
+    frontier = [root]
+    probes = 1
+    while frontier and len(final) + len(frontier) < target and probes < _MAX_PROBES:
+        children = [part for rng in frontier for part in split(rng)]
+        results = fsspec.asyn.sync(fs.loop, _probe_all, fs, bucket, children, page_size)
+        probes += len(children)
+        frontier = []
+        for child, (n, more) in zip(children, results):
+            if n == 0 and not more:
+                continue
+            (frontier if more and child.splittable else final).append(child)
+    return final + frontier
+
+
+def _list_s3(fs, bucket: str, rng: KeyRange, page_size: int) -> Iterator[list[Listed]]:
+    pages = _s3_pages(fs, bucket, rng, page_size)
+    while True:
+        try:
+            page, _ = fsspec.asyn.sync(fs.loop, pages.__anext__)
+        except StopAsyncIteration:
+            return
+        yield page
+
+
+# ------------------------------------------------------------------ folders (local, other fsspec stores)
+
+
+@dataclass(frozen=True)
+class Folder:
+    """The files in ``path`` (a folder path, no protocol), and with ``recursive`` everything below it."""
+
+    path: str
+    recursive: bool
+
+
+def plan_local(root: str) -> list[Folder]:
+    """One range per sub-folder of ``root`` (listed recursively) and one for the files directly in it."""
+    folders = [Folder(root, recursive=False)]
+    with os.scandir(root) as entries:
+        folders += [Folder(e.path, recursive=True) for e in entries if e.is_dir(follow_symlinks=False)]
+    return folders
+
+
+def _pages(items: Iterator[Listed], page_size: int) -> Iterator[list[Listed]]:
+    page: list[Listed] = []
+    for item in items:
+        page.append(item)
+        if len(page) >= page_size:
+            yield page
+            page = []
+    if page:
+        yield page
+
+
+def _walk_local(folder: Folder) -> Iterator[Listed]:
+    stack = [folder.path]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    if folder.recursive:
+                        stack.append(entry.path)
+                    continue
+                st = entry.stat()
+                yield Listed(entry.path, st.st_size, dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc))
+
+
+def _walk_generic(fs, folder: Folder) -> Iterator[Listed]:
+    for parent, _, files in fs.walk(folder.path, detail=True):
+        for name, info in files.items():
+            mtime = info.get("LastModified") or info.get("mtime") or info.get("updated") or 0
+            if not isinstance(mtime, dt.datetime):
+                mtime = dt.datetime.fromtimestamp(float(mtime or 0), dt.timezone.utc)
+            yield Listed(f"{parent.rstrip('/')}/{name}", int(info.get("size") or 0), mtime)
+
+
+# ------------------------------------------------------------------ the datasource
+
+
+@ray.remote(num_cpus=0)
+class ListingCounts:
+    """Per-range (listed, excluded by the watermark) counts reported by the listing tasks; totals on demand."""
+
+    def __init__(self):
+        self.by_range: dict[int, tuple[int, int]] = {}
+
+    def report(self, range_id: int, listed: int, excluded: int) -> None:
+        self.by_range[range_id] = (listed, excluded)
+
+    def totals(self) -> tuple[int, int, int]:
+        """(objects listed, objects the watermark excluded, ranges reported)."""
+        return (sum(v[0] for v in self.by_range.values()), sum(v[1] for v in self.by_range.values()),
+                len(self.by_range))
+
+
+@dataclass(frozen=True)
+class ListingSpec:
+    """What every listing task needs: where, which extensions, the watermark and how keys become URIs."""
+
+    kind: str  # s3 | local | generic
+    bucket: str
+    protocol: str
+    extensions: tuple[str, ...]
+    since: dt.datetime | None
+    page_size: int
+
+
+def _uri(spec: ListingSpec, key: str) -> str:
+    if spec.kind == "s3":
+        return f"{spec.protocol}://{spec.bucket}/{key}"
+    if spec.kind == "generic" and spec.protocol not in ("file", "local"):
+        return f"{spec.protocol}://{key}"
+    return key
+
+
+def _list_ranges(ranges: list[tuple[int, KeyRange | Folder]], spec: ListingSpec, storage: Storage, root: str,
+                 counts) -> Iterator[pa.Table]:
+    """A listing task: each range's matching objects as ``uri`` blocks, one per page; counts reported per range."""
+    fs = storage.fs(root)[0] if spec.kind != "local" else None
+    for range_id, rng in ranges:
+        listed = excluded = 0
+        if spec.kind == "s3":
+            pages = _list_s3(fs, spec.bucket, rng, spec.page_size)
+        elif spec.kind == "local":
+            pages = _pages(_walk_local(rng), spec.page_size)
+        else:
+            pages = _pages(_walk_generic(fs, rng), spec.page_size)
+        for page in pages:
+            uris = []
+            for obj in page:
+                if not obj.key.lower().endswith(spec.extensions):
+                    continue
+                if spec.since is not None and obj.modified <= spec.since:
+                    excluded += 1
+                    continue
+                uris.append(_uri(spec, obj.key))
+            listed += len(uris)
+            if uris:
+                yield pa.table({"uri": pa.array(uris, pa.string())})
+        ray.get(counts.report.remote(range_id, listed, excluded))
+
+
+class ObjectListing(Datasource):
+    """A Ray Data source of the ``uri`` of every object under a prefix with one of ``extensions``, modified
+    after ``since`` when given (module docstring). Planning happens here, on the driver, before any Ray work:
+    a missing bucket, no access or an empty prefix raise :class:`InputError` naming the URI."""
+
+    def __init__(self, uri: str, extensions: list[str], storage: Storage, since: dt.datetime | None = None,
+                 target_ranges: int = 64, page_size: int = PAGE_SIZE):
+        super().__init__()
+        self.uri, self.storage = uri, storage
+        self.ranges: list[KeyRange | Folder]
+        fs, path = storage.fs(uri)
+        protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
+        try:
+            if protocol in ("s3", "s3a"):
+                bucket, _, key = path.partition("/")
+                prefix = key.rstrip("/") + "/" if key.strip("/") else ""  # a folder, as fsspec's find lists it
+                self.ranges = plan_s3(fs, bucket, prefix, target_ranges, page_size)
+                kind = "s3"
+            elif protocol in ("file", "local"):
+                bucket = ""
+                if not os.path.isdir(path):
+                    raise InputError(f"input prefix does not exist: {redact_uri(uri)}")
+                self.ranges = plan_local(path.rstrip(os.sep) or os.sep)
+                kind = "local"
+            else:
+                bucket = ""
+                self.ranges = [Folder(path, recursive=True)] if fs.exists(path) else []
+                kind = "generic"
+        except InputError:
+            raise
+        except Exception as e:  # noqa: BLE001 - missing bucket, access denied, ...: one clear line
+            reason = "access denied (check the credentials and the bucket policy)" if isinstance(e, PermissionError) else ""
+            raise InputError(f"cannot list {redact_uri(uri)}: {reason or f'{type(e).__name__}: {e}'}") from e
+        if not self.ranges:
+            raise InputError(f"input prefix does not exist or holds no objects: {redact_uri(uri)}")
+        self.spec = ListingSpec(kind, bucket, protocol if kind != "s3" else "s3", tuple(extensions), since, page_size)
+        self.counts = ListingCounts.remote()
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        numbered = list(enumerate(self.ranges))
+        n_tasks = max(1, min(len(numbered), parallelism if parallelism > 0 else len(numbered)))
+        groups = [numbered[i::n_tasks] for i in range(n_tasks)]
+        meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
+        return [ReadTask(partial(_list_ranges, group, self.spec, self.storage, self.uri, self.counts), meta,
+                         schema=pa.schema([pa.field("uri", pa.string())]))
+                for group in groups]
+
+    def totals(self) -> tuple[int, int]:
+        """(objects listed, objects excluded by ``since``) once the dataset has run; raises if a range never
+        reported (its rows would be missing)."""
+        listed, excluded, reported = ray.get(self.counts.totals.remote())
+        if reported != len(self.ranges):
+            raise RuntimeError(f"{len(self.ranges) - reported} of {len(self.ranges)} listing ranges did not finish")
+        return listed, excluded

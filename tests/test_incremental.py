@@ -1,0 +1,138 @@
+"""Incremental nights: skip_scored by anti-join, the since watermark, empty nights and the staging sweep."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+import clipn_core as cc
+from clipn_core import world
+from clipn_core.storage import Storage
+from jobs.score import run
+from jobs.score.publish import HEARTBEAT, Heartbeat, staging_path, sweep_staging
+from schemas.score_config import ScoreJobConfig
+
+pytestmark = pytest.mark.slow
+DAY = dt.date(2026, 11, 10)
+CLASSES = ["circle", "square", "triangle"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for seed in (1, 2):
+        model, spec = cc.build_clipn("clipn-tiny", seed=seed)
+        out[seed] = str(root / f"m{seed}.safetensors")
+        cc.save_checkpoint(model, spec, out[seed])
+    return out
+
+
+def _lake(root: Path, names: list[str]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        data = b"broken" if name.startswith("bad") else world.encode(world.render(world.SHAPES[i % 8], "blue", i, 40))
+        (root / name).write_bytes(data)
+
+
+def _cfg(lake: Path, out: Path, ckpt: str, day: dt.date, **extra) -> ScoreJobConfig:
+    data = {"input": {"uri": str(lake)}, "output": {"uri": str(out), "run_date": str(day)},
+            "model": {"checkpoint": ckpt}, "classes": {"names": CLASSES},
+            "runtime": {"batch_size": 8, "decode_batch_size": 8}}
+    for key, value in extra.items():
+        section, field = key.split("__")
+        data[section][field] = value
+    return ScoreJobConfig.model_validate(data)
+
+
+def _uris(partition: str) -> list[str]:
+    return sorted(pads.dataset(partition, format="parquet").to_table(columns=["uri"])["uri"].to_pylist())
+
+
+def scored_set_oracle(out: Path, day: dt.date, model_id: str, class_set_hash: str) -> set[str]:
+    """The driver-side set the job used to build (the behaviour the anti-join must reproduce exactly)."""
+    done = set()
+    for part in sorted(out.glob("run_date=*")):
+        if part.name == f"run_date={day}" or not (part / "_SUCCESS").exists():
+            continue
+        table = pads.dataset(part, format="parquet").to_table(columns=["uri", "model_id", "class_set_hash", "status"])
+        for row in table.to_pylist():
+            if row["model_id"] == model_id and row["class_set_hash"] == class_set_hash and row["status"] == "ok":
+                done.add(row["uri"])
+    return done
+
+
+def test_skip_scored_equals_the_driver_side_set(tmp_path, checkpoints, ray_local):
+    lake, out = tmp_path / "lake", tmp_path / "out"
+    _lake(lake, [f"a{i}.jpg" for i in range(10)] + ["bad0.jpg"])
+    first = run(_cfg(lake, out, checkpoints[1], DAY))
+    # another model's night and an unpublished (crashed) night: neither counts as scored
+    _lake(lake, [f"b{i}.jpg" for i in range(4)])
+    run(_cfg(lake, out, checkpoints[2], DAY + dt.timedelta(days=1)))
+    crashed = out / f"run_date={DAY + dt.timedelta(days=2)}"
+    run(_cfg(lake, out, checkpoints[1], DAY + dt.timedelta(days=2)))
+    (crashed / "_SUCCESS").unlink()
+    _lake(lake, [f"c{i}.jpg" for i in range(3)])
+
+    night = DAY + dt.timedelta(days=3)
+    expected_skip = scored_set_oracle(out, night, first.model_id, first.class_set_hash)
+    manifest = run(_cfg(lake, out, checkpoints[1], night, output__skip_scored=True))
+    everything = sorted(str(p) for p in lake.iterdir())
+    assert _uris(manifest.partition) == sorted(set(everything) - expected_skip)
+    assert expected_skip == {str(lake / f"a{i}.jpg") for i in range(10)}  # ok rows of the same model only
+    assert manifest.inputs_listed == len(everything) and manifest.skipped_already_scored == len(expected_skip)
+    assert manifest.rows == len(everything) - len(expected_skip)
+
+
+def test_since_last_run_scores_only_new_objects_and_an_empty_night_publishes(tmp_path, checkpoints, ray_local):
+    lake, out = tmp_path / "lake", tmp_path / "out"
+    _lake(lake, [f"old{i}.jpg" for i in range(6)])
+    first = run(_cfg(lake, out, checkpoints[1], DAY, input__since="last_run"))
+    assert first.rows == 6 and first.since is None and first.watermark is not None
+
+    time.sleep(0.05)
+    _lake(lake, ["new0.jpg", "new1.png"])
+    second = run(_cfg(lake, out, checkpoints[1], DAY + dt.timedelta(days=1), input__since="last_run"))
+    assert _uris(second.partition) == sorted([str(lake / "new0.jpg"), str(lake / "new1.png")])
+    assert second.since == first.watermark and second.since_from_run == first.run_id
+    assert second.excluded_by_watermark == 6 and second.inputs_listed == 2
+
+    # nothing new: an empty, valid, published partition
+    third = run(_cfg(lake, out, checkpoints[1], DAY + dt.timedelta(days=2), input__since="last_run"))
+    assert third.rows == 0 and third.excluded_by_watermark == 8 and third.since == second.watermark
+    assert (Path(third.partition) / "_SUCCESS").exists() and (Path(third.partition) / "_manifest.json").exists()
+    # a rerun of the second night sees what it saw the first time (the first night's watermark)
+    again = run(_cfg(lake, out, checkpoints[1], DAY + dt.timedelta(days=1), input__since="last_run"))
+    assert again.since == first.watermark and _uris(again.partition) == _uris(second.partition)
+
+
+def test_the_staging_sweep_removes_dead_runs_and_never_a_live_one(tmp_path, checkpoints, ray_local):
+    out = tmp_path / "out"
+    storage = Storage({})
+    dead, live, legacy = staging_path(str(out), "deadrun"), staging_path(str(out), "liverun"), staging_path(str(out), "oldrun")
+    for folder in (dead, live, legacy):
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / "part-x.parquet").write_bytes(b"staged rows")
+    (Path(dead) / HEARTBEAT).write_text("then")
+    week_ago = time.time() - 7 * 24 * 3600
+    for path in (Path(dead) / HEARTBEAT, Path(dead) / "part-x.parquet", Path(legacy) / "part-x.parquet"):
+        os.utime(path, (week_ago, week_ago))
+    with Heartbeat(live, storage, every_s=0.05):
+        time.sleep(0.2)
+        os.utime(Path(live) / "part-x.parquet", (week_ago, week_ago))  # old rows, but the run beats
+        removed = sweep_staging(str(out), storage, dt.timedelta(hours=1), live_run_id="current")
+    assert sorted(removed) == ["deadrun", "oldrun"]
+    assert Path(live).exists() and not Path(dead).exists() and not Path(legacy).exists()
+    # the job sweeps at its start, and leaves the young folder of another run alone
+    lake = tmp_path / "lake"
+    _lake(lake, ["x.jpg"])
+    Path(dead).mkdir(parents=True)
+    (Path(dead) / HEARTBEAT).write_text("then")
+    os.utime(Path(dead) / HEARTBEAT, (week_ago, week_ago))
+    run(_cfg(lake, out, checkpoints[1], DAY, output__staging_max_age_h=1.0))
+    assert not Path(dead).exists() and Path(live).exists()
