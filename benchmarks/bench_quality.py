@@ -37,7 +37,8 @@ def main() -> int:
     if args.fresh_clip and (out / "cache").exists():
         shutil.rmtree(out / "cache")
     result = run_demo(out, size=FULL, seed=args.seed, compare_templates=("default",))
-    world, plain = result["evaluation"], result["template_comparison"]["default"]
+    world = result["evaluation"].model_dump(mode="json")
+    plain = result["template_comparison"]["default"].model_dump(mode="json")
 
     print("\n## Quality on the demo world "
           f"({world['data']['id']} ID + {world['data']['ood']} OOD images, seed {args.seed}, "

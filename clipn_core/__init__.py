@@ -12,8 +12,8 @@ from typing import Any
 
 # public name -> submodule that defines it
 _EXPORTS = {
-    **dict.fromkeys(("CheckpointKeyError", "ClassListError", "ClipnError", "InputError", "ModelConfigError",
-                     "StorageError", "TemplateError", "WeightsError"), "errors"),
+    **dict.fromkeys(("CalibrationError", "CheckpointKeyError", "ClassListError", "ClipnError", "InputError",
+                     "ModelConfigError", "StorageError", "TemplateError", "WeightsError"), "errors"),
     **dict.fromkeys(("ClassHeads", "build_class_heads", "class_set_hash", "load_class_names", "load_templates",
                      "validate_class_names"), "heads"),
     **dict.fromkeys(("DecodedImage", "DecodeError", "DecodeErrorKind", "decode_image", "image_transform"), "images"),

@@ -52,6 +52,7 @@ class CheckpointKeyError(WeightsError):
         missing: list[str] | None = None,
         unexpected: list[str] | None = None,
         mismatched: list[tuple[str, tuple, tuple]] | None = None,
+        note: str | None = None,
     ):
         self.source = source
         self.missing = sorted(missing or [])
@@ -65,7 +66,8 @@ class CheckpointKeyError(WeightsError):
         if self.mismatched:
             shown = [f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in self.mismatched]
             parts.append(f"mis-shaped keys {_preview(shown)}")
-        super().__init__(f"checkpoint {source} does not match the model: " + "; ".join(parts))
+        what = note or "does not match the model"
+        super().__init__(f"checkpoint {source} {what}: " + "; ".join(parts))
 
 
 class TemplateError(ClipnError):
@@ -78,6 +80,11 @@ class ClassListError(ClipnError):
 
 class StorageError(ClipnError):
     """An object-storage URI that cannot be read or written."""
+
+
+class CalibrationError(ClipnError):
+    """A calibration that cannot be read, or that does not fit the run using it (another model, class set or
+    logit scale, or a threshold it does not hold)."""
 
 
 class InputError(ClipnError, ValueError):

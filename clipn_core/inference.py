@@ -16,7 +16,6 @@ from .heads import ClassHeads
 from .images import split_preprocessor
 from .model import CLIPN
 from .scores import (
-    DEFAULT_LOGIT_SCALE,
     DEFAULT_MCM_TEMPERATURE,
     SCORES,
     ScoreInputs,
@@ -44,8 +43,11 @@ class BatchScorer:
     """Scores batches of images against fixed class heads: normalised float [N, 3, H, W]
     (:meth:`__call__`) or the model's uint8 pixels [N, 3, H, W] (:meth:`score_pixels`).
 
-    ``precision``: ``fp32``, ``bf16`` or ``fp16`` autocast for the image tower (only on
-    CUDA; CPU always runs fp32). Scores are computed in float32 either way. On CUDA the
+    ``logit_scale``: the scale ``s`` of the logits; None (the default) takes the base
+    CLIP's own learned ``logit_scale.exp()`` (100 for OpenAI's CLIP), so scores mean the
+    same for any base model. ``precision``: ``fp32``, ``bf16`` or ``fp16`` autocast for
+    the image tower (only on CUDA; CPU always runs fp32). Scores are computed in float32
+    either way. On CUDA the
     images go in channels-last layout; ``compile`` wraps the image tower in
     ``torch.compile`` (dynamic batch size; the first batches pay the compilation).
     """
@@ -56,7 +58,7 @@ class BatchScorer:
         heads: ClassHeads,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
-        logit_scale: float = DEFAULT_LOGIT_SCALE,
+        logit_scale: float | None = None,
         mcm_temperature: float = DEFAULT_MCM_TEMPERATURE,
         compile: bool = False,
     ):
@@ -67,7 +69,7 @@ class BatchScorer:
         self.heads_yes = heads.yes.to(self.device)
         self.heads_no = heads.no.to(self.device)
         self.precision = precision
-        self.logit_scale = logit_scale
+        self.logit_scale = float(logit_scale) if logit_scale is not None else self.model.logit_scale
         self.mcm_temperature = mcm_temperature
         self.channels_last = self.device.type == "cuda"
         if self.channels_last:

@@ -21,6 +21,7 @@ from . import architectures  # noqa: F401  (registers model_configs/*.json with 
 from .errors import ModelConfigError
 
 DEFAULT_NUM_PROMPTS = 16
+MAX_LOGIT_SCALE = 100.0
 
 
 def check_standard_text_tower(clip: nn.Module) -> None:
@@ -122,8 +123,12 @@ class CLIPN(nn.Module):
 
     @property
     def logit_scale(self) -> float:
-        """The base CLIP's learned logit scale exp(t) (used by the training loss)."""
-        return float(self.clip.logit_scale.exp())
+        """The base CLIP's learned logit scale exp(t), capped at 100 as open_clip's training caps it.
+
+        OpenAI's CLIP stores t = 4.6055 (ln 100 rounded up in fp16): its scale is exactly
+        100, the constant of the original CLIPN code. The scores and the training loss use it.
+        """
+        return min(float(self.clip.logit_scale.exp()), MAX_LOGIT_SCALE)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.no_tower.parameters() if p.requires_grad]

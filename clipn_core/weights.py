@@ -17,10 +17,12 @@ Every load is strict: missing, unexpected or mis-shaped keys raise
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ class ModelSpec:
     preprocess_cfg: dict
     num_prompts: int = DEFAULT_NUM_PROMPTS
     base_weights: dict = field(default_factory=dict)
+    logit_scale: float | None = None  # the base CLIP's learned logit_scale.exp(), as saved (None: not recorded)
 
     def to_json_dict(self) -> dict:
         d = asdict(self)
@@ -90,6 +93,26 @@ def _resolve_model_cfg(architecture: str, cache_dir: str | None) -> dict:
     return copy.deepcopy(model_config(architecture))
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _quiet_random_init(active: bool):
+    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" (logged on the root logger)
+    while building a CLIP on purpose without weights: ours are loaded right after, or a seed is wanted."""
+    if not active:
+        yield
+        return
+    root, quiet = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def create_base_clip(
     architecture: str,
     pretrained: str | None = None,
@@ -121,7 +144,7 @@ def create_base_clip(
         else:
             open_clip_pretrained = pretrained  # an open_clip tag
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_random_init(open_clip_pretrained is None):
             torch.manual_seed(seed)
             clip = open_clip.create_model(
                 architecture, pretrained=open_clip_pretrained, cache_dir=cache_dir, weights_only=True
@@ -178,8 +201,11 @@ def load_state_dict_strict(module: torch.nn.Module, state: dict[str, torch.Tenso
 
 
 def save_checkpoint(model: CLIPN, spec: ModelSpec, uri: str, storage_options: dict | None = None) -> str:
-    """Write ``uri`` (.safetensors) then its JSON sidecar; return the weights' sha256 (the model id)."""
+    """Write ``uri`` (.safetensors) then its JSON sidecar; return the weights' sha256 (the model id).
+
+    The sidecar records the base CLIP's learned logit scale (``spec.logit_scale`` is set from ``model``)."""
     side = sidecar_uri(uri)
+    spec.logit_scale = model.logit_scale
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     data = safetensors.torch.save(state)
     digest = hashlib.sha256(data).hexdigest()
@@ -263,6 +289,7 @@ def load_checkpoint(
         preprocess_cfg=meta["preprocess_cfg"],
         num_prompts=int(meta["num_prompts"]),
         base_weights=meta.get("base_weights", {}),
+        logit_scale=meta.get("logit_scale"),
     )
     model = _model_from_spec(spec)
     load_state_dict_strict(model, state, uri)
@@ -314,7 +341,8 @@ def import_original_checkpoint(
         raise WeightsError(f"{redact_uri(uri)} holds no state_dict of tensors")
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
     if "prompt_no" not in state:
-        raise CheckpointKeyError(redact_uri(uri), missing=["prompt_no"])
+        raise CheckpointKeyError(redact_uri(uri), missing=["prompt_no"],
+                                 note="not an original CLIPN checkpoint: it has no no-prompts tensor")
     ours = {original_key_to_ours(k): v for k, v in state.items()}
     model, spec = build_clipn(architecture, None, int(state["prompt_no"].shape[0]), cache_dir=cache_dir)
     spec.base_weights = {"architecture": architecture, "pretrained": redact_uri(uri), "sha256": sha256_file(local)}

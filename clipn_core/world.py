@@ -155,6 +155,10 @@ class World:
         rows = list(self.samples("eval-id", n_id, self.id_shapes)) + list(self.samples("eval-ood", n_ood, self.ood_shapes))
         return self._table(rows)
 
+    def calibration_table(self, n: int):
+        """An ID-only sample (``n`` ID-shape images, apart from the evaluation set) for ``clipn calibrate``."""
+        return self._table(self.samples("calib-id", n, self.id_shapes))
+
     def _table(self, samples):
         import pyarrow as pa
 

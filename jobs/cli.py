@@ -20,7 +20,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from schemas.calibrate_config import CalibrateJobConfig
 from schemas.eval_config import EvalJobConfig
+from schemas.import_config import ImportJobConfig
 from schemas.score_config import ScoreJobConfig
 from schemas.train_config import TrainJobConfig
 
@@ -128,9 +130,29 @@ def _evaluate(args) -> int:
 
     cfg = build_config(EvalJobConfig, args)
     report = run(cfg)
-    best = ", ".join(f"{k} {v['auroc']:.1f}" for k, v in report["scores"].items())
-    print(f"evaluated {report['data']['id']} ID + {report['data']['ood']} OOD images; AUROC {best}; "
-          f"report {cfg.output.dir.rstrip('/')}/report.md")
+    best = ", ".join(f"{k} {v.auroc:.1f}" for k, v in report.scores.items())
+    print(f"evaluated {report.data.id} ID + {report.data.ood} OOD images at logit scale {report.logit_scale:g}; "
+          f"AUROC {best}; report {cfg.output.dir.rstrip('/')}/report.md")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from jobs.calibrate import run
+
+    cfg = build_config(CalibrateJobConfig, args)
+    report = run(cfg)
+    d = report.decision
+    print(f"calibrated {report.sample.images} ID images (calibration {report.id}); {d['score']} >= {d['threshold']:.6g} "
+          f"keeps {cfg.decision_target:.1%}; decision block {cfg.output.dir.rstrip('/')}/decision.yaml")
+    return 0
+
+
+def _import_original(args) -> int:
+    from jobs.import_original import run
+
+    result = run(build_config(ImportJobConfig, args))
+    print(f"wrote {result.checkpoint} (model id {result.model_id[:16]}, K={result.num_prompts}, "
+          f"logit scale {result.logit_scale:.2f}); score with --model.checkpoint {result.checkpoint}")
     return 0
 
 
@@ -165,6 +187,14 @@ def make_parser() -> argparse.ArgumentParser:
                               description=EvalJobConfig.__doc__)
     add_config_arguments(evaluate, EvalJobConfig)
     evaluate.set_defaults(func=_evaluate)
+    calibrate = sub.add_parser("calibrate", help="thresholds that keep target shares of ID images, from an ID sample",
+                               description=CalibrateJobConfig.__doc__)
+    add_config_arguments(calibrate, CalibrateJobConfig)
+    calibrate.set_defaults(func=_calibrate)
+    importer = sub.add_parser("import-original", help="released CLIPN weights (.pt) -> a checkpoint the nightly job loads",
+                              description=ImportJobConfig.__doc__)
+    add_config_arguments(importer, ImportJobConfig)
+    importer.set_defaults(func=_import_original)
     demo = sub.add_parser("demo", help="the whole product on a generated world: train, score a lake, evaluate (local Ray)")
     demo.add_argument("--out", default="demo_out", help="local folder for the scores, the report, configs and the cache")
     demo.add_argument("--endpoint", default=None,
@@ -177,7 +207,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # our own lines at INFO; libraries (open_clip, botocore) only when they warn, unless --verbose
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("clipn").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from clipn_core.errors import ClipnError
 
     try:

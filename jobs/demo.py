@@ -7,8 +7,10 @@
    second run reuses it);
 4. CLIPN's no tower trained by the training job on 2 Ray Train workers;
 5. the nightly scoring job on the lake, with the world's template set;
-6. ``clipn evaluate`` on the labelled set;
-7. a summary: evaluation table, lake flags against the world's truth, output paths.
+6. ``clipn calibrate`` on a separate ID sample (thresholds keeping 95/99/99.9% of ID images), then
+   ``clipn evaluate`` on the labelled set with those thresholds;
+7. a summary: evaluation table, calibrated operating point, lake flags against the world's truth,
+   output paths.
 
 Every step is the real job run in-process with a validated config; the configs are
 also written as YAML under ``<out>/configs`` so each step can be rerun with the CLI.
@@ -32,7 +34,9 @@ import yaml
 
 from clipn_core.storage import write_bytes
 from clipn_core.world import World, encode, render
+from schemas.calibrate_config import CalibrateJobConfig
 from schemas.eval_config import EvalJobConfig
+from schemas.reports import CalibrationReport, EvalReport
 from schemas.score_config import ScoreJobConfig
 from schemas.train_config import TrainJobConfig
 
@@ -49,6 +53,7 @@ class DemoSize:
     lake: int = 1000
     eval_id: int = 600
     eval_ood: int = 400
+    calib_id: int = 1000
     clip_steps: int = 800
     clipn_steps: int = 100
     batch_size: int = 128
@@ -57,7 +62,7 @@ class DemoSize:
 FULL = DemoSize()
 # The reduced demo of the end-to-end test: the same training (fewer steps or pairs left the tiny CLIP
 # at chance level on held-out shapes), a small lake and evaluation set.
-SMALL = DemoSize(lake=40, eval_id=200, eval_ood=150)
+SMALL = DemoSize(lake=40, eval_id=200, eval_ood=150, calib_id=300)
 
 
 def free_port() -> int:
@@ -109,11 +114,12 @@ def write_world(world: World, size: DemoSize, root: str, opts: dict) -> dict[str
         truth[f"{lake}/{name}"] = None
     world.write_parquet(world.pairs_table(size.pairs), f"{root}/pairs/pairs.parquet", opts)
     world.write_parquet(world.eval_table(size.eval_id, size.eval_ood), f"{root}/eval/eval.parquet", opts)
+    world.write_parquet(world.calibration_table(size.calib_id), f"{root}/calib/id-sample.parquet", opts)
     return truth
 
 
 def demo_configs(out: Path, root: str, endpoint: str, size: DemoSize, base_clip: str, world: World) -> dict:
-    """The validated configs of the demo's four jobs (clip stage, clipn stage, score, evaluate)."""
+    """The validated configs of the demo's five jobs (clip stage, clipn stage, score, calibrate, evaluate)."""
     storage = {"endpoint_url": endpoint, "region": "us-east-1"}
     run = {"storage_path": f"{root}/runs", "num_workers": 2, "cpus_per_worker": 0.5}
     data = {"uri": f"{root}/pairs/pairs.parquet", "augment": False, "cache_decoded": True, "decode_cpus": 0.25}
@@ -139,12 +145,18 @@ def demo_configs(out: Path, root: str, endpoint: str, size: DemoSize, base_clip:
         "model": {"checkpoint": clipn.output.checkpoint}, "classes": classes, "templates": "world",
         "runtime": {"batch_size": 256, "decode_batch_size": 256, "pool_size": 1}, "storage": storage,
     })
+    calibrate = CalibrateJobConfig.model_validate({
+        "data": {"kind": "eval", "uri": f"{root}/calib/id-sample.parquet"},
+        "model": {"checkpoint": clipn.output.checkpoint}, "classes": classes, "templates": "world",
+        "output": {"dir": str(out / "calibration")}, "storage": storage,
+    })
     evaluate = EvalJobConfig.model_validate({
         "data": {"uri": f"{root}/eval/eval.parquet", "label_column": "shape"},
         "model": {"checkpoint": clipn.output.checkpoint}, "classes": classes, "templates": "world",
-        "output": {"dir": str(out / "report")}, "storage": storage,
+        "output": {"dir": str(out / "report")}, "calibration": str(out / "calibration" / "calibration.json"),
+        "storage": storage,
     })
-    return {"train-clip": clip, "train-clipn": clipn, "score": score, "evaluate": evaluate}
+    return {"train-clip": clip, "train-clipn": clipn, "score": score, "calibrate": calibrate, "evaluate": evaluate}
 
 
 def base_clip_path(cache_dir: Path, world: World, size: DemoSize) -> Path:
@@ -181,6 +193,7 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
     """
     import ray
 
+    from jobs.calibrate import run as run_calibrate
     from jobs.evaluate import run as run_evaluate
     from jobs.score import run as run_score
     from jobs.train import run as run_train
@@ -217,7 +230,9 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
               f"({time.perf_counter() - t:.0f} s)")
 
         if not ray.is_initialized():
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+            # the dashboard serves the State API that Ray Train's placement-group cleaner polls (without it the
+            # cleaner cannot tell whether the controller lives, and says so every few seconds)
+            ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True)
         t = _step(3, total, f"tiny base CLIP (clipn-tiny, contrastive, {size.clip_steps} steps x 2 workers)")
         if base_clip.exists():
             print(f"    reusing cached {base_clip}")
@@ -235,12 +250,13 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
         lake = lake_summary(manifest.partition, truth)
         print(f"    {lake['rows']} rows for {lake['inputs']} inputs in {time.perf_counter() - t:.0f} s")
 
-        t = _step(6, total, "evaluate on the labelled ID/OOD set")
+        t = _step(6, total, f"calibrate on {size.calib_id} ID images, then evaluate on the labelled ID/OOD set")
+        calibration = run_calibrate(cfgs["calibrate"])
         report = run_evaluate(cfgs["evaluate"])
         comparison = {}
         for templates in compare_templates:
             label = Path(templates).stem
-            cfg = cfgs["evaluate"].model_copy(update={"templates": templates}, deep=True)
+            cfg = cfgs["evaluate"].model_copy(update={"templates": templates, "calibration": None}, deep=True)
             cfg.output.dir = str(out / f"report-{label}")
             comparison[templates] = run_evaluate(cfg)
         print(f"    done in {time.perf_counter() - t:.0f} s")
@@ -250,22 +266,28 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
 
     seconds = time.perf_counter() - t_start
     _step(7, total, f"summary ({seconds / 60:.1f} min)")
-    print(_summary_table(report, lake))
+    print(_summary_table(report, calibration, cfgs["calibrate"], lake))
     paths = {"scores": manifest.partition, "report": str(out / "report" / "report.md"),
+             "calibration": str(out / "calibration" / "calibration.md"),
              "configs": str(out / "configs"), "base_clip": str(base_clip)}
     for k, v in paths.items():
         print(f"    {k:10} {v}")
-    return {"evaluation": report, "template_comparison": comparison, "lake": lake, "paths": paths,
-            "seconds": round(seconds, 1), "size": asdict(size)}
+    return {"evaluation": report, "calibration": calibration, "template_comparison": comparison, "lake": lake,
+            "paths": paths, "seconds": round(seconds, 1), "size": asdict(size)}
 
 
-def _summary_table(report: dict, lake: dict) -> str:
-    lines = [f"    {'score':9} {'AUROC':>7} {'FPR95':>7}   (eval set: {report['data']['id']} ID + "
-             f"{report['data']['ood']} OOD, ID accuracy {report['id_accuracy']:.1f}%)"]
-    for name, m in report["scores"].items():
-        lines.append(f"    {name:9} {m['auroc']:7.2f} {m['fpr95']:7.2f}")
-    for name, r in report["decisions"].items():
-        lines.append(f"    {name} rule: flags {r['ood_flagged_ood']:.1f}% of OOD and {r['id_flagged_ood']:.1f}% of ID images")
+def _summary_table(report: EvalReport, calibration: CalibrationReport, calibrate: CalibrateJobConfig,
+                   lake: dict) -> str:
+    lines = [f"    {'score':9} {'AUROC':>7} {'FPR95':>7}   (eval set: {report.data.id} ID + {report.data.ood} OOD, "
+             f"ID accuracy {report.id_accuracy:.1f}%, logit scale {report.logit_scale:.1f} from the model)"]
+    for name, m in report.scores.items():
+        lines.append(f"    {name:9} {m.auroc:7.2f} {m.fpr95:7.2f}")
+    for name, r in report.decisions.items():
+        lines.append(f"    {name} rule: flags {r.ood_flagged_ood:.1f}% of OOD and {r.id_flagged_ood:.1f}% of ID images")
+    for r in report.calibrated:
+        if r.score == calibrate.decision_score and r.target == calibrate.decision_target:
+            lines.append(f"    calibrated {r.score} >= {r.threshold:.4g} (keeps {r.target:.0%} of {calibration.sample.images} "
+                         f"ID sample images): flags {r.ood_flagged_ood:.1f}% of OOD and {r.id_flagged_ood:.1f}% of ID images")
     lines.append(f"    lake: {lake['rows']} rows for {lake['inputs']} objects, by status {lake['by_status']}; "
                  f"flagged OOD: {lake['ood_flagged_ood']:.1f}% of held-out shapes, {lake['id_flagged_ood']:.1f}% of ID shapes")
     return "\n".join(lines)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from clipn_core.errors import redact_uri
@@ -43,6 +44,7 @@ def run_config(cfg: TrainJobConfig) -> RunConfig:
         storage_filesystem=storage_fs,
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
         failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        logging_config=LoggingConfig(log_level=cfg.run.log_level),
     )
 
 
@@ -60,6 +62,10 @@ def run(cfg: TrainJobConfig) -> dict:
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
+    if not sys.stdout.isatty():
+        # The training data runs in Ray Train's split coordinator: with Ray's tqdm its progress bars come back
+        # to a non-terminal driver as thousands of redraw lines; Ray Data then logs a line per stage instead.
+        ray.data.DataContext.get_current().use_ray_tqdm = False
     ds = pairs_dataset(cfg.data, source, storage)
     ds = ds.map_batches(
         decode_pairs_batch, batch_size=cfg.data.decode_batch_size, num_cpus=cfg.data.decode_cpus,

@@ -42,5 +42,7 @@ class EvalJobConfig(StrictModel):
     classes: ClassesConfig
     templates: str | None = Field(None, description="template set name (default, world) or template file URI")
     output: EvalOutputConfig
+    calibration: str | None = Field(None, description="calibration.json (clipn calibrate) whose thresholds to apply: "
+                                    "the report gives the ID and OOD shares each flags")
     runtime: EvalRuntimeConfig = Field(default_factory=EvalRuntimeConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)

@@ -22,8 +22,12 @@ class ScoreManifest(BaseModel):
     partition: str = Field(description="URI of the published partition")
     model_id: str = Field(description="sha256 of the checkpoint weights (or the untrained model's identity)")
     class_set_hash: str = Field(description="hash of the ID class names and templates")
+    logit_scale: float | None = Field(None, description="logit scale s the scores used (the model's own unless "
+                                      "runtime.logit_scale gave a number)")
     classes: list[str]
     templates: list[str]
+    decision: dict | None = Field(None, description="the decision that filled is_ood")
+    calibration_id: str | None = Field(None, description="id of the calibration the decision's threshold comes from")
     inputs_listed: int | None = Field(None, description="objects listed with a matching extension and not excluded "
                                       "by the watermark (prefix inputs; None for manifests and shards)")
     skipped_already_scored: int | None = Field(0, description="listed inputs left out because skip_scored found them "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveFloat, model_validator
 
 from clipn_core.scores import SCORES
 from schemas.common import FileExtensions, StorageConfig, StrictModel
@@ -76,26 +76,36 @@ class DecisionConfig(StrictModel):
     rule: Literal["ctw", "atd", "threshold"] = Field("atd", description="which decision fills is_ood")
     score: str | None = Field(None, description="registered score for rule=threshold (e.g. mcm)")
     threshold: float | None = Field(None, description="is_ood = score < threshold (rule=threshold)")
+    calibration: str | None = Field(None, description="calibration.json the threshold comes from (clipn calibrate): "
+                                    "checked against the run's model, class set and logit scale, recorded in "
+                                    "the manifest")
 
     @model_validator(mode="after")
     def _threshold_needs_score(self):
         if self.rule == "threshold":
             if self.score not in SCORES or self.threshold is None:
                 raise ValueError(f"rule=threshold needs score (one of {sorted(SCORES)}) and threshold")
-        elif self.score is not None or self.threshold is not None:
-            raise ValueError("score and threshold are only used with rule=threshold")
+        elif self.score is not None or self.threshold is not None or self.calibration is not None:
+            raise ValueError("score, threshold and calibration are only used with rule=threshold")
         return self
 
 
 class ScoringOptions(StrictModel):
-    """How images become scores: shared by the scoring job and ``clipn evaluate``, so an evaluated setup
-    scores exactly as the nightly job would."""
+    """How images become scores: shared by the scoring job, ``clipn evaluate`` and ``clipn calibrate``, so an
+    evaluated or calibrated setup scores exactly as the nightly job would."""
+
+    def resolve_logit_scale(self, model_scale: float) -> float:
+        """The scale the scores use: the model's own (``logit_scale: model``) or the configured number."""
+        return model_scale if self.logit_scale == "model" else float(self.logit_scale)
+
 
     preprocess: Literal["fast", "exact"] = Field(
         "fast", description="fast: JPEG decoded at reduced scale (never below the model size) and only the crop resampled; "
         "exact: bit-identical to open_clip's eval transform")
     precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="autocast on GPU (CPU runs fp32)")
-    logit_scale: float = Field(100.0, gt=0, description="logit scale s of the scores")
+    logit_scale: Literal["model"] | PositiveFloat = Field(
+        "model", description="logit scale s of the scores: model (the base CLIP's learned logit_scale.exp(): 100 for "
+        "OpenAI's CLIP) or a number")
     mcm_temperature: float = Field(1.0, gt=0, description="MCM softmax temperature")
     cache_dir: str | None = Field(None, description="local cache of downloaded weights")
 

@@ -80,6 +80,9 @@ class RunSection(StrictModel):
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the latest checkpoint (-1: unlimited)")
     num_to_keep: int | None = Field(2, ge=1, description="checkpoints kept in storage (none: all)")
     cache_dir: str | None = Field(None, description="local cache of downloaded base weights")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="level of Ray Train's own console logs (INFO echoes every report of every worker); "
+        "the job's step lines are always shown")
 
     @field_validator("name")
     @classmethod

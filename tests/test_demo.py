@@ -20,13 +20,19 @@ def test_reduced_demo_trains_scores_and_detects_ood_well_above_chance(tmp_path, 
         assert f"[{n}/7]" in printed  # progress of every step is visible
 
     report = result["evaluation"]
-    assert report["data"]["id"] == SMALL.eval_id and report["data"]["ood"] == SMALL.eval_ood
+    assert report.data.id == SMALL.eval_id and report.data.ood == SMALL.eval_ood
     # chance is 50 (the full demo measured 94); the held-out shapes must be clearly detected
     for name in ("ctw", "atd"):
-        assert report["scores"][name]["auroc"] > 80, report["scores"]
-        rates = report["decisions"][name]
-        assert rates["ood_flagged_ood"] > rates["id_flagged_ood"] + 20, rates
-    assert report["id_accuracy"] > 60
+        assert report.scores[name].auroc > 80, report.scores
+        rates = report.decisions[name]
+        assert rates.ood_flagged_ood > rates.id_flagged_ood + 20, rates
+    assert report.id_accuracy > 60
+    # the model's own logit scale (the tiny CLIP learns ~28, not OpenAI's 100) and a calibrated operating point:
+    # calibrated on a separate ID sample to keep 99%, it keeps about that on the evaluation's ID images
+    assert 5 < report.logit_scale < 99
+    assert report.calibration == result["calibration"].id
+    at99 = next(r for r in report.calibrated if r.score == "atd" and r.target == 0.99)
+    assert at99.id_flagged_ood < 5 and at99.ood_flagged_ood > at99.id_flagged_ood + 20, at99
 
     lake = result["lake"]
     assert lake["rows"] == lake["inputs"] == SMALL.lake + 3  # every object exactly one row, broken ones too
@@ -36,9 +42,9 @@ def test_reduced_demo_trains_scores_and_detects_ood_well_above_chance(tmp_path, 
     assert table.num_rows == SMALL.lake + 3 and len(set(table["uri"].to_pylist())) == table.num_rows
 
     saved = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
-    assert saved["scores"] == report["scores"]
+    assert saved["scores"] == report.model_dump(mode="json")["scores"]
     assert len(list((tmp_path / "cache").glob("base-clip-*.safetensors"))) == 1
-    for name in ("train-clip", "train-clipn", "score", "evaluate"):
+    for name in ("train-clip", "train-clipn", "score", "calibrate", "evaluate"):
         assert (tmp_path / "out" / "configs" / f"{name}.yaml").is_file()
 
 

@@ -1,7 +1,9 @@
 """Class heads (W_yes, W_no), templates, class lists, the no-prompt sampling and batch inference."""
 
 import copy
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,8 +91,29 @@ def test_batch_scorer_matches_registry(tiny):
     out = cc.BatchScorer(model, heads)(images)
     with torch.no_grad():
         feats = model.encode_image(images)
-    ref = cc.compute_scores(cc.ScoreInputs(feats, heads.yes, heads.no))
+    ref = cc.compute_scores(cc.ScoreInputs(feats, heads.yes, heads.no, logit_scale=model.logit_scale))
     for name, r in ref.items():
         torch.testing.assert_close(torch.from_numpy(out.scores[name]), r.id_score)
     assert set(out.decisions) == {"ctw", "atd"} and out.embeddings.shape == (6, 64)
     assert out.predicted_index.shape == (6,)
+
+
+def test_scores_use_the_base_clips_own_logit_scale():
+    """An OpenAI-style base CLIP (learned scale 100) scores exactly as the old constant 100 did; a model that
+    learned another scale (the demo's tiny CLIP learns about 28) uses its own unless a number is given."""
+    model, _ = cc.build_clipn("clipn-tiny", seed=3)
+    heads = cc.build_class_heads(model, cc.get_tokenizer(model), CLASSES, TEMPLATES)
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(4.60546875)  # OpenAI's ViT-B-16 (fp16 ln 100: exp is 100.03)
+    assert model.logit_scale == 100.0
+    own = cc.BatchScorer(model, heads)(images)
+    fixed = cc.BatchScorer(model, heads, logit_scale=100.0)(images)
+    for name in cc.SCORES:
+        np.testing.assert_array_equal(own.scores[name], fixed.scores[name])
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(math.log(28.0))
+    scorer = cc.BatchScorer(model, heads)
+    assert scorer.logit_scale == pytest.approx(28.0)
+    assert not np.allclose(scorer(images).scores["maxlogit"], fixed.scores["maxlogit"])
+    assert cc.BatchScorer(model, heads, logit_scale=100.0).logit_scale == 100.0

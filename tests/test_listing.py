@@ -11,7 +11,7 @@ import pytest
 from clipn_core.errors import InputError
 from clipn_core.storage import Storage
 from jobs.inputs import list_objects
-from jobs.score.listing import ALPHABET, KeyRange, ObjectListing, split, start_after, successor
+from jobs.score.listing import KeyRange, ObjectListing, start_after, successor
 
 EXTS = [".jpg", ".png"]
 KEYS = ([f"img_{i:04d}.jpg" for i in range(150)] + [f"d{j}/sub/x{i}.png" for j in range(3) for i in range(25)]
@@ -19,18 +19,39 @@ KEYS = ([f"img_{i:04d}.jpg" for i in range(150)] + [f"d{j}/sub/x{i}.png" for j i
            "notes.txt", "a\U0010ffffb.jpg", "\x01ctrl.jpg", ".jpg"])
 
 
-def test_key_ranges_split_every_key_exactly_once():
-    """The next-character split plus its gaps partitions the keys of a prefix, odd characters included."""
-    rng = KeyRange("p/", "p/", successor("p/"))
-    parts = split(rng)
-    assert sum(part.splittable for part in parts) == len(ALPHABET)  # one whole-prefix range per character
-    keys = ["p/", "p/" + "\x00", *(f"p/{c}x" for c in ALPHABET), "p/~", "p/ü", "p/\U0010ffff", "p/!", "p/:", "p/`"]
-    for key in keys:
-        assert sum(part.holds(key) for part in parts) == 1, key
-    assert not any(part.holds("q/") or part.holds("p.") for part in parts)
+def test_range_bounds_order_like_s3_keys():
+    """successor() bounds a whole prefix; start_after() sits just below a lower bound (S3's StartAfter)."""
     assert successor("a") == "b" and successor("") is None and successor("a\U0010ffff") == "b"
-    for lower in ("p/b", "p/0", "p/\x01"):
-        assert start_after(lower) < lower and start_after(lower) > lower[:-1] + chr(ord(lower[-1]) - 1)
+    assert successor("p/\ud7ff") == "p/\ue000"  # surrogates are not UTF-8: skipped
+    for lower in ("p/b", "p/0", "p/\x01", "p/\ue000"):
+        below = start_after(lower)
+        assert below < lower and all(below < key for key in (lower, lower + "x", lower + "\x00"))
+    rng = KeyRange("p/", "p/", successor("p/"))
+    assert rng.holds("p/") and rng.holds("p/\U0010ffff") and not rng.holds("p0") and not rng.holds("p.")
+
+
+@pytest.mark.slow
+def test_a_flat_folder_is_planned_with_few_requests(s3_bucket, ray_local):
+    """The skip-scan asks only for characters that occur: a flat folder of numbered keys splits along its
+    digits in a few dozen requests, and the ranges hold every key exactly once."""
+    from tests.fault_proxy import FaultProxy
+
+    bucket, opts = s3_bucket
+    fs = fsspec.filesystem("s3", **opts)
+    keys = [f"flat/img_{i:05d}.jpg" for i in range(300)] + ["flat/~odd.jpg", "flat/ü.jpg"]
+    for key in keys:
+        fs.pipe_file(f"{bucket}/{key}", b"")
+    proxy = FaultProxy(opts["client_kwargs"]["endpoint_url"], rate=0.0)
+    endpoint = proxy.start()
+    try:
+        storage = Storage({**opts, "client_kwargs": {**opts["client_kwargs"], "endpoint_url": endpoint}})
+        listing = ObjectListing(f"s3://{bucket}/flat/", EXTS, storage, target_ranges=16, page_size=10)
+        planning = proxy.requests
+    finally:
+        proxy.stop()
+    assert len(listing.ranges) >= 16 and planning < 60, (len(listing.ranges), planning)
+    for key in keys:
+        assert sum(r.holds(key) for r in listing.ranges) == 1, key
 
 
 @pytest.mark.slow

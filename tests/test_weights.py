@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import clipn_core as cc
 from clipn_core.errors import CheckpointKeyError, ModelConfigError, WeightsError
 from clipn_core.model import CLIPN
+from clipn_core.storage import sha256_file
 from clipn_core.weights import create_base_clip, load_state_dict_strict, original_key_to_ours
 
 TEXTS = ["a red circle", "a photo of a blue square", "green star"]
@@ -238,3 +239,62 @@ def test_random_init_is_seeded_and_no_tower_starts_as_yes_tower():
     with torch.no_grad():
         torch.testing.assert_close(a.encode_text(t), a.encode_text_no(t))
     assert a.no_tower.prompts.shape == (16, 32, 64) and a.no_tower.prompts.abs().sum() == 0
+
+
+@pytest.mark.slow
+def test_import_original_through_the_cli_then_score_like_the_library(tiny, tmp_path, ray_local, capsys):
+    """A released-layout .pt -> clipn import-original -> clipn score gives the library import's scores."""
+    import json
+
+    import pyarrow.dataset as pads
+
+    from clipn_core import world
+    from jobs.cli import main as cli_main
+
+    model, _, _ = _trained_like(tiny, seed=9)
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(4.60546875)  # as OpenAI's CLIP stores it: scale 100
+    state, _ = _original_layout(model)
+    pt = tmp_path / "clipn_cc3m.pt"
+    torch.save({"epoch": 10, "state_dict": state}, pt)
+    out = tmp_path / "imported.safetensors"
+    assert cli_main(["import-original", "--checkpoint", str(pt), "--architecture", "clipn-tiny",
+                     "--output", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "logit scale 100.00" in printed.out and "No pretrained weights" not in printed.err + printed.out
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["num_prompts"] == 16 and sidecar["logit_scale"] == 100.0
+    assert sidecar["base_weights"]["sha256"] == sha256_file(pt) and sidecar["preprocess_cfg"]["size"] == [32, 32]
+
+    lake = tmp_path / "lake"
+    lake.mkdir()
+    images = {f"{s}.jpg": world.encode(world.render(s, "red", i, 32)) for i, s in enumerate(world.SHAPES)}
+    for name, data in images.items():
+        (lake / name).write_bytes(data)
+    classes = ["circle", "square", "triangle"]
+    assert cli_main(["score", "--input.uri", str(lake), "--output.uri", str(tmp_path / "out"),
+                     "--model.checkpoint", str(out), "--classes.names", json.dumps(classes),
+                     "--runtime.preprocess", "exact"]) == 0
+    rows = {r["uri"].rsplit("/", 1)[-1]: r
+            for r in pads.dataset(str(tmp_path / "out"), format="parquet", partitioning="hive").to_table().to_pylist()}
+    library, _ = cc.import_original_checkpoint(str(pt), architecture="clipn-tiny")
+    heads = cc.build_class_heads(library, cc.get_tokenizer(library), classes, cc.load_templates())
+    tf = cc.image_transform(library.preprocess_cfg)
+    names = list(images)
+    direct = cc.BatchScorer(library, heads)(torch.stack([cc.decode_image(images[n], tf).tensor for n in names]))
+    for i, name in enumerate(names):
+        for score in cc.SCORES:
+            assert rows[name][f"score_{score}"] == pytest.approx(float(direct.scores[score][i]), rel=1e-4, abs=1e-5)
+
+
+def test_import_original_refuses_a_pt_that_is_not_a_clipn_checkpoint(tmp_path, capsys):
+    from jobs.cli import main as cli_main
+
+    pt = tmp_path / "resnet.pt"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(2, 3)}}, pt)
+    out = tmp_path / "out" / "x.safetensors"
+    assert cli_main(["import-original", "--checkpoint", str(pt), "--architecture", "clipn-tiny",
+                     "--output", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an original CLIPN checkpoint" in err[0] and "resnet.pt" in err[0], err
+    assert not out.exists() and not out.with_suffix(".json").exists()

@@ -4,20 +4,24 @@
 one lister takes 10,000 sequential requests for 10 million keys. The key space under the
 prefix is therefore cut into disjoint key ranges that Ray read tasks list in parallel,
 each page by page (bounded memory; a range is resumed from its start if its task is
-retried). The driver plans the ranges with a few concurrent probes (one request each)
-and holds only the range bounds, never a key list:
+retried). The driver plans the ranges with a few probes and holds only range bounds,
+never a key list. A range is "every key starting with Q"; it is split by the character
+that follows Q, found by a skip-scan (a loose index scan):
 
-1. probe the whole prefix; fewer than a page of keys: one range;
-2. otherwise split it by the next character: one range per character of a common key
-   alphabet (``0-9A-Za-z-._/``) plus the gaps between them, so every possible key falls in
-   exactly one range whatever characters it holds; probe the parts, drop the empty ones
-   and split again the ones holding more than a page, until there are enough ranges
-   (about four per CPU) or none is large.
+1. list the first page of Q: fewer keys than a page means a small range, done; otherwise
+   the page's keys give Q's first next-characters, and all but the last are small;
+2. from just past the last character seen, ask for the first key (one request, one key):
+   its next character is Q's next child; repeat until no key is left.
 
-A range ``[lower, upper)`` is listed with ``Prefix`` (their common prefix) and
-``StartAfter`` (just below ``lower``) and stops at ``upper``; keys outside the range are
-dropped, so ranges never overlap. Date- or hash-partitioned lakes split along their
-folders; a flat folder of ``img_000001.jpg`` keys splits along its digits.
+Only characters that occur cost a request, whatever they are, so a range with ``d``
+children costs about ``d`` requests; the frontier is split breadth-first, ranges
+concurrently, until there are enough ranges (about four per CPU) or none is large.
+Date- or hash-partitioned lakes split along their folders; a flat folder of
+``img_00000001.jpg`` keys skips the shared ``img_0000`` in a request per character and
+then splits along its digits.
+
+A range is listed with ``Prefix`` Q and stops at its end; every key falls in exactly one
+range.
 
 **Local folders** split by sub-folder (each listed recursively in its own task) plus one
 range for the files at the top. Other fsspec stores are listed by one task.
@@ -45,10 +49,9 @@ from ray.data.datasource import Datasource, ReadTask
 from clipn_core.errors import InputError, redact_uri
 from clipn_core.storage import Storage
 
-ALPHABET = "-./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
 PAGE_SIZE = 1000  # keys per ListObjectsV2 request (S3's maximum)
 _MAX_CHAR = "\U0010ffff"  # the greatest code point: sorts after every other character in UTF-8 order
-_MAX_PROBES = 4000  # planning requests at most (about 0.1 s each at 30 ms and 32 in flight)
+_MAX_PROBES = 2000  # planning requests at most
 _PROBES_IN_FLIGHT = 32
 
 
@@ -63,11 +66,6 @@ class KeyRange:
     prefix: str
     lower: str
     upper: str | None
-
-    @property
-    def splittable(self) -> bool:
-        """True for a whole-prefix range (every key starting with ``lower``), which splits by next character."""
-        return self.lower == self.prefix and self.upper == successor(self.prefix)
 
     def holds(self, key: str) -> bool:
         return key >= self.lower and (self.upper is None or key < self.upper)
@@ -92,22 +90,6 @@ def start_after(lower: str) -> str:
         return lower[:-1]
     prev = last - 1 if not 0xD800 <= last - 1 <= 0xDFFF else 0xD7FF
     return lower[:-1] + chr(prev) + _MAX_CHAR
-
-
-def split(rng: KeyRange) -> list[KeyRange]:
-    """A whole-prefix range cut into one range per next character of :data:`ALPHABET` and the gaps between
-    them: together they hold every key of ``rng`` exactly once."""
-    q = rng.lower
-    parts: list[KeyRange] = []
-    low = q
-    for ch in ALPHABET:
-        if low < q + ch:  # the gap below this character
-            parts.append(KeyRange(q, low, q + ch))
-        parts.append(KeyRange(q + ch, q + ch, successor(q + ch)))
-        low = successor(q + ch)
-    if rng.upper is None or low < rng.upper:
-        parts.append(KeyRange(q, low, rng.upper))
-    return parts
 
 
 @dataclass(frozen=True)
@@ -144,43 +126,76 @@ async def _s3_pages(fs, bucket: str, rng: KeyRange, page_size: int):
         kwargs["ContinuationToken"] = resp["NextContinuationToken"]
 
 
-async def _probe(fs, bucket: str, rng: KeyRange, page_size: int, limit: asyncio.Semaphore) -> tuple[int, bool]:
-    """(keys of ``rng`` in its first page, whether the range goes on after it): one request."""
+async def _first_key(fs, bucket: str, prefix: str, at_least: str) -> str | None:
+    """The first key starting with ``prefix`` that is >= ``at_least``, or None: one request."""
+    kwargs = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1}
+    if at_least > prefix:
+        kwargs["StartAfter"] = start_after(at_least)
+    while True:  # StartAfter may let through a key below at_least (only keys carrying U+10FFFF): skip it
+        resp = await fs._call_s3("list_objects_v2", **kwargs)
+        keys = [o["Key"] for o in resp.get("Contents", [])]
+        if not keys:
+            return None
+        if keys[0] >= at_least:
+            return keys[0]
+        kwargs["StartAfter"] = keys[0]
+
+
+async def _children(fs, bucket: str, rng: KeyRange, page_size: int,
+                    limit: asyncio.Semaphore) -> tuple[list[KeyRange], list[KeyRange], int]:
+    """Split a whole-prefix range by its next characters (module docstring): (small children, children that
+    may be large, requests made). A small range comes back alone as a small child."""
+    q = rng.prefix
     async with limit:
         pages = _s3_pages(fs, bucket, rng, page_size)
         try:
             first, more = await pages.__anext__()
         finally:
             await pages.aclose()
-    return len(first), more
+    requests = 1
+    if not more:
+        return ([rng] if first else []), [], requests
+    chars: list[str] = []
+    exact = False  # a key equal to the prefix itself
+    for obj in first:
+        if len(obj.key) == len(q):
+            exact = True
+        elif not chars or chars[-1] != obj.key[len(q)]:
+            chars.append(obj.key[len(q)])
+    small = [KeyRange(q, q, q + "\x00")] if exact else []
+    small += [KeyRange(q + c, q + c, successor(q + c)) for c in chars[:-1]]
+    large = [KeyRange(q + chars[-1], q + chars[-1], successor(q + chars[-1]))] if chars else []
+    cursor = successor(q + chars[-1]) if chars else q + "\x00"
+    while cursor is not None and (rng.upper is None or cursor < rng.upper):
+        async with limit:
+            key = await _first_key(fs, bucket, q, cursor)
+        requests += 1
+        if key is None:
+            break
+        c = key[len(q)]
+        large.append(KeyRange(q + c, q + c, successor(q + c)))
+        cursor = successor(q + c)
+    return small, large, requests
 
 
-async def _probe_all(fs, bucket: str, ranges: list[KeyRange], page_size: int) -> list[tuple[int, bool]]:
+async def _split_all(fs, bucket: str, ranges: list[KeyRange], page_size: int):
     limit = asyncio.Semaphore(_PROBES_IN_FLIGHT)
-    return await asyncio.gather(*(_probe(fs, bucket, r, page_size, limit) for r in ranges))
+    return await asyncio.gather(*(_children(fs, bucket, r, page_size, limit) for r in ranges))
 
 
 def plan_s3(fs, bucket: str, prefix: str, target: int, page_size: int = PAGE_SIZE) -> list[KeyRange]:
     """Disjoint key ranges covering every key under ``prefix`` in ``bucket`` (module docstring); [] when none."""
-    root = KeyRange(prefix, prefix, successor(prefix))
-    ((count, big),) = fsspec.asyn.sync(fs.loop, _probe_all, fs, bucket, [root], page_size)
-    if not count and not big:
-        return []
-    if not big:
-        return [root]
     final: list[KeyRange] = []
-    frontier = [root]
-    probes = 1
-    while frontier and len(final) + len(frontier) < target and probes < _MAX_PROBES:
-        children = [part for rng in frontier for part in split(rng)]
-        results = fsspec.asyn.sync(fs.loop, _probe_all, fs, bucket, children, page_size)
-        probes += len(children)
+    frontier = [KeyRange(prefix, prefix, successor(prefix))]
+    requests = 0
+    while frontier and len(final) + len(frontier) < target and requests < _MAX_PROBES:
+        splits = fsspec.asyn.sync(fs.loop, _split_all, fs, bucket, frontier, page_size)
         frontier = []
-        for child, (n, more) in zip(children, results):
-            if n == 0 and not more:
-                continue
-            (frontier if more and child.splittable else final).append(child)
-    return final + frontier
+        for small, large, made in splits:
+            final += small
+            frontier += large
+            requests += made
+    return sorted(final + frontier, key=lambda r: r.lower)
 
 
 def _list_s3(fs, bucket: str, rng: KeyRange, page_size: int) -> Iterator[list[Listed]]:

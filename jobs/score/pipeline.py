@@ -12,13 +12,12 @@ import datetime as dt
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 
 import ray
 
-import clipn_core as cc
 from clipn_core.errors import InputError, redact_uri
 from clipn_core.storage import Storage, is_remote
+from jobs.calibration import check_fits, check_threshold, load_calibration
 from jobs.faults import maybe_die, score_fault_from_env
 from jobs.score.decode import DecodeSettings, read_decode_batch, read_tar_batch
 from jobs.score.incremental import drop_scored, last_watermark, scored_uris
@@ -32,7 +31,8 @@ from jobs.score.publish import (
     sweep_staging,
 )
 from jobs.score.read import fetch_batch, input_dataset
-from jobs.score.scorer import ScorerActor, load_model
+from jobs.score.scorer import ScorerActor
+from jobs.scoring_setup import ScoringSetup, prepare
 from schemas.manifest import ScoreManifest
 from schemas.output import OUTPUT_SCHEMA_VERSION
 from schemas.score_config import ScoreJobConfig
@@ -43,24 +43,16 @@ log = logging.getLogger("clipn.score")
 WRITE_CPUS = 0.1
 
 
-@dataclass(frozen=True)
-class Setup:
-    """What the driver resolves before any Ray work: classes, templates, heads and the model's identity."""
-
-    classes: tuple[str, ...]
-    templates: tuple[str, ...]
-    heads: cc.ClassHeads
-    model_id: str
-    preprocess_cfg: dict
-
-
-def prepare(cfg: ScoreJobConfig, storage: Storage) -> Setup:
-    """Resolve and validate everything the run needs; raises a :class:`~clipn_core.ClipnError` naming the fault."""
-    classes = cc.load_class_names(cfg.classes.names, cfg.classes.file, storage.options)
-    templates = cc.load_templates(cfg.templates, storage.options)
-    model, model_id = load_model(cfg.model, storage, cfg.runtime.cache_dir)
-    heads = cc.build_class_heads(model, cc.get_tokenizer(model), classes, templates)
-    return Setup(classes, templates, heads, model_id, model.preprocess_cfg)
+def check_decision(cfg: ScoreJobConfig, setup: ScoringSetup, storage: Storage) -> str | None:
+    """The id of the decision's calibration after checking that it fits this run and holds the threshold
+    (a :class:`~clipn_core.CalibrationError` naming the mismatch otherwise); None without one."""
+    d = cfg.decision
+    if d.calibration is None:
+        return None
+    cal = load_calibration(d.calibration, storage)
+    check_fits(cal, d.calibration, setup.model_id, setup.heads.class_set_hash, setup.logit_scale)
+    check_threshold(cal, d.calibration, d.score, d.threshold)
+    return cal.id
 
 
 def resolve_since(cfg: ScoreJobConfig, storage: Storage, run_date: dt.date) -> tuple[dt.datetime | None, str | None]:
@@ -71,7 +63,7 @@ def resolve_since(cfg: ScoreJobConfig, storage: Storage, run_date: dt.date) -> t
     return cfg.input.since, None
 
 
-def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: Setup, storage: Storage, run_id: str,
+def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: ScoringSetup, storage: Storage, run_id: str,
                fault: str | None) -> ray.data.Dataset:
     """URIs -> output rows: read + decode tasks (or fetch only, when the scorer decodes), then the actor pool."""
     rt = cfg.runtime
@@ -91,6 +83,7 @@ def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: Setup, storage:
         fn_constructor_kwargs={
             "model_cfg": cfg.model, "heads": setup.heads, "runtime": rt, "decision": cfg.decision,
             "storage": storage, "run_id": run_id, "embeddings": cfg.output.embeddings, "fault": fault,
+            "logit_scale": setup.logit_scale,
         },
         batch_size=rt.batch_size,
         compute=ray.data.ActorPoolStrategy(size=rt.pool_size),
@@ -108,9 +101,10 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
     run_date = cfg.effective_run_date()
 
     fault = score_fault_from_env()
-    setup = prepare(cfg, storage)
-    log.info("model %s, %d classes, %d templates, class set %s", setup.model_id[:16], len(setup.classes),
-             len(setup.templates), setup.heads.class_set_hash)
+    setup, _ = prepare(cfg.model, cfg.classes, cfg.templates, cfg.runtime, storage)
+    calibration_id = check_decision(cfg, setup, storage)
+    log.info("model %s, logit scale %.2f, %d classes, %d templates, class set %s", setup.model_id[:16],
+             setup.logit_scale, len(setup.classes), len(setup.templates), setup.heads.class_set_hash)
     since, since_run = resolve_since(cfg, storage, run_date)
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
@@ -146,9 +140,10 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
             manifest = ScoreManifest(
                 schema_version=OUTPUT_SCHEMA_VERSION, run_id=run_id, run_date=run_date,
                 partition=partition_path(cfg.output.uri, run_date), model_id=setup.model_id,
-                class_set_hash=setup.heads.class_set_hash, classes=list(setup.classes),
+                class_set_hash=setup.heads.class_set_hash, logit_scale=setup.logit_scale, classes=list(setup.classes),
                 templates=list(setup.templates), inputs_listed=listed, skipped_already_scored=skipped,
                 excluded_by_watermark=excluded, since=since, since_from_run=since_run, watermark=watermark,
+                decision=cfg.decision.model_dump(mode="json"), calibration_id=calibration_id,
                 **stats, timings_s={"setup": round(t_setup, 3), "score_and_write": round(t_score, 3)},
                 images_per_s=round(stats["rows"] / t_score, 2) if t_score > 0 else None,
                 config=cfg.model_dump(mode="json"),

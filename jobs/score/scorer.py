@@ -21,19 +21,9 @@ from clipn_core.images import split_preprocessor
 from clipn_core.scores import SCORES
 from clipn_core.storage import Storage
 from jobs.faults import maybe_die
+from jobs.scoring_setup import load_model
 from schemas.output import OUTPUT_SCHEMA, STATUS_OK, ood_column, score_column
 from schemas.score_config import DecisionConfig, ModelConfig, RuntimeConfig
-
-
-def load_model(model_cfg: ModelConfig, storage: Storage, cache_dir: str | None) -> tuple[cc.CLIPN, str]:
-    """(CLIPN in eval mode, model id) from a checkpoint or, for untrained runs, an architecture."""
-    if model_cfg.checkpoint:
-        model, _, model_id = cc.load_checkpoint(model_cfg.checkpoint, storage.options, cache_dir)
-        return model, model_id
-    model, spec = cc.build_clipn(model_cfg.architecture, model_cfg.pretrained, storage_options=storage.options,
-                                 cache_dir=cache_dir, seed=model_cfg.seed)
-    ident = spec.base_weights
-    return model, f"untrained:{ident['architecture']}:{ident.get('sha256') or ident.get('pretrained') or 'seed' + str(model_cfg.seed)}"
 
 
 def is_ood_column(decision: DecisionConfig, scores: dict[str, np.ndarray], decisions: dict[str, np.ndarray]) -> np.ndarray:
@@ -52,13 +42,13 @@ class ScorerActor:
     """Ray Data callable class: decoded pixels or encoded bytes + status -> one output row per input row."""
 
     def __init__(self, model_cfg: ModelConfig, heads: cc.ClassHeads, runtime: RuntimeConfig,
-                 decision: DecisionConfig, storage: Storage, run_id: str, embeddings: bool,
+                 decision: DecisionConfig, storage: Storage, run_id: str, embeddings: bool, logit_scale: float,
                  fault: str | None = None):
         if runtime.torch_threads:
             torch.set_num_threads(runtime.torch_threads)
         model, self.model_id = load_model(model_cfg, storage, runtime.cache_dir)
         device = scoring_device(runtime)
-        self.scorer = cc.BatchScorer(model, heads, device, runtime.precision, runtime.logit_scale,
+        self.scorer = cc.BatchScorer(model, heads, device, runtime.precision, logit_scale,
                                      runtime.mcm_temperature, compile=runtime.compile)
         pre = split_preprocessor(model.preprocess_cfg, mode=runtime.preprocess)
         self.device_decoder = DeviceDecoder(pre, device, runtime.max_pixels)

@@ -1,0 +1,47 @@
+"""Reading a calibration (``calibration.json`` of ``clipn calibrate``) and checking that it fits a run.
+
+A threshold means something only for the model, class set and logit scale it was
+calibrated with: the scoring job and ``clipn evaluate`` refuse any other, naming what
+differs.
+"""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from clipn_core.errors import CalibrationError, StorageError, redact_uri
+from clipn_core.storage import Storage
+from schemas.reports import CalibrationReport
+
+
+def load_calibration(uri: str, storage: Storage) -> CalibrationReport:
+    """The calibration at ``uri``; :class:`CalibrationError` naming the file when it cannot be read or parsed."""
+    try:
+        return CalibrationReport.model_validate_json(storage.read_bytes(uri))
+    except StorageError as e:
+        raise CalibrationError(f"calibration {redact_uri(uri)}: {e}") from e
+    except ValidationError as e:
+        raise CalibrationError(f"{redact_uri(uri)} is not a clipn calibration: {e.errors()[0]['msg']} "
+                               f"({'.'.join(map(str, e.errors()[0]['loc']))})") from e
+
+
+def check_fits(cal: CalibrationReport, uri: str, model_id: str, class_set_hash: str, logit_scale: float) -> None:
+    """Raise :class:`CalibrationError` unless ``cal`` was made with this model, class set and logit scale."""
+    mismatches = []
+    if cal.model_id != model_id:
+        mismatches.append(f"model id {cal.model_id[:16]} vs the run's {model_id[:16]}")
+    if cal.class_set_hash != class_set_hash:
+        mismatches.append(f"class set {cal.class_set_hash} vs the run's {class_set_hash} (classes or templates differ)")
+    if abs(cal.logit_scale - logit_scale) > 1e-6 * max(1.0, logit_scale):
+        mismatches.append(f"logit scale {cal.logit_scale:g} vs the run's {logit_scale:g}")
+    if mismatches:
+        raise CalibrationError(f"calibration {redact_uri(uri)} ({cal.id}) does not fit this run: "
+                               + "; ".join(mismatches))
+
+
+def check_threshold(cal: CalibrationReport, uri: str, score: str, threshold: float) -> None:
+    """Raise :class:`CalibrationError` unless ``threshold`` is one of ``cal``'s thresholds for ``score``."""
+    if cal.threshold(score, threshold) is None:
+        held = ", ".join(f"{t.threshold:.6g} ({t.target:g})" for t in cal.thresholds.get(score, []))
+        raise CalibrationError(f"decision.threshold {threshold:g} is not one of calibration {redact_uri(uri)}'s "
+                               f"thresholds for {score} ({held or 'none'})")
