@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo lint bench bench-quality clean
+.PHONY: install test demo lint bench bench-scale bench-quality clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_throughput.py
+
+bench-scale: $(STAMP)
+	$(PY) benchmarks/bench_scale.py
 
 bench-quality: $(STAMP)
 	$(PY) benchmarks/bench_quality.py --out bench_quality_out

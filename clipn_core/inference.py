@@ -17,6 +17,7 @@ from .images import split_preprocessor
 from .model import CLIPN
 from .scores import (
     DEFAULT_MCM_TEMPERATURE,
+    DEFAULT_NEGATIVE_GROUPS,
     SCORES,
     ScoreInputs,
     compute_scores,
@@ -27,8 +28,9 @@ from .scores import (
 class BatchScores:
     """Per-image results of one batch, as numpy arrays of length N.
 
-    ``scores[name]`` is the ID score (higher = more ID) of every registered score;
-    ``decisions[name]`` the threshold-free OOD flag (True = OOD) of CTW and ATD.
+    ``scores[name]`` is the ID score (higher = more ID) of every registered score the
+    scorer can compute (those needing negative labels only when it has them);
+    ``decisions[name]`` the threshold-free OOD flag (True = OOD) of CTW, ATD and CLIPN-Neg.
     ``embeddings`` is the L2-normalised image feature [N, D] (float32).
     """
 
@@ -43,6 +45,9 @@ class BatchScorer:
     """Scores batches of images against fixed class heads: normalised float [N, 3, H, W]
     (:meth:`__call__`) or the model's uint8 pixels [N, 3, H, W] (:meth:`score_pixels`).
 
+    ``negatives``: negative-label text embeddings [M, D] (:mod:`clipn_core.negatives`) for the
+    scores that use them, split into ``negative_groups`` groups; ``bank``: (ID, OOD) image
+    proxies [K, D] of a lake bank (:mod:`clipn_core.lake_bank`) for ``clipn_neg_lake``.
     ``logit_scale``: the scale ``s`` of the logits; None (the default) takes the base
     CLIP's own learned ``logit_scale.exp()`` (100 for OpenAI's CLIP), so scores mean the
     same for any base model. ``precision``: ``fp32``, ``bf16`` or ``fp16`` autocast for
@@ -61,6 +66,9 @@ class BatchScorer:
         logit_scale: float | None = None,
         mcm_temperature: float = DEFAULT_MCM_TEMPERATURE,
         compile: bool = False,
+        negatives: torch.Tensor | None = None,
+        negative_groups: int = DEFAULT_NEGATIVE_GROUPS,
+        bank: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
@@ -71,6 +79,9 @@ class BatchScorer:
         self.precision = precision
         self.logit_scale = float(logit_scale) if logit_scale is not None else self.model.logit_scale
         self.mcm_temperature = mcm_temperature
+        self.negatives = negatives.to(self.device) if negatives is not None else None
+        self.negative_groups = negative_groups
+        self.bank = tuple(b.to(self.device) for b in bank) if bank is not None else None
         self.channels_last = self.device.type == "cuda"
         if self.channels_last:
             self.model.clip.visual.to(memory_format=torch.channels_last)
@@ -101,7 +112,8 @@ class BatchScorer:
             images = images.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             features = self._encode(images, normalize=True)
-        inputs = ScoreInputs(features.float(), self.heads_yes, self.heads_no, self.logit_scale, self.mcm_temperature)
+        inputs = ScoreInputs(features.float(), self.heads_yes, self.heads_no, self.logit_scale, self.mcm_temperature,
+                             self.negatives, self.negative_groups, self.bank)
         results = compute_scores(inputs)
         idx, prob = inputs.predicted
         return BatchScores(

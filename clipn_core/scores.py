@@ -11,6 +11,16 @@ their threshold-free OOD decision (``True`` = OOD). The formulas are those of
 * ATD: ID score ``sum_j (1 - p_no[j]) p[j]``; OOD iff ``1 - ID > max_j (1 - p_no[j]) p[j]``
 * MSP ``max p``; MaxLogit ``max logits_yes``; Energy ``logsumexp(logits_yes)``;
   MCM ``max softmax(cos / tau)``
+* with negative labels (:mod:`clipn_core.negatives`, text embeddings ``W_neg`` [M, D] split
+  into G groups ``N_g`` by ``j mod G``; ``l_neg = s f W_neg^T``):
+  NegLabel ``mean_g sum_ID e^l_yes / (sum_ID e^l_yes + sum_{N_g} e^l_neg)``;
+  CLIPN-Neg: ATD with the negatives in the softmax, ``p' = softmax([l_yes, l_neg])`` and
+  ID score ``sum_j (1 - p_no[j]) p'[j]`` over the ID classes; with no negatives it is ATD.
+  ATD's threshold-free rule does not carry over (the negatives' mass would count as
+  p_ood and flag nearly everything): threshold it with ``clipn calibrate``.
+* with a lake bank of ID and OOD image proxies (:mod:`clipn_core.lake_bank`):
+  CLIPN-Neg-Lake ``clipn_neg * sigmoid(s (max_k cos(f, id_k) - max_k cos(f, ood_k)))``;
+  without a bank it is CLIPN-Neg.
 
 ``SCORES`` is the only list of scores in the project: jobs, the CLI, the output schema
 and the evaluation report all iterate over it.
@@ -26,6 +36,7 @@ import torch
 
 DEFAULT_LOGIT_SCALE = 100.0
 DEFAULT_MCM_TEMPERATURE = 1.0
+DEFAULT_NEGATIVE_GROUPS = 100  # NegLabel's grouping: the score is averaged over this many groups of negatives
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,9 @@ class ScoreInputs:
         heads_no: torch.Tensor | None = None,
         logit_scale: float = DEFAULT_LOGIT_SCALE,
         mcm_temperature: float = DEFAULT_MCM_TEMPERATURE,
+        negatives: torch.Tensor | None = None,
+        negative_groups: int = DEFAULT_NEGATIVE_GROUPS,
+        bank: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         if image_features.ndim != 2 or heads_yes.ndim != 2:
             raise ValueError(
@@ -68,6 +82,37 @@ class ScoreInputs:
         self.heads_no = None if heads_no is None else heads_no.float().to(self.features.device)
         self.logit_scale = float(logit_scale)
         self.mcm_temperature = float(mcm_temperature)
+        self.negatives = None if negatives is None or len(negatives) == 0 else negatives.float().to(self.features.device)
+        self.negative_groups = max(1, min(int(negative_groups), len(self.negatives) if self.negatives is not None else 1))
+        # (ID proxies, OOD proxies) of the lake bank; an empty side means no bank
+        self.bank = (None if bank is None or len(bank[0]) == 0 or len(bank[1]) == 0
+                     else tuple(b.float().to(self.features.device) for b in bank))
+
+    @cached_property
+    def bank_id_share(self) -> torch.Tensor:
+        """S_img = sigmoid(s (max_k cos(f, id_k) - max_k cos(f, ood_k))), [N]; 1 without a lake bank."""
+        if self.bank is None:
+            return self.features.new_ones(self.features.shape[0])
+        id_p, ood_p = self.bank
+        gap = (self.features @ id_p.T).max(dim=-1).values - (self.features @ ood_p.T).max(dim=-1).values
+        return torch.sigmoid(self.logit_scale * gap)
+
+    @cached_property
+    def logits_neg(self) -> torch.Tensor:
+        """s f W_neg^T, [N, M]; [N, 0] when there are no negative labels."""
+        if self.negatives is None:
+            return self.features.new_zeros((self.features.shape[0], 0))
+        return self.logit_scale * (self.features @ self.negatives.T)
+
+    @cached_property
+    def negative_group_lse(self) -> torch.Tensor:
+        """logsumexp of the negative logits within each group ``j mod G``, [N, G]."""
+        n, m = self.logits_neg.shape
+        g = self.negative_groups
+        padded = torch.full((n, -(-m // g) * g), float("-inf"), device=self.features.device)
+        padded[:, :m] = self.logits_neg
+        # column j of group j mod g sits at [.., j // g, j mod g]
+        return torch.logsumexp(padded.view(n, -1, g), dim=1)
 
     @cached_property
     def cos_yes(self) -> torch.Tensor:
@@ -103,26 +148,27 @@ class ScoreInputs:
 
 @dataclass(frozen=True)
 class Score:
-    """One registered score: its name, function and whether it needs the no tower."""
+    """One registered score: its name, function and what it needs (the no tower, negative labels)."""
 
     name: str
     fn: Callable[[ScoreInputs], ScoreResult]
     needs_no_tower: bool
     threshold_free: bool
     description: str
+    needs_negatives: bool = False
 
 
 SCORES: dict[str, Score] = {}
 
 
-def register(name: str, *, needs_no_tower: bool, threshold_free: bool = False):
+def register(name: str, *, needs_no_tower: bool, threshold_free: bool = False, needs_negatives: bool = False):
     """Decorator adding a score function to :data:`SCORES` under ``name``."""
 
     def wrap(fn: Callable[[ScoreInputs], ScoreResult]) -> Callable[[ScoreInputs], ScoreResult]:
         if name in SCORES:
             raise ValueError(f"score {name!r} is registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
-        SCORES[name] = Score(name, fn, needs_no_tower, threshold_free, doc[0] if doc else "")
+        SCORES[name] = Score(name, fn, needs_no_tower, threshold_free, doc[0] if doc else "", needs_negatives)
         return fn
 
     return wrap
@@ -168,9 +214,36 @@ def atd(x: ScoreInputs) -> ScoreResult:
     return ScoreResult(id_score, (1.0 - id_score) > terms.max(dim=-1).values)
 
 
+@register("neglabel", needs_no_tower=False, needs_negatives=True)
+def neglabel(x: ScoreInputs) -> ScoreResult:
+    """NegLabel: ID mass against each group of negative labels, averaged over the groups."""
+    id_lse = torch.logsumexp(x.logits_yes, dim=-1, keepdim=True)
+    return ScoreResult(torch.sigmoid(id_lse - x.negative_group_lse).mean(dim=-1))
+
+
+@register("clipn_neg", needs_no_tower=True, needs_negatives=True)
+def clipn_neg(x: ScoreInputs) -> ScoreResult:
+    """CLIPN-Neg: ATD whose class softmax also holds the negative labels (use a calibrated threshold)."""
+    joint = torch.cat([x.logits_yes, x.logits_neg], dim=-1).softmax(dim=-1)[:, : x.logits_yes.shape[1]]
+    return ScoreResult(((1.0 - x.p_no) * joint).sum(dim=-1))
+
+
+@register("clipn_neg_lake", needs_no_tower=True, needs_negatives=True)
+def clipn_neg_lake(x: ScoreInputs) -> ScoreResult:
+    """Lake-adaptive CLIPN-Neg: clipn_neg times the lake bank's S_img (clipn_neg itself without a bank)."""
+    return ScoreResult(clipn_neg(x).id_score * x.bank_id_share)
+
+
+def applicable(inputs: ScoreInputs) -> list[str]:
+    """The registered scores ``inputs`` can compute (no-tower scores need no heads; negative ones negatives)."""
+    return [n for n, s in SCORES.items()
+            if (inputs.heads_no is not None or not s.needs_no_tower)
+            and (inputs.negatives is not None or not s.needs_negatives)]
+
+
 def compute_scores(inputs: ScoreInputs, names: Iterable[str] | None = None) -> dict[str, ScoreResult]:
-    """Run the named scores (all registered ones when ``names`` is None) on one batch."""
-    selected = list(SCORES) if names is None else list(names)
+    """Run the named scores (all applicable ones, :func:`applicable`, when ``names`` is None) on one batch."""
+    selected = applicable(inputs) if names is None else list(names)
     unknown = [n for n in selected if n not in SCORES]
     if unknown:
         raise KeyError(f"unknown score(s) {unknown}; registered: {sorted(SCORES)}")

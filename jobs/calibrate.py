@@ -93,7 +93,7 @@ def run(cfg: CalibrateJobConfig) -> CalibrationReport:
     """Calibrate; returns the report (also written as ``calibration.json`` under ``output.dir``)."""
     storage = cfg.storage.bind()
     rt = cfg.runtime
-    setup, model = prepare(cfg.model, cfg.classes, cfg.templates, rt, storage)
+    setup, model = prepare(cfg.model, cfg.classes, cfg.templates, rt, storage, cfg.negatives)
     count, images = read_sample(cfg.data, storage)
     root = cfg.output.dir.rstrip("/")
     storage.check_writable(root, "output.dir", probe="/.probe")
@@ -107,13 +107,15 @@ def run(cfg: CalibrateJobConfig) -> CalibrationReport:
     per_score = {name: thresholds(values, cfg.targets, cfg.bootstrap, cfg.seed) for name, values in result.scores.items()}
     chosen = next(t for t in per_score[cfg.decision_score] if t.target == cfg.decision_target)
     content = {"model_id": setup.model_id, "class_set_hash": setup.heads.class_set_hash,
-               "logit_scale": setup.logit_scale, "preprocess": rt.preprocess,
+               "logit_scale": setup.logit_scale, "negatives_id": setup.negatives_id, "bank_id": setup.bank_id,
+               "preprocess": rt.preprocess,
                "sample": [redact_uri(cfg.data.uri), len(result.kept)],
                "thresholds": {k: [t.model_dump() for t in v] for k, v in per_score.items()}}
     cal_id = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
     report = CalibrationReport(
         id=cal_id, created_at=dt.datetime.now(dt.timezone.utc), model_id=setup.model_id,
-        class_set_hash=setup.heads.class_set_hash, logit_scale=setup.logit_scale, preprocess=rt.preprocess,
+        class_set_hash=setup.heads.class_set_hash, logit_scale=setup.logit_scale, negatives_id=setup.negatives_id,
+        bank_id=setup.bank_id, preprocess=rt.preprocess,
         classes=list(setup.classes),
         sample=SampleInfo(kind=cfg.data.kind, uri=redact_uri(cfg.data.uri), images=len(result.kept),
                           undecodable=len(result.undecodable)),

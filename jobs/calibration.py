@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from clipn_core.errors import CalibrationError, StorageError, redact_uri
 from clipn_core.storage import Storage
+from jobs.scoring_setup import ScoringSetup
 from schemas.reports import CalibrationReport
 
 
@@ -25,15 +26,21 @@ def load_calibration(uri: str, storage: Storage) -> CalibrationReport:
                                f"({'.'.join(map(str, e.errors()[0]['loc']))})") from e
 
 
-def check_fits(cal: CalibrationReport, uri: str, model_id: str, class_set_hash: str, logit_scale: float) -> None:
-    """Raise :class:`CalibrationError` unless ``cal`` was made with this model, class set and logit scale."""
+def check_fits(cal: CalibrationReport, uri: str, setup: ScoringSetup) -> None:
+    """Raise :class:`CalibrationError` unless ``cal`` was made with this setup's model, class set, logit scale
+    and negative labels."""
     mismatches = []
-    if cal.model_id != model_id:
-        mismatches.append(f"model id {cal.model_id[:16]} vs the run's {model_id[:16]}")
-    if cal.class_set_hash != class_set_hash:
-        mismatches.append(f"class set {cal.class_set_hash} vs the run's {class_set_hash} (classes or templates differ)")
-    if abs(cal.logit_scale - logit_scale) > 1e-6 * max(1.0, logit_scale):
-        mismatches.append(f"logit scale {cal.logit_scale:g} vs the run's {logit_scale:g}")
+    if cal.model_id != setup.model_id:
+        mismatches.append(f"model id {cal.model_id[:16]} vs the run's {setup.model_id[:16]}")
+    if cal.class_set_hash != setup.heads.class_set_hash:
+        mismatches.append(f"class set {cal.class_set_hash} vs the run's {setup.heads.class_set_hash} "
+                          "(classes or templates differ)")
+    if abs(cal.logit_scale - setup.logit_scale) > 1e-6 * max(1.0, setup.logit_scale):
+        mismatches.append(f"logit scale {cal.logit_scale:g} vs the run's {setup.logit_scale:g}")
+    if cal.negatives_id != setup.negatives_id:
+        mismatches.append(f"negative labels {cal.negatives_id} vs the run's {setup.negatives_id}")
+    if cal.bank_id != setup.bank_id:
+        mismatches.append(f"lake bank {cal.bank_id} vs the run's {setup.bank_id}")
     if mismatches:
         raise CalibrationError(f"calibration {redact_uri(uri)} ({cal.id}) does not fit this run: "
                                + "; ".join(mismatches))

@@ -6,7 +6,8 @@
 3. a tiny base CLIP trained by the training job's ``clip`` stage (cached locally, so a
    second run reuses it);
 4. CLIPN's no tower trained by the training job on 2 Ray Train workers;
-5. the nightly scoring job on the lake, with the world's template set;
+5. the nightly scoring job on the lake, with the world's template set, two nights: the first
+   builds a lake bank of image proxies, the second scores ``clipn_neg_lake`` with it;
 6. ``clipn calibrate`` on a separate ID sample (thresholds keeping 95/99/99.9% of ID images), then
    ``clipn evaluate`` on the labelled set with those thresholds;
 7. a summary: evaluation table, calibrated operating point, lake flags against the world's truth,
@@ -20,6 +21,7 @@ moto's server, and everything in it, stops when the demo ends.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -42,6 +44,7 @@ from schemas.train_config import TrainJobConfig
 
 log = logging.getLogger("clipn.demo")
 BUCKET = "clipn-demo"
+DEMO_NIGHT = dt.date(2026, 11, 24)
 _MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -97,6 +100,12 @@ def _ensure_bucket(endpoint: str, bucket: str) -> None:
         s3.create_bucket(Bucket=bucket)
 
 
+def _write_config(out: Path, name: str, cfg) -> None:
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    (out / "configs" / f"{name}.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True),
+                                                                 sort_keys=False))
+
+
 def _step(n: int, total: int, text: str) -> float:
     print(f"\n[{n}/{total}] {text}", flush=True)
     return time.perf_counter()
@@ -141,7 +150,8 @@ def demo_configs(out: Path, root: str, endpoint: str, size: DemoSize, base_clip:
     })
     classes = {"names": list(world.id_shapes)}
     score = ScoreJobConfig.model_validate({
-        "input": {"kind": "prefix", "uri": f"{root}/lake"}, "output": {"uri": str(out / "scores")},
+        "input": {"kind": "prefix", "uri": f"{root}/lake"},
+        "output": {"uri": str(out / "scores"), "run_date": str(DEMO_NIGHT), "embeddings": True, "lake_bank": True},
         "model": {"checkpoint": clipn.output.checkpoint}, "classes": classes, "templates": "world",
         "runtime": {"batch_size": 256, "decode_batch_size": 256, "pool_size": 1}, "storage": storage,
     })
@@ -186,7 +196,8 @@ def lake_summary(partition: str, truth: dict) -> dict:
 
 def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cache_dir: Path | None = None,
              seed: int = 0, compare_templates: tuple[str, ...] = ()) -> dict:
-    """Run the seven steps; returns {"evaluation": report, "lake": lake summary, "paths": {...}, "seconds": ...}.
+    """Run the seven steps; returns {"evaluation": report, "calibration": ..., "lake": lake summary, "paths": {...},
+    "configs": the jobs' validated configs, "seconds": ...}.
 
     ``compare_templates``: other template sets (names or URIs) to evaluate the same model with,
     reported under ``"template_comparison"`` (reports in ``<out>/report-<name>``).
@@ -217,10 +228,8 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
         root = f"s3://{BUCKET}/world-{seed}"
         base_clip = base_clip_path(cache_dir, world, size)
         cfgs = demo_configs(out, root, endpoint, size, str(base_clip), world)
-        (out / "configs").mkdir(parents=True, exist_ok=True)
         for name, cfg in cfgs.items():
-            (out / "configs" / f"{name}.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True),
-                                                                         sort_keys=False))
+            _write_config(out, name, cfg)
         opts = cfgs["score"].storage.storage_options()
 
         t = _step(2, total, f"world: {size.lake} lake images (+3 broken), {size.pairs} training pairs, "
@@ -245,10 +254,18 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
         print(f"    trained in {time.perf_counter() - t:.0f} s, final loss {summary['last']['loss']:.3f} "
               f"-> {summary['checkpoint']}")
 
-        t = _step(5, total, f"nightly scoring job on the lake ({len(truth)} objects)")
-        manifest = run_score(cfgs["score"])
+        t = _step(5, total, f"nightly scoring job on the lake ({len(truth)} objects), two nights: the first builds "
+                  "a lake bank, the second scores with it")
+        first = run_score(cfgs["score"])
+        second_cfg = cfgs["score"].model_copy(deep=True)
+        second_cfg.output.run_date = DEMO_NIGHT + dt.timedelta(days=1)
+        manifest = run_score(second_cfg)
         lake = lake_summary(manifest.partition, truth)
-        print(f"    {lake['rows']} rows for {lake['inputs']} inputs in {time.perf_counter() - t:.0f} s")
+        print(f"    {lake['rows']} rows for {lake['inputs']} inputs a night, in {time.perf_counter() - t:.0f} s; lake bank "
+              f"{first.lake_bank_built}")
+        for name in ("calibrate", "evaluate"):  # the labelled sets are scored with the first night's bank too
+            cfgs[name].negatives.bank = first.lake_bank_built
+            _write_config(out, name, cfgs[name])
 
         t = _step(6, total, f"calibrate on {size.calib_id} ID images, then evaluate on the labelled ID/OOD set")
         calibration = run_calibrate(cfgs["calibrate"])
@@ -273,15 +290,15 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
     for k, v in paths.items():
         print(f"    {k:10} {v}")
     return {"evaluation": report, "calibration": calibration, "template_comparison": comparison, "lake": lake,
-            "paths": paths, "seconds": round(seconds, 1), "size": asdict(size)}
+            "paths": paths, "configs": cfgs, "seconds": round(seconds, 1), "size": asdict(size)}
 
 
 def _summary_table(report: EvalReport, calibration: CalibrationReport, calibrate: CalibrateJobConfig,
                    lake: dict) -> str:
-    lines = [f"    {'score':9} {'AUROC':>7} {'FPR95':>7}   (eval set: {report.data.id} ID + {report.data.ood} OOD, "
+    lines = [f"    {'score':14} {'AUROC':>7} {'FPR95':>7}   (eval set: {report.data.id} ID + {report.data.ood} OOD, "
              f"ID accuracy {report.id_accuracy:.1f}%, logit scale {report.logit_scale:.1f} from the model)"]
     for name, m in report.scores.items():
-        lines.append(f"    {name:9} {m.auroc:7.2f} {m.fpr95:7.2f}")
+        lines.append(f"    {name:14} {m.auroc:7.2f} {m.fpr95:7.2f}")
     for name, r in report.decisions.items():
         lines.append(f"    {name} rule: flags {r.ood_flagged_ood:.1f}% of OOD and {r.id_flagged_ood:.1f}% of ID images")
     for r in report.calibrated:

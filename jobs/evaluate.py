@@ -110,10 +110,10 @@ def run(cfg: EvalJobConfig) -> EvalReport:
     storage = cfg.storage.bind()
     rt = cfg.runtime
     table = read_eval_set(cfg.data, storage)
-    setup, model = prepare(cfg.model, cfg.classes, cfg.templates, rt, storage)
+    setup, model = prepare(cfg.model, cfg.classes, cfg.templates, rt, storage, cfg.negatives)
     calibration = load_calibration(cfg.calibration, storage) if cfg.calibration else None
     if calibration is not None:
-        check_fits(calibration, cfg.calibration, setup.model_id, setup.heads.class_set_hash, setup.logit_scale)
+        check_fits(calibration, cfg.calibration, setup)
     is_id_all = table["is_id"].to_numpy(zero_copy_only=False)
     labels_all = None
     if "label" in table.column_names:
@@ -136,7 +136,9 @@ def run(cfg: EvalJobConfig) -> EvalReport:
     report = EvalReport(
         model=ModelRef(id=setup.model_id, checkpoint=redact_uri(cfg.model.checkpoint) if cfg.model.checkpoint else None,
                        architecture=cfg.model.architecture),
-        logit_scale=setup.logit_scale, preprocess=rt.preprocess, classes=list(setup.classes),
+        logit_scale=setup.logit_scale, negatives_id=setup.negatives_id, bank_id=setup.bank_id,
+        preprocess=rt.preprocess,
+        classes=list(setup.classes),
         templates={"source": cfg.templates or "default", "count": len(setup.templates)},
         class_set_hash=setup.heads.class_set_hash,
         data=EvalData(uri=redact_uri(cfg.data.uri), rows=len(table), id=int(is_id.sum()), ood=int((~is_id).sum()),

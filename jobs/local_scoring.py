@@ -39,7 +39,8 @@ class LocalScores:
 def batch_scorer(model: cc.CLIPN, setup: ScoringSetup, options: ScoringOptions, device: str) -> cc.BatchScorer:
     if device == "cuda" and not torch.cuda.is_available():
         raise cc.ModelConfigError("runtime.device is cuda but no CUDA device is visible")
-    return cc.BatchScorer(model, setup.heads, device, options.precision, setup.logit_scale, options.mcm_temperature)
+    return cc.BatchScorer(model, setup.heads, device, options.precision, setup.logit_scale, options.mcm_temperature,
+                          **setup.scorer_kwargs())
 
 
 def score_images(scorer: cc.BatchScorer, setup: ScoringSetup, options: ScoringOptions,

@@ -8,11 +8,28 @@ Everything that can be wrong (class file, templates, weights) raises a
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import clipn_core as cc
-from clipn_core.storage import Storage
-from schemas.score_config import ClassesConfig, ModelConfig, ScoringOptions
+from clipn_core.errors import redact_uri
+from clipn_core.lake_bank import LakeBank, bank_from_bytes
+from clipn_core.negatives import (
+    NegativeLabels,
+    lexicon_hash,
+    load_lexicon,
+    load_negatives,
+    mine_negatives,
+    save_negatives,
+)
+from clipn_core.storage import DEFAULT_CACHE_DIR, Storage
+from schemas.score_config import ClassesConfig, ModelConfig, NegativesConfig, ScoringOptions
+
+log = logging.getLogger("clipn.setup")
 
 
 @dataclass(frozen=True)
@@ -25,6 +42,23 @@ class ScoringSetup:
     model_id: str
     preprocess_cfg: dict
     logit_scale: float  # the model's own (logit_scale: model) or the configured number
+    negatives: NegativeLabels | None = None
+    negative_groups: int = 100
+    bank: LakeBank | None = None
+
+    @property
+    def negatives_id(self) -> str | None:
+        return self.negatives.id if self.negatives is not None else None
+
+    @property
+    def bank_id(self) -> str | None:
+        return self.bank.id if self.bank is not None and not self.bank.empty else None
+
+    def scorer_kwargs(self) -> dict:
+        """The negative labels and lake bank as :class:`~clipn_core.BatchScorer` keyword arguments."""
+        return {"negatives": self.negatives.yes if self.negatives is not None else None,
+                "negative_groups": self.negative_groups,
+                "bank": (self.bank.id_proxies, self.bank.ood_proxies) if self.bank is not None else None}
 
 
 def load_model(model_cfg: ModelConfig, storage: Storage, cache_dir: str | None) -> tuple[cc.CLIPN, str]:
@@ -38,13 +72,46 @@ def load_model(model_cfg: ModelConfig, storage: Storage, cache_dir: str | None) 
     return model, f"untrained:{ident['architecture']}:{ident.get('sha256') or ident.get('pretrained') or 'seed' + str(model_cfg.seed)}"
 
 
+def negative_labels(model: cc.CLIPN, model_id: str, heads: cc.ClassHeads, cfg: NegativesConfig, storage: Storage,
+                    cache_dir: str | None) -> NegativeLabels:
+    """The mined negative labels for this model and class set, from the local cache when it holds them (key:
+    model id, class set, lexicon and every mining setting), else mined here and cached."""
+    lexicon = load_lexicon(cfg.lexicon, storage.options)
+    key = json.dumps({"model": model_id, "class_set": heads.class_set_hash, "lexicon": lexicon_hash(lexicon),
+                      "count": cfg.count, "bound": cfg.synonym_bound, "template": cfg.template}, sort_keys=True)
+    path = Path(cache_dir or DEFAULT_CACHE_DIR) / "negatives" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+    if path.exists():
+        return load_negatives(path)
+    t0 = time.perf_counter()
+    negatives = mine_negatives(model, cc.get_tokenizer(model), heads, lexicon, cfg.count, cfg.synonym_bound,
+                               template=cfg.template)
+    save_negatives(negatives, path)
+    log.info("mined %d negative labels from %d lexicon words in %.1f s (%d near-synonyms dropped), cached in %s",
+             len(negatives), len(lexicon), time.perf_counter() - t0, negatives.settings["dropped_as_synonyms"], path)
+    return negatives
+
+
 def prepare(model_cfg: ModelConfig, classes_cfg: ClassesConfig, templates: str | None, options: ScoringOptions,
-            storage: Storage) -> tuple[ScoringSetup, cc.CLIPN]:
+            storage: Storage, negatives: NegativesConfig | None = None) -> tuple[ScoringSetup, cc.CLIPN]:
     """Resolve and validate the setup; returns it and the loaded model (for jobs that score in this process)."""
     classes = cc.load_class_names(classes_cfg.names, classes_cfg.file, storage.options)
     template_set = cc.load_templates(templates, storage.options)
     model, model_id = load_model(model_cfg, storage, options.cache_dir)
     heads = cc.build_class_heads(model, cc.get_tokenizer(model), classes, template_set)
+    mined = (negative_labels(model, model_id, heads, negatives, storage, options.cache_dir)
+             if negatives is not None and negatives.enabled else None)
+    bank = load_bank(negatives.bank, storage) if negatives is not None and negatives.bank else None
     setup = ScoringSetup(classes, template_set, heads, model_id, model.preprocess_cfg,
-                         options.resolve_logit_scale(model.logit_scale))
+                         options.resolve_logit_scale(model.logit_scale), mined,
+                         negatives.groups if negatives is not None else 100, bank)
     return setup, model
+
+
+def load_bank(uri: str, storage: Storage) -> LakeBank:
+    """The lake bank at ``uri``; :class:`~clipn_core.InputError` naming it when it cannot be read."""
+    try:
+        return bank_from_bytes(storage.read_bytes(uri))
+    except cc.StorageError as e:
+        raise cc.InputError(f"negatives.bank: {e}") from e
+    except Exception as e:  # noqa: BLE001 - not a bank file: one clear line
+        raise cc.InputError(f"negatives.bank {redact_uri(uri)} is not a lake bank: {type(e).__name__}: {e}") from e

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from clipn_core.scores import SCORES
 from schemas.common import FileExtensions, StorageConfig, StrictModel
 from schemas.eval_config import EvalRuntimeConfig
-from schemas.score_config import IMAGE_EXTENSIONS, ClassesConfig, ModelConfig
+from schemas.score_config import IMAGE_EXTENSIONS, ClassesConfig, ModelConfig, NegativesConfig
 
 
 class CalibrationSampleConfig(StrictModel):
@@ -41,6 +41,7 @@ class CalibrateJobConfig(StrictModel):
     model: ModelConfig
     classes: ClassesConfig
     templates: str | None = Field(None, description="template set name (default, world) or template file URI")
+    negatives: NegativesConfig = Field(default_factory=NegativesConfig)
     targets: list[float] = Field(default_factory=lambda: [0.95, 0.99, 0.999],
                                  description="shares of ID images to keep, each in (0, 1)")
     decision_score: str = Field("atd", description="score of the ready decision: block (a registered score)")

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from schemas.common import StorageConfig, StrictModel
-from schemas.score_config import ClassesConfig, ModelConfig, ScoringOptions
+from schemas.score_config import ClassesConfig, ModelConfig, NegativesConfig, ScoringOptions
 
 
 class EvalDataConfig(StrictModel):
@@ -41,6 +41,7 @@ class EvalJobConfig(StrictModel):
     model: ModelConfig
     classes: ClassesConfig
     templates: str | None = Field(None, description="template set name (default, world) or template file URI")
+    negatives: NegativesConfig = Field(default_factory=NegativesConfig)
     output: EvalOutputConfig
     calibration: str | None = Field(None, description="calibration.json (clipn calibrate) whose thresholds to apply: "
                                     "the report gives the ID and OOD shares each flags")

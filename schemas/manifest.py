@@ -24,6 +24,11 @@ class ScoreManifest(BaseModel):
     class_set_hash: str = Field(description="hash of the ID class names and templates")
     logit_scale: float | None = Field(None, description="logit scale s the scores used (the model's own unless "
                                       "runtime.logit_scale gave a number)")
+    negatives_id: str | None = Field(None, description="identity of the mined negative labels (none: off)")
+    negatives_count: int = Field(0, description="negative labels the scores used")
+    lake_bank_used: str | None = Field(None, description="lake bank clipn_neg_lake used (none: it equals clipn_neg)")
+    lake_bank_id: str | None = Field(None, description="identity of that bank")
+    lake_bank_built: str | None = Field(None, description="lake bank this run built for later nights")
     classes: list[str]
     templates: list[str]
     decision: dict | None = Field(None, description="the decision that filled is_ood")

@@ -59,6 +59,8 @@ class EvalReport(_Report):
 
     model: ModelRef
     logit_scale: float = Field(description="logit scale s the scores used")
+    negatives_id: str | None = Field(None, description="identity of the negative labels the scores used (none: off)")
+    bank_id: str | None = Field(None, description="identity of the lake bank clipn_neg_lake used (none: no bank)")
     preprocess: str
     classes: list[str]
     templates: dict
@@ -99,6 +101,8 @@ class CalibrationReport(_Report):
     model_id: str
     class_set_hash: str
     logit_scale: float
+    negatives_id: str | None = Field(None, description="identity of the negative labels the scores used (none: off)")
+    bank_id: str | None = Field(None, description="identity of the lake bank clipn_neg_lake used (none: no bank)")
     preprocess: str
     classes: list[str]
     sample: SampleInfo

@@ -44,6 +44,8 @@ class OutputConfig(StrictModel):
     skip_scored: bool = Field(False, description="skip URIs already scored ok in other partitions with the same model id and class set")
     staging_max_age_h: float = Field(24.0, ge=0.1, description="at start, delete staging folders of dead runs "
                                      "whose heartbeat is older than this (hours); a live run's never is")
+    lake_bank: bool = Field(False, description="build a lake bank (image proxies of the surest OOD and ID ok rows) for "
+                            "the next night's clipn_neg_lake, and use the latest earlier one (needs embeddings)")
 
 
 class ModelConfig(StrictModel):
@@ -72,8 +74,12 @@ class ClassesConfig(StrictModel):
         return self
 
 
+THRESHOLD_FREE = tuple(n for n, s in SCORES.items() if s.threshold_free)
+
+
 class DecisionConfig(StrictModel):
-    rule: Literal["ctw", "atd", "threshold"] = Field("atd", description="which decision fills is_ood")
+    rule: str = Field("atd", description=f"which decision fills is_ood: a threshold-free rule ({', '.join(THRESHOLD_FREE)}) "
+                      "or threshold")
     score: str | None = Field(None, description="registered score for rule=threshold (e.g. mcm)")
     threshold: float | None = Field(None, description="is_ood = score < threshold (rule=threshold)")
     calibration: str | None = Field(None, description="calibration.json the threshold comes from (clipn calibrate): "
@@ -82,12 +88,30 @@ class DecisionConfig(StrictModel):
 
     @model_validator(mode="after")
     def _threshold_needs_score(self):
+        if self.rule not in (*THRESHOLD_FREE, "threshold"):
+            raise ValueError(f"decision.rule must be one of {[*THRESHOLD_FREE, 'threshold']}, got {self.rule!r}")
         if self.rule == "threshold":
             if self.score not in SCORES or self.threshold is None:
                 raise ValueError(f"rule=threshold needs score (one of {sorted(SCORES)}) and threshold")
         elif self.score is not None or self.threshold is not None or self.calibration is not None:
             raise ValueError("score, threshold and calibration are only used with rule=threshold")
         return self
+
+
+class NegativesConfig(StrictModel):
+    """Negative labels mined from a lexicon (NegLabel): the words farthest from the ID classes, scored against
+    beside them (scores neglabel, clipn_neg and clipn_neg_lake). Mined once per model and class set, then cached."""
+
+    enabled: bool = Field(True, description="mine negative labels (off: the neglabel, clipn_neg and clipn_neg_lake "
+                          "columns are null)")
+    lexicon: str = Field("wordfreq", description="wordfreq (shipped: frequent English words) or a file URI, one word per line")
+    count: int = Field(10_000, ge=1, description="negative labels kept (M)")
+    synonym_bound: float = Field(0.9, gt=0, le=1, description="drop words whose cosine to an ID class exceeds this "
+                                 "(near-synonyms and sub-categories of ID classes)")
+    template: str = Field("a photo of a {}.", description="prompt the words are encoded with (one {})")
+    groups: int = Field(100, ge=1, description="NegLabel groups the negatives are split into (score averaged over them)")
+    bank: str | None = Field(None, description="lake bank file (.safetensors) for clipn_neg_lake; the scoring job with "
+                             "output.lake_bank uses its latest own bank when this is unset")
 
 
 class ScoringOptions(StrictModel):
@@ -135,10 +159,24 @@ class ScoreJobConfig(StrictModel):
     model: ModelConfig
     classes: ClassesConfig
     templates: str | None = Field(None, description="template set name (default) or template file URI")
+    negatives: NegativesConfig = Field(default_factory=NegativesConfig)
     decision: DecisionConfig = Field(default_factory=DecisionConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     run_id: str | None = Field(None, description="identifier of this run (default: random)")
+
+    @model_validator(mode="after")
+    def _lake_bank_needs(self):
+        if self.output.lake_bank and not (self.output.embeddings and self.negatives.enabled):
+            raise ValueError("output.lake_bank needs output.embeddings: true and negatives.enabled: true")
+        return self
+
+    @model_validator(mode="after")
+    def _decision_scores_exist(self):
+        needs = self.decision.score if self.decision.rule == "threshold" else self.decision.rule
+        if SCORES[needs].needs_negatives and not self.negatives.enabled:
+            raise ValueError(f"decision uses {needs}, which needs negatives.enabled: true")
+        return self
 
     def effective_run_date(self) -> dt.date:
         return self.output.run_date or dt.datetime.now(dt.timezone.utc).date()

@@ -13,8 +13,11 @@ import yaml
 import clipn_core as cc
 from clipn_core.calibration import bootstrap_interval, id_threshold, tail_size
 from clipn_core.images import split_preprocessor
+from clipn_core.storage import Storage
 from clipn_core.world import World
 from jobs.cli import main as cli_main
+from jobs.scoring_setup import negative_labels
+from schemas.score_config import NegativesConfig
 
 WORLD = World(seed=11)
 
@@ -50,7 +53,8 @@ def setup(tmp_path_factory):
 def _calibrate(setup, out, *extra, ckpt=1):
     return cli_main(["calibrate", "--data.kind", "eval", "--data.uri", setup["id"], "--model.checkpoint",
                      setup["ckpt"][ckpt], "--classes.names", json.dumps(list(WORLD.id_shapes)), "--templates", "world",
-                     "--output.dir", str(out), "--bootstrap", "50", *extra])
+                     "--output.dir", str(out), "--bootstrap", "50", "--runtime.cache_dir", str(setup["root"] / "cache"),
+                     *extra])
 
 
 def test_calibrate_writes_thresholds_a_decision_block_and_a_report(setup, tmp_path, capsys):
@@ -62,8 +66,10 @@ def test_calibrate_writes_thresholds_a_decision_block_and_a_report(setup, tmp_pa
     model, _, model_id = cc.load_checkpoint(setup["ckpt"][1])
     assert cal["model_id"] == model_id and cal["logit_scale"] == pytest.approx(model.logit_scale)
     # the thresholds are those of the sample's own scores, computed by the scoring job's code
-    scored = cc.BatchScorer(model, cc.build_class_heads(model, cc.get_tokenizer(model), WORLD.id_shapes,
-                                                         cc.load_templates("world")))
+    heads = cc.build_class_heads(model, cc.get_tokenizer(model), WORLD.id_shapes, cc.load_templates("world"))
+    negatives = negative_labels(model, model_id, heads, NegativesConfig(), Storage({}), str(setup["root"] / "cache"))
+    assert cal["negatives_id"] == negatives.id
+    scored = cc.BatchScorer(model, heads, negatives=negatives.yes)
     pre = split_preprocessor(model.preprocess_cfg, mode="fast")
     images = pq.read_table(setup["id"])["image"].to_pylist()
     direct = scored.score_pixels(torch.from_numpy(np.stack([pre.decode(b) for b in images])))
@@ -84,7 +90,8 @@ def test_calibrate_writes_thresholds_a_decision_block_and_a_report(setup, tmp_pa
     report_dir = tmp_path / "report"
     assert cli_main(["evaluate", "--data.uri", setup["eval"], "--model.checkpoint", setup["ckpt"][1],
                      "--classes.names", json.dumps(list(WORLD.id_shapes)), "--templates", "world",
-                     "--output.dir", str(report_dir), "--calibration", str(out / "calibration.json")]) == 0
+                     "--output.dir", str(report_dir), "--calibration", str(out / "calibration.json"),
+                     "--runtime.cache_dir", str(setup["root"] / "cache")]) == 0
     report = json.loads((report_dir / "report.json").read_text())
     assert report["calibration"] == cal["id"]
     rows = {(r["score"], r["target"]): r for r in report["calibrated"]}
@@ -102,7 +109,8 @@ def test_the_scoring_job_records_a_fitting_calibration_and_refuses_another(setup
     cfg = tmp_path / "score.yaml"
     base = {"input": {"uri": str(lake)}, "output": {"uri": str(tmp_path / "out")},
             "model": {"checkpoint": setup["ckpt"][1]}, "classes": {"names": list(WORLD.id_shapes)},
-            "templates": "world", "decision": decision, "runtime": {"batch_size": 8, "decode_batch_size": 8}}
+            "templates": "world", "decision": decision,
+            "runtime": {"batch_size": 8, "decode_batch_size": 8, "cache_dir": str(setup["root"] / "cache")}}
     cfg.write_text(yaml.safe_dump(base))
     assert cli_main(["score", "--config", str(cfg)]) == 0
     manifest = json.loads(next((tmp_path / "out").glob("run_date=*/_manifest.json")).read_text())
@@ -114,7 +122,8 @@ def test_the_scoring_job_records_a_fitting_calibration_and_refuses_another(setup
     for extra, needle in ((["--model.checkpoint", setup["ckpt"][2]], "model id"),
                           (["--classes.names", '["circle", "square"]'], "class set"),
                           (["--runtime.logit_scale", "7.5"], "logit scale"),
-                          (["--decision.threshold", "0.123"], "is not one of")):
+                          (["--decision.threshold", "0.123"], "is not one of"),
+                          (["--negatives.count", "5"], "negative labels")):
         code = cli_main(["score", "--config", str(cfg), "--output.uri", str(other), *extra])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 1 and len(err) == 1 and needle in err[0], err

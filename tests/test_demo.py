@@ -30,6 +30,8 @@ def test_reduced_demo_trains_scores_and_detects_ood_well_above_chance(tmp_path, 
     # the model's own logit scale (the tiny CLIP learns ~28, not OpenAI's 100) and a calibrated operating point:
     # calibrated on a separate ID sample to keep 99%, it keeps about that on the evaluation's ID images
     assert 5 < report.logit_scale < 99
+    # every registered score, the adaptive one with the first night's lake bank
+    assert {"mcm", "atd", "neglabel", "clipn_neg", "clipn_neg_lake"} <= set(report.scores) and report.bank_id
     assert report.calibration == result["calibration"].id
     at99 = next(r for r in report.calibrated if r.score == "atd" and r.target == 0.99)
     assert at99.id_flagged_ood < 5 and at99.ood_flagged_ood > at99.id_flagged_ood + 20, at99

@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
@@ -136,3 +137,46 @@ def test_the_staging_sweep_removes_dead_runs_and_never_a_live_one(tmp_path, chec
     os.utime(Path(dead) / HEARTBEAT, (week_ago, week_ago))
     run(_cfg(lake, out, checkpoints[1], DAY, output__staging_max_age_h=1.0))
     assert not Path(dead).exists() and Path(live).exists()
+
+
+def test_the_lake_bank_does_not_depend_on_row_order():
+    from clipn_core.lake_bank import bank_bytes, bank_from_bytes, build_bank
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(200, 8)).astype(np.float32)
+    scores = rng.random(200)
+    uris = [f"s3://b/{i:03d}.jpg" for i in range(200)]
+    bank = build_bank(feats, scores, uris, clusters=8)
+    perm = rng.permutation(200)
+    shuffled = build_bank(feats[perm], scores[perm], [uris[i] for i in perm], clusters=8)
+    assert bank.id == shuffled.id and len(bank.id_proxies) == len(bank.ood_proxies) == 5  # 20 rows a decile, 4 each
+    assert bank_from_bytes(bank_bytes(bank)).id == bank.id
+    assert build_bank(feats[:5], scores[:5], uris[:5]).empty  # too few rows: an empty bank, clipn_neg unchanged
+
+
+def test_a_night_builds_a_lake_bank_and_the_next_scores_with_it_whatever_the_order(tmp_path, checkpoints, ray_local):
+    lake, out = tmp_path / "lake", tmp_path / "out"
+    _lake(lake, [f"img{i:02d}.jpg" for i in range(48)])
+    cache = str(tmp_path / "cache")
+    first = run(_cfg(lake, out, checkpoints[1], DAY, output__embeddings=True, output__lake_bank=True,
+                     runtime__cache_dir=cache))
+    assert first.lake_bank_built and first.lake_bank_used is None and Path(first.lake_bank_built).exists()
+    second = run(_cfg(lake, out, checkpoints[1], DAY + dt.timedelta(days=1), output__embeddings=True,
+                      output__lake_bank=True, runtime__cache_dir=cache))
+    assert second.lake_bank_used == first.lake_bank_built and second.lake_bank_id
+    table = pads.dataset(second.partition, format="parquet").to_table().to_pylist()
+    lake_scores = {r["uri"]: r["score_clipn_neg_lake"] for r in table}
+    assert any(r["score_clipn_neg_lake"] != r["score_clipn_neg"] for r in table)  # the bank moved the score
+    # the same bank, another partitioning and the reverse input order: the same score for every row
+    manifest = tmp_path / "reversed.csv"
+    manifest.write_text("uri\n" + "\n".join(sorted(lake_scores, reverse=True)) + "\n")
+    other = run(ScoreJobConfig.model_validate({
+        "input": {"kind": "manifest", "uri": str(manifest)}, "output": {"uri": str(tmp_path / "out2")},
+        "model": {"checkpoint": checkpoints[1]}, "classes": {"names": CLASSES},
+        "negatives": {"bank": first.lake_bank_built},
+        "runtime": {"batch_size": 3, "decode_batch_size": 5, "cache_dir": cache}}))
+    again = {r["uri"]: r["score_clipn_neg_lake"] for r in pads.dataset(other.partition, format="parquet").to_table().to_pylist()}
+    assert other.lake_bank_id == second.lake_bank_id
+    assert again.keys() == lake_scores.keys()
+    for uri, value in lake_scores.items():
+        assert again[uri] == pytest.approx(value, rel=1e-5, abs=1e-6), uri

@@ -22,10 +22,12 @@ from PIL import Image
 import clipn_core as cc
 from clipn_core import world
 from clipn_core.images import split_preprocessor
+from clipn_core.storage import Storage
 from jobs.cli import main as cli_main
 from jobs.score import run
+from jobs.scoring_setup import negative_labels
 from schemas.output import OUTPUT_SCHEMA
-from schemas.score_config import ScoreJobConfig
+from schemas.score_config import NegativesConfig, ScoreJobConfig
 
 pytestmark = pytest.mark.slow
 CLASSES = ["circle", "square", "triangle"]
@@ -162,8 +164,12 @@ def test_prefix_job_one_row_per_image_statuses_schema_and_scores(lake, tmp_path)
     tf = cc.image_transform(model.preprocess_cfg)
     names = list(GOOD)
     batch = torch.stack([cc.decode_image(GOOD[n], tf).tensor for n in names])
-    scorer = cc.BatchScorer(model, heads)
+    # the negative labels the job mined (the shipped lexicon, default settings), from the job's cache
+    negatives = negative_labels(model, manifest.model_id, heads, NegativesConfig(), Storage({}), str(tmp_path))
+    assert manifest.negatives_id == negatives.id and manifest.negatives_count == len(negatives) == 10_000
+    scorer = cc.BatchScorer(model, heads, negatives=negatives.yes)
     direct = scorer(batch)
+    assert set(direct.scores) == set(cc.SCORES)
     pre = split_preprocessor(model.preprocess_cfg, mode="exact")
     split = scorer.score_pixels(torch.from_numpy(np.stack([pre.decode(GOOD[n]) for n in names])))
     for i, n in enumerate(names):

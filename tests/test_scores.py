@@ -40,7 +40,7 @@ def inputs():
 def test_hand_values_match_every_registered_score(inputs):
     expected = [_by_hand(COS_YES[i], COS_NO[i]) for i in range(2)]
     results = compute_scores(inputs)
-    assert set(results) == {"msp", "maxlogit", "energy", "mcm", "ctw", "atd"}
+    assert set(results) == {"msp", "maxlogit", "energy", "mcm", "ctw", "atd"}  # no negatives: those two skipped
     for name, r in results.items():
         for i in range(2):
             assert r.id_score[i].item() == pytest.approx(expected[i][name], abs=1e-6), (name, i)
@@ -77,7 +77,8 @@ def test_logit_scale_is_used():
 
 def test_registry_metadata_and_errors():
     assert {n for n, s in SCORES.items() if s.threshold_free} == {"ctw", "atd"}
-    assert {n for n, s in SCORES.items() if s.needs_no_tower} == {"ctw", "atd"}
+    assert {n for n, s in SCORES.items() if s.needs_no_tower} == {"ctw", "atd", "clipn_neg", "clipn_neg_lake"}
+    assert {n for n, s in SCORES.items() if s.needs_negatives} == {"neglabel", "clipn_neg", "clipn_neg_lake"}
     x = ScoreInputs(torch.tensor([F1]), torch.tensor(W_YES))
     with pytest.raises(KeyError, match="nope"):
         compute_scores(x, ["nope"])
@@ -85,3 +86,60 @@ def test_registry_metadata_and_errors():
         compute_scores(x, ["ctw"])
     with pytest.raises(ValueError, match="width"):
         ScoreInputs(torch.zeros(1, 4), torch.zeros(3, 3))
+
+
+# Four negative words (unit vectors in D = 3) for the same two images; cosines by hand.
+W_NEG = [[0.0, 0.0, 1.0], [0.8, 0.0, 0.6], [0.0, 0.8, 0.6], [-1.0, 0.0, 0.0]]
+COS_NEG = [[0.0, 0.48, 0.64, -0.6], [0.8, 0.48, 0.96, 0.0]]
+
+
+def _neg_by_hand(cy, cn, cneg, groups):
+    e_id = sum(math.exp(v) for v in cy)
+    by_group = [[math.exp(v) for j, v in enumerate(cneg) if j % groups == g] for g in range(groups)]
+    neglabel = sum(e_id / (e_id + sum(grp)) for grp in by_group) / groups
+    joint_den = e_id + sum(math.exp(v) for v in cneg)
+    p_joint = [math.exp(v) / joint_den for v in cy]
+    p_no = [math.exp(n) / (math.exp(y) + math.exp(n)) for y, n in zip(cy, cn)]
+    terms = [(1 - pn) * pj for pn, pj in zip(p_no, p_joint)]
+    return neglabel, sum(terms)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_negative_label_scores_by_hand(groups):
+    x = ScoreInputs(torch.tensor([F1, F2]), torch.tensor(W_YES), torch.tensor(W_NO), logit_scale=1.0,
+                    negatives=torch.tensor(W_NEG), negative_groups=groups)
+    r = compute_scores(x)
+    assert {"neglabel", "clipn_neg", "clipn_neg_lake"} <= set(r)
+    torch.testing.assert_close(r["clipn_neg_lake"].id_score, r["clipn_neg"].id_score)  # no bank: clipn_neg
+    for i in range(2):
+        neglabel, clipn_neg = _neg_by_hand(COS_YES[i], COS_NO[i], COS_NEG[i], groups)
+        assert r["neglabel"].id_score[i].item() == pytest.approx(neglabel, abs=1e-6), (groups, i)
+        assert r["clipn_neg"].id_score[i].item() == pytest.approx(clipn_neg, abs=1e-6), i
+    # image 1, one group, worked out: ID mass e^.6 + e^.8 + 1 = 5.0477, negatives 1 + e^.48 + e^.64 + e^-.6 = 5.0614
+    if groups == 1:
+        assert r["neglabel"].id_score[0].item() == pytest.approx(5.04766 / (5.04766 + 5.06137), abs=1e-5)
+
+
+def test_without_negatives_clipn_neg_is_atd_and_negative_scores_are_not_computed():
+    plain = ScoreInputs(torch.tensor([F1, F2]), torch.tensor(W_YES), torch.tensor(W_NO), logit_scale=1.0)
+    assert "neglabel" not in compute_scores(plain) and "clipn_neg" not in compute_scores(plain)
+    empty = ScoreInputs(torch.tensor([F1, F2]), torch.tensor(W_YES), torch.tensor(W_NO), logit_scale=1.0,
+                        negatives=torch.zeros(0, 3))
+    assert empty.negatives is None
+    with_none = compute_scores(plain, ["atd", "clipn_neg"])  # asked for explicitly: clipn_neg degrades to ATD
+    torch.testing.assert_close(with_none["clipn_neg"].id_score, with_none["atd"].id_score)
+
+
+def test_the_lake_bank_scales_clipn_neg_by_the_nearest_proxy_side():
+    id_p, ood_p = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    base = dict(logit_scale=1.0, negatives=torch.tensor(W_NEG), negative_groups=1)
+    x = ScoreInputs(torch.tensor([F1, F2]), torch.tensor(W_YES), torch.tensor(W_NO), bank=(id_p, ood_p), **base)
+    r = compute_scores(x, ["clipn_neg", "clipn_neg_lake"])
+    # image 1: nearest ID proxy .6, nearest OOD proxy .8 -> sigmoid(-.2); image 2: 0 vs .8 -> sigmoid(-.8)
+    for i, gap in enumerate((-0.2, -0.8)):
+        expected = r["clipn_neg"].id_score[i].item() / (1 + math.exp(-gap))
+        assert r["clipn_neg_lake"].id_score[i].item() == pytest.approx(expected, abs=1e-6)
+    empty = ScoreInputs(torch.tensor([F1, F2]), torch.tensor(W_YES), torch.tensor(W_NO),
+                        bank=(torch.zeros(0, 3), ood_p), **base)
+    same = compute_scores(empty, ["clipn_neg", "clipn_neg_lake"])
+    torch.testing.assert_close(same["clipn_neg_lake"].id_score, same["clipn_neg"].id_score)  # empty bank: clipn_neg

@@ -4,6 +4,9 @@
   another published partition of this output are dropped by a Ray Data left anti-join on
   ``uri`` (hash-partitioned across workers), before any object is fetched. The driver
   only lists the published partitions (one per night).
+* ``output.lake_bank``: after a night, the surest OOD and ID ``ok`` rows' embeddings become a
+  bank of image proxies (:mod:`clipn_core.lake_bank`) stored beside the output under the
+  model id and class set; the next night scores ``clipn_neg_lake`` with the latest one.
 * ``input.since``: only objects modified after a watermark are listed. ``last_run`` takes
   the watermark of the latest published run of this output for an earlier date (its
   ``_manifest.json`` ``watermark``, the moment its listing began), so consecutive nights
@@ -18,6 +21,13 @@ import logging
 import ray
 from ray.data.expressions import col
 
+from clipn_core.lake_bank import (
+    DEFAULT_MAX_ROWS,
+    LakeBank,
+    bank_from_bytes,
+    build_bank,
+    keep_for_bank,
+)
 from clipn_core.storage import Storage
 from jobs.score.publish import MANIFEST, SUCCESS
 from schemas.manifest import ScoreManifest
@@ -78,3 +88,50 @@ def scored_uris(root: str, run_date: dt.date, model_id: str, class_set_hash: str
 def drop_scored(inputs: ray.data.Dataset, scored: ray.data.Dataset) -> ray.data.Dataset:
     """``inputs`` (a ``uri`` column) without the URIs in ``scored``: a hash-partitioned left anti-join."""
     return inputs.join(scored, join_type="left_anti", num_partitions=JOIN_PARTITIONS, on=("uri",))
+
+
+def bank_path(root: str, model_id: str, class_set_hash: str, run_id: str) -> str:
+    """Where a run's lake bank is kept: beside the output, keyed by model id and class set, versioned by run."""
+    return f"{root.rstrip('/')}/_banks/{model_id[:16]}-{class_set_hash}/{run_id}.safetensors"
+
+
+def latest_bank(root: str, run_date: dt.date, model_id: str, class_set_hash: str,
+                storage: Storage) -> tuple[str, LakeBank] | None:
+    """(URI, bank) built by the latest published run of ``root`` for an earlier date with the same model and class
+    set, or None. Reads one manifest per published night."""
+    fs, _ = storage.fs(root)
+    best: tuple[str, str] | None = None  # (run_date, bank URI)
+    for part in published_partitions(root, storage, exclude=run_date):
+        day = part.rstrip("/").rsplit("run_date=", 1)[-1]
+        if day > run_date.isoformat():
+            continue
+        manifest = ScoreManifest.model_validate_json(fs.cat_file(f"{part}/{MANIFEST}"))
+        if (manifest.lake_bank_built and manifest.model_id == model_id and manifest.class_set_hash == class_set_hash
+                and (best is None or day > best[0])):
+            best = (day, manifest.lake_bank_built)
+    if best is None:
+        return None
+    return best[1], bank_from_bytes(storage.read_bytes(best[1]))
+
+
+def build_lake_bank(staged: str, storage: Storage, ok_rows: int) -> LakeBank:
+    """A lake bank from a run's staged rows (``ok`` rows' embeddings and ATD scores), reading at most
+    ``DEFAULT_MAX_ROWS`` of them, chosen by a hash of their URI (so the same rows whatever the file order)."""
+    import numpy as np
+    import pyarrow.dataset as pads
+
+    from schemas.output import OUTPUT_SCHEMA
+
+    rate = min(1.0, DEFAULT_MAX_ROWS / max(1, ok_rows))
+    feats, scores, uris = [], [], []
+    dataset = pads.dataset(storage.fs(staged)[1], filesystem=storage.arrow(staged)[0], format="parquet",
+                           schema=OUTPUT_SCHEMA)
+    for batch in dataset.to_batches(columns=["uri", "status", "score_atd", "embedding"],
+                                    filter=pads.field("status") == STATUS_OK):
+        for uri, score, emb in zip(batch.column("uri").to_pylist(), batch.column("score_atd").to_pylist(),
+                                   batch.column("embedding").to_pylist()):
+            if emb is not None and score is not None and keep_for_bank(uri, rate):
+                feats.append(np.asarray(emb, dtype=np.float32))
+                scores.append(score)
+                uris.append(uri)
+    return build_bank(np.stack(feats) if feats else np.zeros((0, 0), np.float32), np.asarray(scores), uris)

@@ -8,6 +8,7 @@ scorer actors into staged Parquet, which is then published with its manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -16,11 +17,19 @@ import uuid
 import ray
 
 from clipn_core.errors import InputError, redact_uri
+from clipn_core.lake_bank import bank_bytes
 from clipn_core.storage import Storage, is_remote
 from jobs.calibration import check_fits, check_threshold, load_calibration
 from jobs.faults import maybe_die, score_fault_from_env
 from jobs.score.decode import DecodeSettings, read_decode_batch, read_tar_batch
-from jobs.score.incremental import drop_scored, last_watermark, scored_uris
+from jobs.score.incremental import (
+    bank_path,
+    build_lake_bank,
+    drop_scored,
+    last_watermark,
+    latest_bank,
+    scored_uris,
+)
 from jobs.score.publish import (
     Heartbeat,
     PartFilenames,
@@ -50,7 +59,7 @@ def check_decision(cfg: ScoreJobConfig, setup: ScoringSetup, storage: Storage) -
     if d.calibration is None:
         return None
     cal = load_calibration(d.calibration, storage)
-    check_fits(cal, d.calibration, setup.model_id, setup.heads.class_set_hash, setup.logit_scale)
+    check_fits(cal, d.calibration, setup)
     check_threshold(cal, d.calibration, d.score, d.threshold)
     return cal.id
 
@@ -83,7 +92,7 @@ def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: ScoringSetup, s
         fn_constructor_kwargs={
             "model_cfg": cfg.model, "heads": setup.heads, "runtime": rt, "decision": cfg.decision,
             "storage": storage, "run_id": run_id, "embeddings": cfg.output.embeddings, "fault": fault,
-            "logit_scale": setup.logit_scale,
+            "logit_scale": setup.logit_scale, "scoring": setup.scorer_kwargs(),
         },
         batch_size=rt.batch_size,
         compute=ray.data.ActorPoolStrategy(size=rt.pool_size),
@@ -101,7 +110,13 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
     run_date = cfg.effective_run_date()
 
     fault = score_fault_from_env()
-    setup, _ = prepare(cfg.model, cfg.classes, cfg.templates, cfg.runtime, storage)
+    setup, _ = prepare(cfg.model, cfg.classes, cfg.templates, cfg.runtime, storage, cfg.negatives)
+    bank_used = cfg.negatives.bank
+    if cfg.output.lake_bank and bank_used is None:
+        found = latest_bank(cfg.output.uri, run_date, setup.model_id, setup.heads.class_set_hash, storage)
+        if found is not None:
+            bank_used, bank = found
+            setup = dataclasses.replace(setup, bank=bank)
     calibration_id = check_decision(cfg, setup, storage)
     log.info("model %s, logit scale %.2f, %d classes, %d templates, class set %s", setup.model_id[:16],
              setup.logit_scale, len(setup.classes), len(setup.templates), setup.heads.class_set_hash)
@@ -136,14 +151,20 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                 skipped = listed - stats["rows"] if listed is not None else None
             elif listed is not None and stats["rows"] != listed:
                 raise RuntimeError(f"wrote {stats['rows']} rows for {listed} listed inputs; not publishing")
+            bank_built = None
+            if cfg.output.lake_bank:
+                bank_built = bank_path(cfg.output.uri, setup.model_id, setup.heads.class_set_hash, run_id)
+                storage.write_bytes(bank_built, bank_bytes(build_lake_bank(staged, storage, stats["by_status"].get("ok", 0))))
             maybe_die(fault, "driver")  # test hook: a driver crash with everything staged, nothing published
             manifest = ScoreManifest(
                 schema_version=OUTPUT_SCHEMA_VERSION, run_id=run_id, run_date=run_date,
                 partition=partition_path(cfg.output.uri, run_date), model_id=setup.model_id,
-                class_set_hash=setup.heads.class_set_hash, logit_scale=setup.logit_scale, classes=list(setup.classes),
+                class_set_hash=setup.heads.class_set_hash, logit_scale=setup.logit_scale,
+                negatives_id=setup.negatives_id, negatives_count=len(setup.negatives or ()), classes=list(setup.classes),
                 templates=list(setup.templates), inputs_listed=listed, skipped_already_scored=skipped,
                 excluded_by_watermark=excluded, since=since, since_from_run=since_run, watermark=watermark,
                 decision=cfg.decision.model_dump(mode="json"), calibration_id=calibration_id,
+                lake_bank_used=bank_used, lake_bank_id=setup.bank_id, lake_bank_built=bank_built,
                 **stats, timings_s={"setup": round(t_setup, 3), "score_and_write": round(t_score, 3)},
                 images_per_s=round(stats["rows"] / t_score, 2) if t_score > 0 else None,
                 config=cfg.model_dump(mode="json"),

@@ -18,7 +18,6 @@ import torch
 import clipn_core as cc
 from clipn_core.device_decode import DeviceDecoder
 from clipn_core.images import split_preprocessor
-from clipn_core.scores import SCORES
 from clipn_core.storage import Storage
 from jobs.faults import maybe_die
 from jobs.scoring_setup import load_model
@@ -39,17 +38,20 @@ def scoring_device(runtime: RuntimeConfig) -> str:
 
 
 class ScorerActor:
-    """Ray Data callable class: decoded pixels or encoded bytes + status -> one output row per input row."""
+    """Ray Data callable class: decoded pixels or encoded bytes + status -> one output row per input row.
+
+    ``scoring``: the negative labels and lake bank (:meth:`~jobs.scoring_setup.ScoringSetup.scorer_kwargs`),
+    fixed for the whole run."""
 
     def __init__(self, model_cfg: ModelConfig, heads: cc.ClassHeads, runtime: RuntimeConfig,
                  decision: DecisionConfig, storage: Storage, run_id: str, embeddings: bool, logit_scale: float,
-                 fault: str | None = None):
+                 scoring: dict | None = None, fault: str | None = None):
         if runtime.torch_threads:
             torch.set_num_threads(runtime.torch_threads)
         model, self.model_id = load_model(model_cfg, storage, runtime.cache_dir)
         device = scoring_device(runtime)
         self.scorer = cc.BatchScorer(model, heads, device, runtime.precision, logit_scale,
-                                     runtime.mcm_temperature, compile=runtime.compile)
+                                     runtime.mcm_temperature, compile=runtime.compile, **(scoring or {}))
         pre = split_preprocessor(model.preprocess_cfg, mode=runtime.preprocess)
         self.device_decoder = DeviceDecoder(pre, device, runtime.max_pixels)
         self.class_names = np.array(heads.class_names, dtype=object)
@@ -90,7 +92,7 @@ class ScorerActor:
             cols["predicted_class"] = pa.array(_scatter(self.class_names[idx], ok, n), type=pa.string())
             cols["predicted_index"] = full(idx.astype(np.int32), pa.int32())
             cols["predicted_prob"] = full(res.predicted_prob.astype(np.float32), pa.float32())
-            for name in SCORES:
+            for name in res.scores:  # a score it cannot compute (no negative labels) stays null
                 cols[score_column(name)] = full(res.scores[name].astype(np.float32), pa.float32())
             for name, flags in res.decisions.items():
                 cols[ood_column(name)] = full(flags.astype(bool), pa.bool_())

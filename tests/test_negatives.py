@@ -1,0 +1,96 @@
+"""Negative-label mining: the shipped lexicon, determinism, the near-synonym filter and the cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import clipn_core as cc
+from clipn_core.errors import TemplateError
+from clipn_core.negatives import load_lexicon, load_negatives, mine_negatives, save_negatives
+from clipn_core.storage import Storage
+from jobs import scoring_setup
+from schemas.score_config import NegativesConfig
+
+CLASSES = ["circle", "square", "triangle"]
+WORDS = ("circle", "Square", "diamond", "ring", "hexagon", "banana", "violin", "cloud", "river", "engine",
+         "pencil", "tiger", "castle", "orbit")
+
+
+@pytest.fixture(scope="module")
+def setup(tiny):
+    model, _, tok = tiny
+    return model, tok, cc.build_class_heads(model, tok, CLASSES, cc.load_templates("world"))
+
+
+def test_the_shipped_lexicon_is_offline_and_holds_shape_words():
+    words = load_lexicon()
+    assert len(words) > 30_000 and all(w.isalpha() and w.islower() and len(w) >= 3 for w in words)
+    assert {"diamond", "ring", "hexagon", "banana"} <= set(words) and "the" not in words
+    assert load_lexicon("wordfreq") is words
+
+
+def test_a_lexicon_file_and_its_errors(tmp_path):
+    path = tmp_path / "words.txt"
+    path.write_text("# my words\nalpha\n\nbeta\nalpha\ngamma ray\n")
+    assert load_lexicon(str(path)) == ("alpha", "beta", "gamma ray")
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(TemplateError, match="empty.txt"):
+        load_lexicon(str(tmp_path / "empty.txt"))
+    with pytest.raises(TemplateError, match="missing.txt"):
+        load_lexicon(str(tmp_path / "missing.txt"))
+
+
+def test_mining_is_deterministic_drops_class_names_and_keeps_the_farthest(setup):
+    model, tok, heads = setup
+    a = mine_negatives(model, tok, heads, WORDS, count=5, synonym_bound=1.0)
+    b = mine_negatives(model, tok, heads, WORDS, count=5, synonym_bound=1.0)
+    assert a.words == b.words and torch.equal(a.yes, b.yes) and torch.equal(a.no, b.no) and a.id == b.id
+    assert len(a) == 5 and not {"circle", "Square"} & set(a.words)  # ID class names never count as negatives
+    assert list(a.words) == [w for w in WORDS if w in a.words]  # lexicon order
+    # the kept words are the farthest by NegLabel's percentile distance
+    emb = torch.nn.functional.normalize(model.encode_text(tok([f"a photo of a {w}." for w in WORDS[2:]])), dim=-1)
+    sims = (emb @ heads.yes.T).detach()
+    distance = torch.quantile(-sims, 0.05, dim=1, interpolation="lower")
+    farthest = {WORDS[2 + i] for i in torch.argsort(distance, descending=True)[:5].tolist()}
+    assert set(a.words) == farthest
+    assert torch.allclose(a.yes.norm(dim=-1), torch.ones(5)) and a.no.shape == a.yes.shape
+
+
+def test_near_synonyms_above_the_bound_are_dropped(setup):
+    model, tok, heads = setup
+    emb = torch.nn.functional.normalize(model.encode_text(tok([f"a photo of a {w}." for w in WORDS[2:]])), dim=-1)
+    closest = (emb @ heads.yes.T).max(dim=1).values.detach()
+    bound = float(closest.sort().values[-3])  # the two words closest to some ID class lie above it
+    near = {WORDS[2 + i] for i in torch.nonzero(closest > bound).flatten().tolist()}
+    mined = mine_negatives(model, tok, heads, WORDS, count=100, synonym_bound=bound)
+    assert len(near) == 2 and not near & set(mined.words)
+    assert len(mined) == len(WORDS) - 2 - 2 and mined.settings["dropped_as_synonyms"] == 2
+
+
+def test_the_jobs_cache_mined_negatives_per_model_class_set_and_settings(setup, tmp_path, monkeypatch):
+    model, _, heads = setup
+    lexicon = tmp_path / "words.txt"
+    lexicon.write_text("\n".join(WORDS))
+    cfg = NegativesConfig(lexicon=str(lexicon), count=4)
+    first = scoring_setup.negative_labels(model, "model-a", heads, cfg, Storage({}), str(tmp_path / "cache"))
+    assert len(list((tmp_path / "cache" / "negatives").glob("*.safetensors"))) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("mined again although cached")
+
+    monkeypatch.setattr(scoring_setup, "mine_negatives", refuse)
+    again = scoring_setup.negative_labels(model, "model-a", heads, cfg, Storage({}), str(tmp_path / "cache"))
+    assert again.words == first.words and torch.equal(again.yes, first.yes) and again.id == first.id
+    monkeypatch.undo()
+    other = scoring_setup.negative_labels(model, "model-b", heads, cfg, Storage({}), str(tmp_path / "cache"))
+    assert other.id == first.id  # the words and settings, not the model, make the id...
+    assert len(list((tmp_path / "cache" / "negatives").glob("*.safetensors"))) == 2  # ...but each model has its cache
+
+
+def test_save_and_load_round_trip(setup, tmp_path):
+    model, tok, heads = setup
+    mined = mine_negatives(model, tok, heads, WORDS, count=3)
+    save_negatives(mined, tmp_path / "n.safetensors")
+    back = load_negatives(tmp_path / "n.safetensors")
+    assert back.words == mined.words and back.settings == mined.settings and torch.equal(back.no, mined.no)
