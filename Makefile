@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo lint bench bench-scale bench-quality clean
+.PHONY: install test demo lint bench bench-scale bench-quality bench-negatives bench-iceberg clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ bench-scale: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(PY) benchmarks/bench_quality.py --out bench_quality_out
+
+bench-negatives: $(STAMP)
+	$(PY) benchmarks/bench_negatives.py
+
+bench-iceberg: $(STAMP)
+	$(PY) benchmarks/bench_iceberg.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo_out bench_quality_out

@@ -12,7 +12,8 @@ from typing import Any
 
 # public name -> submodule that defines it
 _EXPORTS = {
-    **dict.fromkeys(("CalibrationError", "CheckpointKeyError", "ClassListError", "ClipnError", "InputError",
+    **dict.fromkeys(("CalibrationError", "CheckpointKeyError", "ClassListError", "ClipnError", "CommitConflictError",
+                     "InputError",
                      "ModelConfigError", "StorageError", "TemplateError", "WeightsError"), "errors"),
     **dict.fromkeys(("ClassHeads", "build_class_heads", "class_set_hash", "load_class_names", "load_templates",
                      "validate_class_names"), "heads"),

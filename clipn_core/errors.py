@@ -87,6 +87,10 @@ class CalibrationError(ClipnError):
     logit scale, or a threshold it does not hold)."""
 
 
+class CommitConflictError(ClipnError):
+    """A table commit that kept losing to concurrent writers after every retry."""
+
+
 class InputError(ClipnError, ValueError):
     """A job's configured input is missing, empty or malformed (raised before any work starts)."""
 

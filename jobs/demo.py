@@ -45,6 +45,7 @@ from schemas.train_config import TrainJobConfig
 log = logging.getLogger("clipn.demo")
 BUCKET = "clipn-demo"
 DEMO_NIGHT = dt.date(2026, 11, 24)
+ICEBERG_TABLE = "demo.ood_flags"
 _MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -128,7 +129,8 @@ def write_world(world: World, size: DemoSize, root: str, opts: dict) -> dict[str
 
 
 def demo_configs(out: Path, root: str, endpoint: str, size: DemoSize, base_clip: str, world: World) -> dict:
-    """The validated configs of the demo's five jobs (clip stage, clipn stage, score, calibrate, evaluate)."""
+    """The validated configs of the demo's jobs (clip stage, clipn stage, score to Parquet and to Iceberg,
+    calibrate, evaluate)."""
     storage = {"endpoint_url": endpoint, "region": "us-east-1"}
     run = {"storage_path": f"{root}/runs", "num_workers": 2, "cpus_per_worker": 0.5}
     data = {"uri": f"{root}/pairs/pairs.parquet", "augment": False, "cache_decoded": True, "decode_cpus": 0.25}
@@ -155,6 +157,13 @@ def demo_configs(out: Path, root: str, endpoint: str, size: DemoSize, base_clip:
         "model": {"checkpoint": clipn.output.checkpoint}, "classes": classes, "templates": "world",
         "runtime": {"batch_size": 256, "decode_batch_size": 256, "pool_size": 1}, "storage": storage,
     })
+    # the second night again, as an Iceberg table: SQLite catalog beside the outputs, warehouse in the bucket
+    score_iceberg = ScoreJobConfig.model_validate({
+        **score.model_dump(mode="json", exclude={"output"}),
+        "output": {"iceberg": {"table": ICEBERG_TABLE, "uri": f"sqlite:///{out / 'iceberg' / 'catalog.db'}",
+                               "warehouse": f"{root}/warehouse"},
+                   "run_date": str(DEMO_NIGHT + dt.timedelta(days=1)), "embeddings": True},
+    })
     calibrate = CalibrateJobConfig.model_validate({
         "data": {"kind": "eval", "uri": f"{root}/calib/id-sample.parquet"},
         "model": {"checkpoint": clipn.output.checkpoint}, "classes": classes, "templates": "world",
@@ -166,7 +175,8 @@ def demo_configs(out: Path, root: str, endpoint: str, size: DemoSize, base_clip:
         "output": {"dir": str(out / "report")}, "calibration": str(out / "calibration" / "calibration.json"),
         "storage": storage,
     })
-    return {"train-clip": clip, "train-clipn": clipn, "score": score, "calibrate": calibrate, "evaluate": evaluate}
+    return {"train-clip": clip, "train-clipn": clipn, "score": score, "score-iceberg": score_iceberg,
+            "calibrate": calibrate, "evaluate": evaluate}
 
 
 def base_clip_path(cache_dir: Path, world: World, size: DemoSize) -> Path:
@@ -192,6 +202,22 @@ def lake_summary(partition: str, truth: dict) -> dict:
     return {"rows": len(rows), "inputs": len(truth), "by_status": by_status,
             "id_flagged_ood": 100 * flagged["id"][0] / max(1, flagged["id"][1]),
             "ood_flagged_ood": 100 * flagged["ood"][0] / max(1, flagged["ood"][1])}
+
+
+def iceberg_summary(cfg: ScoreJobConfig) -> dict:
+    """The query the demo shows on its Iceberg table: the night's rows by status and OOD flag (pyiceberg scan
+    with a partition filter, aggregated in Arrow), and the snapshot it read."""
+    from jobs.score.iceberg import load_table, night
+
+    table = load_table(cfg.output.iceberg, cfg.storage.bind(), create=False)
+    day = night(cfg.effective_run_date()).isoformat()
+    rows = table.scan(row_filter=f"run_date = '{day}'", selected_fields=("uri", "status", "is_ood")).to_arrow()
+    counts = rows.group_by("status").aggregate([("uri", "count"), ("is_ood", "sum")]).sort_by("status")
+    return {"table": cfg.output.iceberg.table, "snapshot": table.current_snapshot().snapshot_id,
+            "snapshots": len(table.metadata.snapshots), "rows": len(rows),
+            "query": f"scan(row_filter=\"run_date = '{day}'\") | group by status: count(uri), sum(is_ood)",
+            "by_status": {s: (n, int(f or 0)) for s, n, f in zip(*(counts.column(c).to_pylist()
+                                                                    for c in ("status", "uri_count", "is_ood_sum")))}}
 
 
 def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cache_dir: Path | None = None,
@@ -263,6 +289,17 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
         lake = lake_summary(manifest.partition, truth)
         print(f"    {lake['rows']} rows for {lake['inputs']} inputs a night, in {time.perf_counter() - t:.0f} s; lake bank "
               f"{first.lake_bank_built}")
+        cfgs["score-iceberg"].negatives.bank = first.lake_bank_built  # the second night's rows, as a table
+        _write_config(out, "score-iceberg", cfgs["score-iceberg"])
+        (out / "iceberg").mkdir(parents=True, exist_ok=True)
+        if server is not None:  # the embedded server's warehouse died with the last demo: so does its catalog
+            (out / "iceberg" / "catalog.db").unlink(missing_ok=True)
+        committed = run_score(cfgs["score-iceberg"])
+        iceberg = iceberg_summary(cfgs["score-iceberg"])
+        if not committed.rows == manifest.rows == iceberg["rows"]:
+            raise RuntimeError(f"the Iceberg night holds {iceberg['rows']} rows (committed {committed.rows}), the "
+                               f"Parquet night {manifest.rows}")
+        print(f"    and committed to the Iceberg table {ICEBERG_TABLE} (SQLite catalog, warehouse {root}/warehouse)")
         for name in ("calibrate", "evaluate"):  # the labelled sets are scored with the first night's bank too
             cfgs[name].negatives.bank = first.lake_bank_built
             _write_config(out, name, cfgs[name])
@@ -283,18 +320,19 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
 
     seconds = time.perf_counter() - t_start
     _step(7, total, f"summary ({seconds / 60:.1f} min)")
-    print(_summary_table(report, calibration, cfgs["calibrate"], lake))
+    print(_summary_table(report, calibration, cfgs["calibrate"], lake, iceberg))
     paths = {"scores": manifest.partition, "report": str(out / "report" / "report.md"),
              "calibration": str(out / "calibration" / "calibration.md"),
              "configs": str(out / "configs"), "base_clip": str(base_clip)}
     for k, v in paths.items():
         print(f"    {k:10} {v}")
     return {"evaluation": report, "calibration": calibration, "template_comparison": comparison, "lake": lake,
+            "iceberg": iceberg,
             "paths": paths, "configs": cfgs, "seconds": round(seconds, 1), "size": asdict(size)}
 
 
 def _summary_table(report: EvalReport, calibration: CalibrationReport, calibrate: CalibrateJobConfig,
-                   lake: dict) -> str:
+                   lake: dict, iceberg: dict) -> str:
     lines = [f"    {'score':14} {'AUROC':>7} {'FPR95':>7}   (eval set: {report.data.id} ID + {report.data.ood} OOD, "
              f"ID accuracy {report.id_accuracy:.1f}%, logit scale {report.logit_scale:.1f} from the model)"]
     for name, m in report.scores.items():
@@ -307,4 +345,7 @@ def _summary_table(report: EvalReport, calibration: CalibrationReport, calibrate
                          f"ID sample images): flags {r.ood_flagged_ood:.1f}% of OOD and {r.id_flagged_ood:.1f}% of ID images")
     lines.append(f"    lake: {lake['rows']} rows for {lake['inputs']} objects, by status {lake['by_status']}; "
                  f"flagged OOD: {lake['ood_flagged_ood']:.1f}% of held-out shapes, {lake['id_flagged_ood']:.1f}% of ID shapes")
+    lines.append(f"    Iceberg {iceberg['table']} (snapshot {iceberg['snapshot']}): {iceberg['query']}")
+    for status, (n, flagged) in iceberg["by_status"].items():
+        lines.append(f"        {status:14} {n:6d} rows {flagged:6d} is_ood")
     return "\n".join(lines)

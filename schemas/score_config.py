@@ -37,15 +37,34 @@ class InputConfig(StrictModel):
         return self
 
 
+class IcebergConfig(StrictModel):
+    """An Apache Iceberg table as the output: one atomic commit per run, read by Spark, Trino, DuckDB, pyiceberg."""
+
+    table: str = Field(..., pattern=r"^[^.\s]+(\.[^.\s]+)+$", description="table identifier, namespace.table")
+    catalog: str = Field("default", description="pyiceberg catalog name, configured in .pyiceberg.yaml or "
+                         "PYICEBERG_CATALOG__<NAME>__... variables; unconfigured: the local SQLite catalog below")
+    uri: str | None = Field(None, description="local default catalog: its SQLAlchemy URI, e.g. sqlite:///catalog.db")
+    warehouse: str | None = Field(None, description="local default catalog: the warehouse, a folder (file://...) or "
+                                  "an s3:// prefix (reached with the storage settings)")
+
+
 class OutputConfig(StrictModel):
-    uri: str = Field(..., description="output root; partitions are <uri>/run_date=YYYY-MM-DD/")
+    uri: str | None = Field(None, description="Parquet output root; partitions are <uri>/run_date=YYYY-MM-DD/")
+    iceberg: IcebergConfig | None = Field(None, description="an Iceberg table instead of the Parquet folder")
     run_date: dt.date | None = Field(None, description="partition date (default: today, UTC)")
-    embeddings: bool = Field(False, description="also write the normalised image embedding (float16 list)")
+    embeddings: bool = Field(False, description="also write the normalised image embedding (float16 list; float32 "
+                             "in Iceberg, which has no half floats)")
     skip_scored: bool = Field(False, description="skip URIs already scored ok in other partitions with the same model id and class set")
     staging_max_age_h: float = Field(24.0, ge=0.1, description="at start, delete staging folders of dead runs "
                                      "whose heartbeat is older than this (hours); a live run's never is")
     lake_bank: bool = Field(False, description="build a lake bank (image proxies of the surest OOD and ID ok rows) for "
                             "the next night's clipn_neg_lake, and use the latest earlier one (needs embeddings)")
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if (self.uri is None) == (self.iceberg is None):
+            raise ValueError("give exactly one of output.uri (a Parquet folder) or output.iceberg (a table)")
+        return self
 
 
 class ModelConfig(StrictModel):

@@ -43,10 +43,14 @@ def test_reduced_demo_trains_scores_and_detects_ood_well_above_chance(tmp_path, 
     table = pads.dataset(partition, format="parquet").to_table()
     assert table.num_rows == SMALL.lake + 3 and len(set(table["uri"].to_pylist())) == table.num_rows
 
+    iceberg = result["iceberg"]  # the second night, committed to the table on the loopback S3 warehouse
+    assert iceberg["rows"] == lake["rows"] and {s: n for s, (n, _) in iceberg["by_status"].items()} == lake["by_status"]
+    assert f"Iceberg {iceberg['table']} (snapshot {iceberg['snapshot']})" in printed
+
     saved = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
     assert saved["scores"] == report.model_dump(mode="json")["scores"]
     assert len(list((tmp_path / "cache").glob("base-clip-*.safetensors"))) == 1
-    for name in ("train-clip", "train-clipn", "score", "calibrate", "evaluate"):
+    for name in ("train-clip", "train-clipn", "score", "score-iceberg", "calibrate", "evaluate"):
         assert (tmp_path / "out" / "configs" / f"{name}.yaml").is_file()
 
 

@@ -244,3 +244,79 @@ def test_bad_setup_fails_with_one_clear_error_and_writes_nothing(lake, tmp_path,
     fs = fsspec.filesystem("s3", **lake["opts"])
     assert not fs.exists(out.removeprefix("s3://"))  # nothing written
     ROWS.append((f"bad setup: {case}", "-", 0, 0, 0, 0))
+
+
+# ------------------------------------------------------------------ the Iceberg target
+
+
+def _iceberg_cfg(lake, tmp_path, table: str, warehouse: str, endpoint: str | None = None, **runtime) -> ScoreJobConfig:
+    data = _cfg(lake, "unused", endpoint, **runtime).model_dump(mode="json")
+    data["output"] = {"iceberg": {"table": table, "uri": f"sqlite:///{tmp_path / 'catalog.db'}", "warehouse": warehouse},
+                      "run_date": str(DAY)}
+    return ScoreJobConfig.model_validate(data)
+
+
+def _table_rows(cfg: ScoreJobConfig) -> tuple[list[dict], object]:
+    from jobs.score.iceberg import load_table
+
+    table = load_table(cfg.output.iceberg, cfg.storage.bind(), create=False)
+    rows = table.scan(selected_fields=("uri", "status", "predicted_class", "score_ctw", "score_atd", "score_mcm",
+                                       "is_ood", "run_id")).to_arrow().sort_by("uri")
+    return rows, table
+
+
+def _same_as_baseline(rows, baseline) -> None:
+    _same_rows_and_scores(rows.select(baseline.column_names), baseline)
+
+
+def _submit(cfg: ScoreJobConfig, tmp_path: Path, name: str, ray_local, env: dict | None = None) -> subprocess.Popen:
+    cfg_file = tmp_path / f"{name}.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True)))
+    return subprocess.Popen([sys.executable, "-m", "jobs", "score", "--config", str(cfg_file)],
+                            env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, **(env or {})},
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_iceberg_driver_killed_before_the_commit_leaves_the_last_snapshot_then_rerun(lake, baseline, tmp_path, ray_local):
+    cfg = _iceberg_cfg(lake, tmp_path, "rel.killed", f"file://{tmp_path / 'wh'}")
+    run(cfg)  # a first good night: the snapshot the dead run must leave current
+    _, table = _table_rows(cfg)
+    before = table.current_snapshot().snapshot_id
+    marker = tmp_path / "driver.killed"
+    proc = _submit(cfg, tmp_path, "killed", ray_local, {SCORE_FAULT_ENV: f"driver:0:{marker}"})
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1 and marker.exists(), err[-2000:]
+    rows, table = _table_rows(cfg)
+    assert table.current_snapshot().snapshot_id == before  # the dead run committed nothing
+    run(cfg)  # the rerun of the same night
+    rows, _ = _table_rows(cfg)
+    record("Iceberg: driver killed before the commit, rerun", 1, lake["uris"], rows["uri"].to_pylist())
+    _same_as_baseline(rows, baseline)
+
+
+def test_iceberg_two_runs_committing_at_once_leave_one_copy_of_the_night(lake, baseline, tmp_path, ray_local):
+    # two whole jobs in one 2-CPU Ray: small CPU shares so that neither waits for the other to finish
+    cfg = _iceberg_cfg(lake, tmp_path, "rel.race", f"file://{tmp_path / 'wh'}", cpus_per_actor=0.25, decode_cpus=0.25)
+    procs = [_submit(cfg.model_copy(update={"run_id": f"race{i}"}), tmp_path, f"race{i}", ray_local) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-1500:] for o in outs]
+    rows, table = _table_rows(cfg)
+    assert len(set(rows["run_id"].to_pylist())) == 1  # one run's rows: the later commit replaced the earlier
+    record("Iceberg: two runs of one night committing at once", 1, lake["uris"], rows["uri"].to_pylist())
+    _same_as_baseline(rows, baseline)
+
+
+def test_iceberg_under_10_percent_storage_faults(lake, baseline, tmp_path):
+    proxy = FaultProxy(lake["endpoint"], rate=0.10, seed=4)
+    endpoint = proxy.start()
+    try:
+        cfg = _iceberg_cfg(lake, tmp_path, "rel.faults", "s3://rel/warehouse", endpoint)
+        run(cfg)
+        rows, _ = _table_rows(cfg)
+    finally:
+        proxy.stop()
+    assert proxy.injected > 0, proxy.counts
+    record(f"Iceberg: S3 10% of {proxy.requests} requests (warehouse and lake)", proxy.injected, lake["uris"],
+           rows["uri"].to_pylist())
+    _same_as_baseline(rows, baseline)

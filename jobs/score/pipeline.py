@@ -22,25 +22,12 @@ from clipn_core.storage import Storage, is_remote
 from jobs.calibration import check_fits, check_threshold, load_calibration
 from jobs.faults import maybe_die, score_fault_from_env
 from jobs.score.decode import DecodeSettings, read_decode_batch, read_tar_batch
-from jobs.score.incremental import (
-    bank_path,
-    build_lake_bank,
-    drop_scored,
-    last_watermark,
-    latest_bank,
-    scored_uris,
-)
-from jobs.score.publish import (
-    Heartbeat,
-    PartFilenames,
-    partition_path,
-    publish,
-    staged_stats,
-    staging_path,
-    sweep_staging,
-)
+from jobs.score.iceberg import to_table_rows
+from jobs.score.incremental import bank_path, build_lake_bank, drop_scored
+from jobs.score.publish import Heartbeat, PartFilenames, staged_stats
 from jobs.score.read import fetch_batch, input_dataset
 from jobs.score.scorer import ScorerActor
+from jobs.score.targets import OutputTarget, output_target
 from jobs.scoring_setup import ScoringSetup, prepare
 from schemas.manifest import ScoreManifest
 from schemas.output import OUTPUT_SCHEMA_VERSION
@@ -64,10 +51,10 @@ def check_decision(cfg: ScoreJobConfig, setup: ScoringSetup, storage: Storage) -
     return cal.id
 
 
-def resolve_since(cfg: ScoreJobConfig, storage: Storage, run_date: dt.date) -> tuple[dt.datetime | None, str | None]:
+def resolve_since(cfg: ScoreJobConfig, target: OutputTarget, run_date: dt.date) -> tuple[dt.datetime | None, str | None]:
     """(watermark to apply, run id it comes from) for ``input.since``: a time, the last run's, or none."""
     if cfg.input.since == "last_run":
-        last = last_watermark(cfg.output.uri, run_date, storage)
+        last = target.last_watermark(run_date)
         return (last[0], last[1]) if last else (None, None)
     return cfg.input.since, None
 
@@ -111,36 +98,39 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
 
     fault = score_fault_from_env()
     setup, _ = prepare(cfg.model, cfg.classes, cfg.templates, cfg.runtime, storage, cfg.negatives)
+    target = output_target(cfg.output, storage)
     bank_used = cfg.negatives.bank
     if cfg.output.lake_bank and bank_used is None:
-        found = latest_bank(cfg.output.uri, run_date, setup.model_id, setup.heads.class_set_hash, storage)
+        found = target.latest_bank(run_date, setup.model_id, setup.heads.class_set_hash)
         if found is not None:
             bank_used, bank = found
             setup = dataclasses.replace(setup, bank=bank)
     calibration_id = check_decision(cfg, setup, storage)
     log.info("model %s, logit scale %.2f, %d classes, %d templates, class set %s", setup.model_id[:16],
              setup.logit_scale, len(setup.classes), len(setup.templates), setup.heads.class_set_hash)
-    since, since_run = resolve_since(cfg, storage, run_date)
+    since, since_run = resolve_since(cfg, target, run_date)
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     watermark = dt.datetime.now(dt.timezone.utc)  # before the first listing request: the next night's since
     inputs = input_dataset(cfg.input, storage, since)  # plans the listing: a missing or empty input fails here
     ds = inputs.dataset
-    scored = (scored_uris(cfg.output.uri, run_date, setup.model_id, setup.heads.class_set_hash, storage)
-              if cfg.output.skip_scored else None)
+    scored = target.scored_uris(run_date, setup.model_id, setup.heads.class_set_hash) if cfg.output.skip_scored else None
     if scored is not None:
         ds = drop_scored(ds, scored)
-    sweep_staging(cfg.output.uri, storage, dt.timedelta(hours=cfg.output.staging_max_age_h), run_id)
-    staged = staging_path(cfg.output.uri, run_id)
+    target.sweep(dt.timedelta(hours=cfg.output.staging_max_age_h), run_id)
+    staged = target.staged(run_id, run_date)
     t_setup = time.perf_counter() - t0
     try:
         with Heartbeat(staged, storage):
             out_fs, staged_p = storage.arrow(staged)
             # Object stores have no directories; asking Ray to create one makes it delete a
             # non-existent one (FileNotFoundError) when every input was skipped.
-            score_rows(ds, cfg, setup, storage, run_id, fault).write_parquet(
-                staged_p, filesystem=out_fs, filename_provider=PartFilenames(),
-                try_create_dir=not is_remote(cfg.output.uri), ray_remote_args={"num_cpus": WRITE_CPUS})
+            rows = score_rows(ds, cfg, setup, storage, run_id, fault)
+            if cfg.output.iceberg is not None:  # the table's rows: + run_date, embeddings as float32
+                rows = rows.map_batches(to_table_rows, batch_format="pyarrow", fn_kwargs={"run_date": run_date},
+                                        num_cpus=WRITE_CPUS)
+            rows.write_parquet(staged_p, filesystem=out_fs, filename_provider=PartFilenames(),
+                               try_create_dir=not is_remote(staged), ray_remote_args={"num_cpus": WRITE_CPUS})
             t_score = time.perf_counter() - t0 - t_setup
             stats = staged_stats(staged, storage)
             listed, excluded = inputs.listing.totals() if inputs.listing else (None, 0)
@@ -153,12 +143,12 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                 raise RuntimeError(f"wrote {stats['rows']} rows for {listed} listed inputs; not publishing")
             bank_built = None
             if cfg.output.lake_bank:
-                bank_built = bank_path(cfg.output.uri, setup.model_id, setup.heads.class_set_hash, run_id)
+                bank_built = bank_path(target.root, setup.model_id, setup.heads.class_set_hash, run_id)
                 storage.write_bytes(bank_built, bank_bytes(build_lake_bank(staged, storage, stats["by_status"].get("ok", 0))))
             maybe_die(fault, "driver")  # test hook: a driver crash with everything staged, nothing published
             manifest = ScoreManifest(
                 schema_version=OUTPUT_SCHEMA_VERSION, run_id=run_id, run_date=run_date,
-                partition=partition_path(cfg.output.uri, run_date), model_id=setup.model_id,
+                partition=target.partition(run_date), model_id=setup.model_id,
                 class_set_hash=setup.heads.class_set_hash, logit_scale=setup.logit_scale,
                 negatives_id=setup.negatives_id, negatives_count=len(setup.negatives or ()), classes=list(setup.classes),
                 templates=list(setup.templates), inputs_listed=listed, skipped_already_scored=skipped,
@@ -169,7 +159,7 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                 images_per_s=round(stats["rows"] / t_score, 2) if t_score > 0 else None,
                 config=cfg.model_dump(mode="json"),
             )
-            publish(cfg.output.uri, run_date, staged, manifest, storage)
+            target.publish(staged, manifest, run_date)
     except BaseException:
         storage.remove_tree(staged)
         raise

@@ -1,0 +1,234 @@
+"""The Iceberg output target: rows read back through pyiceberg, idempotent nights, schema evolution, the S3
+warehouse, skip_scored and since from the table, and snapshot expiry."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+
+import clipn_core as cc
+from clipn_core import world
+from jobs.score import run
+from jobs.score.iceberg import RUN_DATE, iceberg_schema, load_table, night, table_schema
+from schemas.score_config import IcebergConfig, ScoreJobConfig
+
+pytestmark = pytest.mark.slow
+DAY = dt.date(2026, 11, 20)
+CLASSES = ["circle", "square", "triangle"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    model, spec = cc.build_clipn("clipn-tiny", seed=1)
+    path = str(tmp_path_factory.mktemp("m") / "m.safetensors")
+    cc.save_checkpoint(model, spec, path)
+    return path
+
+
+def _lake(root, n: int, start: int = 0, broken: bool = True) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        (root / f"img{i:03d}.jpg").write_bytes(world.encode(world.render(world.SHAPES[i % 8], "green", i, 40)))
+    if broken:
+        (root / "broken.jpg").write_bytes(b"not an image")
+
+
+def _cfg(lake, iceberg: dict, ckpt: str, day: dt.date, storage: dict | None = None, **output) -> ScoreJobConfig:
+    return ScoreJobConfig.model_validate({
+        "input": {"uri": str(lake)}, "output": {"iceberg": iceberg, "run_date": str(day), **output},
+        "model": {"checkpoint": ckpt}, "classes": {"names": CLASSES}, "storage": storage or {},
+        "runtime": {"batch_size": 8, "decode_batch_size": 8}})
+
+
+def _local(tmp_path) -> dict:
+    return {"table": "lake.ood_flags", "uri": f"sqlite:///{tmp_path / 'catalog.db'}", "warehouse": f"file://{tmp_path / 'wh'}"}
+
+
+def _rows(cfg: dict, storage: dict | None = None) -> list[dict]:
+    from jobs.score.iceberg import load_table as load
+    from schemas.common import StorageConfig
+
+    table = load(IcebergConfig(**cfg), StorageConfig(**(storage or {})).bind(), create=False)
+    return table.scan().to_arrow().to_pylist()
+
+
+def test_a_night_reads_back_through_pyiceberg_row_for_row_like_the_parquet_target(tmp_path, ckpt, ray_local):
+    lake = tmp_path / "lake"
+    _lake(lake, 12)
+    ice = _local(tmp_path)
+    manifest = run(_cfg(lake, ice, ckpt, DAY))
+    parquet = run(ScoreJobConfig.model_validate({**_cfg(lake, ice, ckpt, DAY).model_dump(mode="json"),
+                                                 "output": {"uri": str(tmp_path / "pq"), "run_date": str(DAY)}}))
+    rows = {r["uri"]: r for r in _rows(ice)}
+    want = {r["uri"]: r for r in pads.dataset(parquet.partition, format="parquet").to_table().to_pylist()}
+    assert sorted(rows) == sorted(want) and len(rows) == 13 == manifest.rows
+    for uri, r in want.items():  # every row and column, as the Parquet target wrote them
+        got = rows[uri]
+        assert got["status"] == r["status"] and got["predicted_class"] == r["predicted_class"], uri
+        for name in cc.SCORES:
+            want_score = r[f"score_{name}"]
+            if want_score is None:  # not an image: null in both
+                assert got[f"score_{name}"] is None, (uri, name)
+            else:
+                assert got[f"score_{name}"] == pytest.approx(want_score, rel=1e-5, abs=1e-6), (uri, name)
+        assert got[RUN_DATE] == night(DAY) and got["model_id"] == manifest.model_id
+    table = load_table(IcebergConfig(**ice), ScoreJobConfig.model_fields["storage"].default_factory().bind(), False)
+    assert [f.name for f in table.spec().fields] == ["run_day", "model_id"]
+    props = table.current_snapshot().summary.additional_properties
+    assert props["clipn.run_id"] == manifest.run_id and props["clipn.status.ok"] == "12"
+    assert props["clipn.status.not_an_image"] == "1" and props["clipn.model_id"] == manifest.model_id
+    assert manifest.partition.startswith("lake.ood_flags")
+
+
+def test_a_rerun_replaces_the_night_and_other_nights_stay(tmp_path, ckpt, ray_local):
+    lake = tmp_path / "lake"
+    _lake(lake, 6)
+    ice = _local(tmp_path)
+    first = run(_cfg(lake, ice, ckpt, DAY))
+    run(_cfg(lake, ice, ckpt, DAY + dt.timedelta(days=1)))
+    again = run(_cfg(lake, ice, ckpt, DAY))
+    rows = _rows(ice)
+    by_night = {}
+    for r in rows:
+        by_night.setdefault(r[RUN_DATE].date(), []).append(r)
+    assert {d: len(v) for d, v in by_night.items()} == {DAY: 7, DAY + dt.timedelta(days=1): 7}  # no duplicates
+    assert {r["run_id"] for r in by_night[DAY]} == {again.run_id} != {first.run_id}
+    # snapshot expiry: the maintenance the README documents keeps only what is current
+    from schemas.common import StorageConfig
+
+    table = load_table(IcebergConfig(**ice), StorageConfig().bind(), create=False)
+    before = len(table.metadata.snapshots)
+    table.maintenance.expire_snapshots().older_than(dt.datetime.now(dt.timezone.utc)).commit()
+    table = table.refresh()
+    assert len(table.metadata.snapshots) < before and len(table.scan().to_arrow()) == 14
+
+
+def test_a_new_score_column_evolves_the_table_without_rewriting_old_data(tmp_path, ckpt, ray_local):
+    """An older release's table lacks the newest score column: the job adds it; old rows read null."""
+    from pyiceberg.catalog import load_catalog
+
+    ice = _local(tmp_path)
+    catalog = load_catalog("default", type="sql", uri=ice["uri"], warehouse=ice["warehouse"])
+    catalog.create_namespace("lake")
+    old_schema = pa.schema([f for f in table_schema() if f.name != "score_clipn_neg_lake"])
+    table = catalog.create_table("lake.ood_flags", schema=old_schema)
+    old_row = {f.name: None for f in old_schema}
+    old_row.update(uri="s3://old/x.jpg", status="ok", model_id="older", class_set_hash="h", run_id="r0",
+                   scored_at=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc), run_date=night(DAY - dt.timedelta(days=30)))
+    table.append(pa.Table.from_pylist([old_row], schema=old_schema))
+    old_files = {f.file.file_path for f in table.scan().plan_files()}
+    lake = tmp_path / "lake"
+    _lake(lake, 4)
+    run(_cfg(lake, ice, ckpt, DAY))
+    table = table.refresh()
+    assert table.schema().find_field("score_clipn_neg_lake")  # evolved
+    assert old_files <= {f.file.file_path for f in table.scan().plan_files()}  # the old file, not rewritten
+    rows = {r["uri"]: r for r in table.scan().to_arrow().to_pylist()}
+    assert rows["s3://old/x.jpg"]["score_clipn_neg_lake"] is None and len(rows) == 1 + 5
+    assert any(r["score_clipn_neg_lake"] is not None for r in rows.values())
+    assert len(iceberg_schema().fields) == len(table_schema())
+
+
+def test_skip_scored_and_since_read_the_table(tmp_path, ckpt, ray_local):
+    lake = tmp_path / "lake"
+    _lake(lake, 5)
+    ice = _local(tmp_path)
+    first = run(_cfg(lake, ice, ckpt, DAY, skip_scored=True))
+    _lake(lake, 2, start=100, broken=False)
+    second = run(ScoreJobConfig.model_validate({
+        **_cfg(lake, ice, ckpt, DAY + dt.timedelta(days=1), skip_scored=True).model_dump(mode="json"),
+        "input": {"uri": str(lake), "since": "last_run"}}))
+    assert second.since == first.watermark and second.excluded_by_watermark == 6
+    night2 = [r for r in _rows(ice) if r[RUN_DATE] == night(DAY + dt.timedelta(days=1))]
+    assert sorted(r["uri"].rsplit("/", 1)[-1] for r in night2) == ["img100.jpg", "img101.jpg"]
+    third = run(_cfg(lake, ice, ckpt, DAY + dt.timedelta(days=2), skip_scored=True))
+    assert third.skipped_already_scored == 7 and third.rows == 1  # everything but the broken file, retried
+
+
+def test_an_s3_warehouse_on_the_loopback_server(tmp_path, ckpt, ray_local, s3_bucket):
+    bucket, opts = s3_bucket
+    lake = tmp_path / "lake"
+    _lake(lake, 5)
+    ice = {"table": "lake.flags", "uri": f"sqlite:///{tmp_path / 'catalog.db'}", "warehouse": f"s3://{bucket}/wh"}
+    storage = {"endpoint_url": opts["client_kwargs"]["endpoint_url"], "region": "us-east-1"}
+    manifest = run(_cfg(lake, ice, ckpt, DAY, storage))
+    rows = _rows(ice, storage)
+    assert len(rows) == manifest.rows == 6 and {r["status"] for r in rows} == {"ok", "not_an_image"}
+    fs = fsspec.filesystem("s3", **opts)
+    assert any(p.endswith(".parquet") for p in fs.find(f"{bucket}/wh"))
+
+
+def _night_file(folder, run_id: str, uris: list[str]) -> str:
+    """One data file of a night's rows (model "m", class set "h"), as the job stages them."""
+    import pyarrow.parquet as pq
+
+    schema = table_schema()
+    rows = [{**{f.name: None for f in schema}, "uri": u, "status": "ok", "model_id": "m", "class_set_hash": "h",
+             "run_id": run_id, "scored_at": night(DAY), RUN_DATE: night(DAY)} for u in uris]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{run_id}.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return f"file://{path}"
+
+
+def test_a_commit_that_loses_to_a_concurrent_writer_retries_and_the_night_holds_one_run(tmp_path, monkeypatch):
+    """Deterministic race: run B's first attempt commits against the table as it was before run A's commit,
+    so the catalog refuses it; B reloads, retries, and its rows replace A's (no duplicates, none lost)."""
+    from jobs.score import iceberg
+    from schemas.common import StorageConfig
+    from schemas.manifest import ScoreManifest
+
+    cfg, storage = IcebergConfig(**_local(tmp_path)), StorageConfig().bind()
+    stale = load_table(cfg, storage, create=True)  # what B read before A committed
+
+    def manifest(run_id):
+        return ScoreManifest(schema_version=1, run_id=run_id, run_date=DAY, partition="", model_id="m",
+                             class_set_hash="h", classes=[], templates=[], rows=2, files=1, by_status={"ok": 2},
+                             ood_rate={}, timings_s={}, config={})
+
+    uris = ["s3://lake/a.jpg", "s3://lake/b.jpg"]
+    a = iceberg.commit_night(cfg, storage, [_night_file(tmp_path / "wh_a", "runA", uris)], manifest("runA"))
+    assert a.attempts == 1
+    real, calls = iceberg.load_table, []
+
+    def stale_first(*args, **kwargs):
+        calls.append(1)
+        return stale if len(calls) == 1 else real(*args, **kwargs)
+
+    monkeypatch.setattr(iceberg, "load_table", stale_first)
+    b = iceberg.commit_night(cfg, storage, [_night_file(tmp_path / "wh_b", "runB", uris)], manifest("runB"))
+    assert b.attempts == 2  # the first lost to A's commit
+    rows = real(cfg, storage, create=False).scan().to_arrow().to_pylist()
+    assert sorted((r["uri"], r["run_id"]) for r in rows) == [(u, "runB") for u in uris]
+
+
+def test_a_commit_that_keeps_losing_fails_naming_the_table(tmp_path, monkeypatch):
+    from pyiceberg.exceptions import CommitFailedException
+    from pyiceberg.table import Transaction
+
+    from jobs.score import iceberg
+    from schemas.common import StorageConfig
+    from schemas.manifest import ScoreManifest
+
+    cfg, storage = IcebergConfig(**_local(tmp_path)), StorageConfig().bind()
+    m = ScoreManifest(schema_version=1, run_id="r1", run_date=DAY, partition="", model_id="m", class_set_hash="h",
+                      classes=[], templates=[], rows=1, files=1, by_status={"ok": 1}, ood_rate={}, timings_s={},
+                      config={})
+    iceberg.commit_night(cfg, storage, [_night_file(tmp_path / "w1", "r1", ["s3://x/1.jpg"])], m)
+
+    def always_beaten(self):
+        raise CommitFailedException("another writer committed first")
+
+    monkeypatch.setattr(Transaction, "commit_transaction", always_beaten)
+    monkeypatch.setattr(iceberg, "COMMIT_ATTEMPTS", 3)
+    monkeypatch.setattr(iceberg.time, "sleep", lambda s: None)
+    with pytest.raises(cc.CommitConflictError, match="lake.ood_flags.*3 commits"):
+        iceberg.commit_night(cfg, storage, [_night_file(tmp_path / "w2", "r2", ["s3://x/1.jpg"])],
+                             m.model_copy(update={"run_id": "r2"}))
+    monkeypatch.undo()
+    rows = load_table(cfg, storage, create=False).scan().to_arrow().to_pylist()
+    assert [(r["uri"], r["run_id"]) for r in rows] == [("s3://x/1.jpg", "r1")]  # the last good night stands
