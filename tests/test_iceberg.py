@@ -232,3 +232,16 @@ def test_a_commit_that_keeps_losing_fails_naming_the_table(tmp_path, monkeypatch
     monkeypatch.undo()
     rows = load_table(cfg, storage, create=False).scan().to_arrow().to_pylist()
     assert [(r["uri"], r["run_id"]) for r in rows] == [("s3://x/1.jpg", "r1")]  # the last good night stands
+
+
+def test_the_local_default_catalog_and_its_clear_errors(tmp_path):
+    from schemas.common import StorageConfig
+
+    storage = StorageConfig().bind()
+    folder = tmp_path / "not" / "yet" / "wh"  # a plain folder that does not exist yet: catalog.db goes inside it
+    table = load_table(IcebergConfig(table="lake.flags", warehouse=str(folder)), storage, create=True)
+    assert (folder / "catalog.db").is_file() and str(folder) in table.location()
+    with pytest.raises(cc.InputError, match="output.iceberg.warehouse is not set"):
+        load_table(IcebergConfig(table="lake.flags", catalog="nowhere"), storage, create=True)
+    with pytest.raises(cc.InputError, match="output.iceberg.uri"):
+        load_table(IcebergConfig(table="lake.flags", warehouse="s3://bucket/wh"), storage, create=True)

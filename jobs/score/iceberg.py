@@ -27,6 +27,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -124,7 +125,10 @@ def load_table(cfg: IcebergConfig, storage: Storage, create: bool):
     from pyiceberg.transforms import DayTransform, IdentityTransform
 
     try:
-        catalog = load_catalog(cfg.catalog, **catalog_properties(cfg, storage))
+        props = catalog_properties(cfg, storage)
+        if create and props.get("uri", "").startswith("sqlite:///"):  # SQLite creates the file, not its folder
+            Path(props["uri"].removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        catalog = load_catalog(cfg.catalog, **props)
         try:
             return catalog.load_table(cfg.table)
         except NoSuchTableError:

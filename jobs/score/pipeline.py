@@ -97,8 +97,8 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
     run_date = cfg.effective_run_date()
 
     fault = score_fault_from_env()
+    target = output_target(cfg.output, storage)  # an unreachable catalog fails before the model work
     setup, _ = prepare(cfg.model, cfg.classes, cfg.templates, cfg.runtime, storage, cfg.negatives)
-    target = output_target(cfg.output, storage)
     bank_used = cfg.negatives.bank
     if cfg.output.lake_bank and bank_used is None:
         found = target.latest_bank(run_date, setup.model_id, setup.heads.class_set_hash)
