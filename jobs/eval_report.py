@@ -81,24 +81,33 @@ def roc_png(scores: dict[str, np.ndarray], is_id: np.ndarray, auroc: dict[str, f
     return _png(fig)
 
 
-def histograms_png(scores: dict[str, np.ndarray], is_id: np.ndarray) -> bytes:
-    """A grid of ID / OOD score histograms, one panel per score (higher = more ID)."""
-    names = list(scores)
+def _grid(names: list[str]) -> tuple[Figure, list]:
+    """A figure with one panel per name, three to a row, and its axes in name order."""
     cols = min(3, len(names))
     rows = (len(names) + cols - 1) // cols
     fig = Figure(figsize=(4 * cols, 2.8 * rows))
-    for i, name in enumerate(names):
-        ax = fig.add_subplot(rows, cols, i + 1)
+    return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(len(names))]
+
+
+def _bins(s: np.ndarray) -> np.ndarray:
+    """40 histogram bin edges, or one bin for an (almost) constant score (e.g. an untrained model's), where
+    numpy would fail."""
+    spread = float(np.ptp(s)) > 1e-6 * max(1.0, float(np.abs(s).max()))
+    return np.histogram_bin_edges(s, bins=40 if spread else 1)
+
+
+def histograms_png(scores: dict[str, np.ndarray], is_id: np.ndarray) -> bytes:
+    """A grid of ID / OOD score histograms, one panel per score (higher = more ID)."""
+    fig, axes = _grid(list(scores))
+    for name, ax in zip(scores, axes):
         logit = display_scale(scores[name])
         s = _axis(ax, scores[name], logit)
-        # an (almost) constant score, e.g. an untrained model's: one bin instead of numpy's error
-        spread = float(np.ptp(s)) > 1e-6 * max(1.0, float(np.abs(s).max()))
-        bins = np.histogram_bin_edges(s, bins=40 if spread else 1)
+        bins = _bins(s)
         ax.hist(s[is_id], bins=bins, alpha=0.6, label="ID", density=True)
         ax.hist(s[~is_id], bins=bins, alpha=0.6, label="OOD", density=True)
         ax.set_title(_title(name, scores[name], logit), fontsize=10)
         ax.tick_params(labelsize=7)
-        if i == 0:
+        if ax is axes[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
     return _png(fig)
@@ -144,16 +153,11 @@ def markdown(report: EvalReport) -> str:
 
 def calibration_png(scores: dict[str, np.ndarray], thresholds: dict[str, list[Threshold]]) -> bytes:
     """One panel per score: the ID sample's histogram (log counts) with each target's threshold marked."""
-    names = list(scores)
-    cols = min(3, len(names))
-    rows = (len(names) + cols - 1) // cols
-    fig = Figure(figsize=(4 * cols, 2.8 * rows))
-    for i, name in enumerate(names):
-        ax = fig.add_subplot(rows, cols, i + 1)
+    fig, axes = _grid(list(scores))
+    for name, ax in zip(scores, axes):
         logit = display_scale(scores[name])
         s = _axis(ax, scores[name], logit)
-        spread = float(np.ptp(s)) > 1e-6 * max(1.0, float(np.abs(s).max()))
-        ax.hist(s, bins=np.histogram_bin_edges(s, bins=40 if spread else 1), color="tab:blue", alpha=0.7)
+        ax.hist(s, bins=_bins(s), color="tab:blue", alpha=0.7)
         ax.set_yscale("log")
         ax.yaxis.set_minor_formatter(NullFormatter())
         for t, colour in zip(thresholds.get(name, []), ("tab:green", "tab:orange", "tab:red", "tab:purple")):
@@ -161,7 +165,7 @@ def calibration_png(scores: dict[str, np.ndarray], thresholds: dict[str, list[Th
             ax.axvline(x, color=colour, lw=1.2, label=f"keep {t.target:.1%}")
         ax.set_title(_title(name, scores[name], logit), fontsize=10)
         ax.tick_params(labelsize=7)
-        if i == 0:
+        if ax is axes[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
     return _png(fig)
