@@ -109,7 +109,9 @@ def test_scores_use_the_base_clips_own_logit_scale():
     assert model.logit_scale == 100.0
     own = cc.BatchScorer(model, heads)(images)
     fixed = cc.BatchScorer(model, heads, logit_scale=100.0)(images)
-    for name in cc.SCORES:
+    # every score this scorer computes (those needing negative labels are absent without them)
+    assert set(own.scores) == set(fixed.scores) == {n for n, s in cc.SCORES.items() if not s.needs_negatives}
+    for name in own.scores:
         np.testing.assert_array_equal(own.scores[name], fixed.scores[name])
     with torch.no_grad():
         model.clip.logit_scale.fill_(math.log(28.0))
