@@ -82,6 +82,8 @@ def test_a_night_reads_back_through_pyiceberg_row_for_row_like_the_parquet_targe
     assert props["clipn.run_id"] == manifest.run_id and props["clipn.status.ok"] == "12"
     assert props["clipn.status.not_an_image"] == "1" and props["clipn.model_id"] == manifest.model_id
     assert manifest.partition.startswith("lake.ood_flags")
+    files = [p for p in (tmp_path / "wh").rglob("*") if p.is_file()]
+    assert not [p for p in files if p.name.startswith("_")]  # only data and metadata beside the table
 
 
 def test_a_rerun_replaces_the_night_and_other_nights_stay(tmp_path, ckpt, ray_local):

@@ -24,7 +24,7 @@ from jobs.faults import maybe_die, score_fault_from_env
 from jobs.score.decode import DecodeSettings, read_decode_batch, read_tar_batch
 from jobs.score.iceberg import to_table_rows
 from jobs.score.incremental import bank_path, build_lake_bank, drop_scored
-from jobs.score.publish import Heartbeat, PartFilenames, staged_stats
+from jobs.score.publish import PartFilenames, staged_stats
 from jobs.score.read import fetch_batch, input_dataset
 from jobs.score.scorer import ScorerActor
 from jobs.score.targets import OutputTarget, output_target
@@ -121,7 +121,7 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
     staged = target.staged(run_id, run_date)
     t_setup = time.perf_counter() - t0
     try:
-        with Heartbeat(staged, storage):
+        with target.guard(staged):
             out_fs, staged_p = storage.arrow(staged)
             # Object stores have no directories; asking Ray to create one makes it delete a
             # non-existent one (FileNotFoundError) when every input was skipped.

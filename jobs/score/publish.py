@@ -133,9 +133,6 @@ class Heartbeat:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        # Parquet publishing removed the staging folder with it; a table keeps its data files where they
-        # were staged, and a stale heartbeat beside them would only confuse the next sweep.
-        self.storage.remove_tree(self.uri)
 
 
 def _last_sign_of_life(fs, folder: str) -> dt.datetime | None:

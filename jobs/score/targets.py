@@ -1,8 +1,9 @@
 """Where a run's rows go: a Parquet folder (``output.uri``) or an Iceberg table (``output.iceberg``).
 
-Both give the pipeline the same six things, so it is written once: the sweep of dead runs' leftovers, where to stage the
-run's files, the previous watermark (``since``), the already-scored URIs (``skip_scored``),
-the latest lake bank, and the publish step. The Parquet folder publishes by moving files
+Both give the pipeline the same seven things, so it is written once: the sweep of dead runs'
+leftovers, what marks a run alive while it writes, where to stage the run's files, the previous
+watermark (``since``), the already-scored URIs (``skip_scored``), the latest lake bank, and the
+publish step. The Parquet folder publishes by moving files
 and writing ``_manifest.json`` then ``_SUCCESS``; the Iceberg table by one catalog commit
 (:mod:`jobs.score.iceberg`).
 """
@@ -10,6 +11,7 @@ and writing ``_manifest.json`` then ``_SUCCESS``; the Iceberg table by one catal
 from __future__ import annotations
 
 import datetime as dt
+from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
 import ray
@@ -26,6 +28,9 @@ class OutputTarget(Protocol):
 
     def sweep(self, max_age: dt.timedelta, run_id: str) -> None:
         """Remove what dead runs left behind (never a live run's files), logging what went."""
+
+    def guard(self, staged: str) -> AbstractContextManager:
+        """Held while the run writes to ``staged``: what tells the sweep that the run is alive."""
 
     def staged(self, run_id: str, run_date: dt.date) -> str:
         """Where this run writes its files before publishing (never read by readers)."""
@@ -54,6 +59,9 @@ class ParquetFolder:
 
     def sweep(self, max_age, run_id):
         publish.sweep_staging(self.root, self.storage, max_age, run_id)
+
+    def guard(self, staged):
+        return publish.Heartbeat(staged, self.storage)
 
     def staged(self, run_id: str, run_date: dt.date) -> str:
         return publish.staging_path(self.root, run_id)
@@ -86,6 +94,9 @@ class IcebergTable:
         """Nothing: a dead run's files sit unreferenced in the table's data folder, where readers never see
         them; removing them is the table's orphan-file maintenance (README, Output targets), because only
         the catalog knows which files a snapshot still references."""
+
+    def guard(self, staged):
+        return nullcontext()  # nothing sweeps a table's data folder (sweep), so no heartbeat is needed
 
     def staged(self, run_id: str, run_date: dt.date) -> str:
         return iceberg.data_location(self.table, run_date, run_id)
