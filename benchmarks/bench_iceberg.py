@@ -65,7 +65,7 @@ def ours(cfg, storage, n: int, blocks: int) -> None:
 
     table = load_table(cfg, storage, create=True)
     run_id = uuid.uuid4().hex[:12]
-    staged = data_location(table, DAY, run_id)
+    staged = data_location(table.location(), DAY, run_id)
     arrow_fs, path = storage.arrow(staged)
     ray.data.from_arrow(night_rows(n, run_id)).repartition(blocks).write_parquet(path, filesystem=arrow_fs)
     fs, p = storage.fs(staged)

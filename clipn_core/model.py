@@ -34,6 +34,39 @@ def check_standard_text_tower(clip: nn.Module) -> None:
         )
 
 
+def text_features(tower: nn.Module, text: torch.Tensor, pool_type: str, eos_id: int | None,
+                  prompt: torch.Tensor | None = None) -> torch.Tensor:
+    """Unnormalised features [N, embed_dim] of a standard CLIP text tower (``tower`` holds open_clip's
+    ``token_embedding``, ``positional_embedding``, ``transformer``, ``attn_mask``, ``ln_final``,
+    ``text_projection``) for token ids ``text`` [N, L], L <= context length; ``prompt`` [N or 1, context,
+    width] is added to the embeddings (the no tower's).
+
+    L may be shorter than the context: with a causal mask, a position's output depends only on the
+    positions before it, so cutting the tokens after the longest text's end leaves the pooled
+    end-of-text features unchanged (:func:`trim_tokens`) while the cost falls with L.
+    """
+    seq = text.shape[1]
+    cast_dtype = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(text).to(cast_dtype) + tower.positional_embedding[:seq].to(cast_dtype)
+    if prompt is not None:
+        x = x + prompt[:, :seq].to(cast_dtype)
+    mask = tower.attn_mask[:seq, :seq] if tower.attn_mask is not None else None
+    x = tower.ln_final(tower.transformer(x, attn_mask=mask))
+    x = text_global_pool(x, text, pool_type, eos_token_id=eos_id)
+    if isinstance(tower.text_projection, nn.Linear):
+        return tower.text_projection(x)
+    return x @ tower.text_projection
+
+
+def trim_tokens(text: torch.Tensor, tower: nn.Module, pool_type: str) -> torch.Tensor:
+    """``text`` [N, context] cut after the last non-padding token of any row, when that changes no feature
+    (a causal mask and end-of-text pooling: ``argmax`` or ``eos``); otherwise unchanged."""
+    if tower.attn_mask is None or pool_type not in ("argmax", "eos"):
+        return text
+    used = int((text != 0).any(dim=0).nonzero().max()) + 1 if text.numel() else text.shape[1]
+    return text[:, :used]
+
+
 class NoTextTower(nn.Module):
     """The trainable "no" text tower and its prompts, initialised from a CLIP text tower."""
 
@@ -79,16 +112,8 @@ class NoTextTower(nn.Module):
 
     def forward(self, text: torch.Tensor, prompt_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Unnormalised no-text features [N, embed_dim] for token ids ``text`` [N, context]."""
-        cast_dtype = self.transformer.get_cast_dtype()
-        x = self.token_embedding(text).to(cast_dtype)
-        prompt = self.prompt_for_batch(text.shape[0], prompt_idx).to(cast_dtype)
-        x = x + self.positional_embedding.to(cast_dtype) + prompt
-        x = self.transformer(x, attn_mask=self.attn_mask)
-        x = self.ln_final(x)
-        x = text_global_pool(x, text, self.pool_type, eos_token_id=self.eos_id)
-        if isinstance(self.text_projection, nn.Linear):
-            return self.text_projection(x)
-        return x @ self.text_projection
+        prompt = self.prompt_for_batch(text.shape[0], prompt_idx)
+        return text_features(self, text, self.pool_type, self.eos_id, prompt)
 
 
 class CLIPN(nn.Module):
@@ -140,6 +165,22 @@ class CLIPN(nn.Module):
     def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Yes-tower text features [N, D] for token ids [N, context]."""
         return self.clip.encode_text(text, normalize=normalize)
+
+    @torch.no_grad()
+    def encode_short_texts(self, text: torch.Tensor, tower: str = "yes") -> torch.Tensor:
+        """L2-normalised features [N, D] of the ``yes`` or ``no`` tower (the no tower with its mean prompt)
+        for token ids [N, context], computed on the tokens up to the longest text's end: the same features
+        as :meth:`encode_text` / :meth:`encode_text_no` in eval mode, at a fraction of the cost for short
+        texts such as single words (the context is 77 tokens; "a photo of a {word}." uses about 8)."""
+        if tower == "yes":
+            clip = self.clip
+            x = text_features(clip, trim_tokens(text, clip, clip.text_pool_type), clip.text_pool_type,
+                              getattr(clip, "text_eos_id", None))
+        else:
+            no = self.no_tower
+            x = text_features(no, trim_tokens(text, no, no.pool_type), no.pool_type, no.eos_id,
+                              no.prompts.mean(dim=0, keepdim=True))
+        return F.normalize(x, dim=-1)
 
     def encode_text_no(
         self, text: torch.Tensor, normalize: bool = True, prompt_idx: torch.Tensor | None = None

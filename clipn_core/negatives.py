@@ -101,8 +101,7 @@ def _encode(model: CLIPN, tokenizer, texts: list[str], tower: str, batch_size: i
     out = []
     for start in range(0, len(texts), batch_size):
         tokens = tokenizer(texts[start:start + batch_size]).to(device)
-        enc = model.encode_text(tokens, normalize=True) if tower == "yes" else model.encode_text_no(tokens, normalize=True)
-        out.append(enc.float().cpu())
+        out.append(model.encode_short_texts(tokens, tower).float().cpu())
     return torch.cat(out) if out else torch.zeros((0, model.clip.text_projection.shape[-1]))
 
 

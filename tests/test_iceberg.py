@@ -15,6 +15,7 @@ from clipn_core import world
 from jobs.score import run
 from jobs.score.iceberg import RUN_DATE, iceberg_schema, load_table, night, table_schema
 from schemas.score_config import IcebergConfig, ScoreJobConfig
+from tests.iceberg_rows import night_file as _night_file
 
 pytestmark = pytest.mark.slow
 DAY = dt.date(2026, 11, 20)
@@ -149,6 +150,14 @@ def test_skip_scored_and_since_read_the_table(tmp_path, ckpt, ray_local):
     assert sorted(r["uri"].rsplit("/", 1)[-1] for r in night2) == ["img100.jpg", "img101.jpg"]
     third = run(_cfg(lake, ice, ckpt, DAY + dt.timedelta(days=2), skip_scored=True))
     assert third.skipped_already_scored == 7 and third.rows == 1  # everything but the broken file, retried
+    # a night with nothing new commits an empty snapshot that records the run, and its watermark for the next
+    fourth = run(ScoreJobConfig.model_validate({
+        **_cfg(lake, ice, ckpt, DAY + dt.timedelta(days=3)).model_dump(mode="json"),
+        "input": {"uri": str(lake), "since": "last_run"}}))
+    table = load_table(IcebergConfig(**ice), ScoreJobConfig.model_fields["storage"].default_factory().bind(), False)
+    assert fourth.rows == 0 and fourth.since == third.watermark and fourth.excluded_by_watermark == 8
+    assert table.current_snapshot().summary.additional_properties["clipn.run_id"] == fourth.run_id
+    assert len(table.scan().to_arrow()) == 5 + 1 + 2 + 1  # the nights before, untouched
 
 
 def test_an_s3_warehouse_on_the_loopback_server(tmp_path, ckpt, ray_local, s3_bucket):
@@ -162,19 +171,6 @@ def test_an_s3_warehouse_on_the_loopback_server(tmp_path, ckpt, ray_local, s3_bu
     assert len(rows) == manifest.rows == 6 and {r["status"] for r in rows} == {"ok", "not_an_image"}
     fs = fsspec.filesystem("s3", **opts)
     assert any(p.endswith(".parquet") for p in fs.find(f"{bucket}/wh"))
-
-
-def _night_file(folder, run_id: str, uris: list[str]) -> str:
-    """One data file of a night's rows (model "m", class set "h"), as the job stages them."""
-    import pyarrow.parquet as pq
-
-    schema = table_schema()
-    rows = [{**{f.name: None for f in schema}, "uri": u, "status": "ok", "model_id": "m", "class_set_hash": "h",
-             "run_id": run_id, "scored_at": night(DAY), RUN_DATE: night(DAY)} for u in uris]
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{run_id}.parquet"
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
-    return f"file://{path}"
 
 
 def test_a_commit_that_loses_to_a_concurrent_writer_retries_and_the_night_holds_one_run(tmp_path, monkeypatch):
@@ -247,3 +243,14 @@ def test_the_local_default_catalog_and_its_clear_errors(tmp_path):
         load_table(IcebergConfig(table="lake.flags", catalog="nowhere"), storage, create=True)
     with pytest.raises(cc.InputError, match="output.iceberg.uri"):
         load_table(IcebergConfig(table="lake.flags", warehouse="s3://bucket/wh"), storage, create=True)
+
+
+def test_a_run_refused_at_setup_creates_no_table(tmp_path, ckpt, ray_local):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ice = _local(tmp_path)
+    with pytest.raises(cc.InputError, match="no .*objects"):
+        run(_cfg(empty, ice, ckpt, DAY))
+    from schemas.common import StorageConfig
+
+    assert load_table(IcebergConfig(**ice), StorageConfig().bind(), create=False) is None

@@ -61,7 +61,8 @@ def test_near_synonyms_above_the_bound_are_dropped(setup):
     model, tok, heads = setup
     emb = torch.nn.functional.normalize(model.encode_text(tok([f"a photo of a {w}." for w in WORDS[2:]])), dim=-1)
     closest = (emb @ heads.yes.T).max(dim=1).values.detach()
-    bound = float(closest.sort().values[-3])  # the two words closest to some ID class lie above it
+    top = closest.sort().values
+    bound = float(top[-3] + top[-2]) / 2  # the two words closest to some ID class lie above it, with a margin
     near = {WORDS[2 + i] for i in torch.nonzero(closest > bound).flatten().tolist()}
     mined = mine_negatives(model, tok, heads, WORDS, count=100, synonym_bound=bound)
     assert len(near) == 2 and not near & set(mined.words)
@@ -94,3 +95,18 @@ def test_save_and_load_round_trip(setup, tmp_path):
     save_negatives(mined, tmp_path / "n.safetensors")
     back = load_negatives(tmp_path / "n.safetensors")
     assert back.words == mined.words and back.settings == mined.settings and torch.equal(back.no, mined.no)
+
+
+def test_short_text_encoding_equals_the_full_context_towers():
+    """Mining encodes words on the tokens up to the longest text's end; the features must be those of the
+    full 77-token towers (yes, and no with its mean prompt), for texts of different lengths in one batch."""
+    model, _ = cc.build_clipn("clipn-tiny", seed=5)
+    with torch.no_grad():
+        model.no_tower.prompts.normal_(0, 0.5)  # prompts that differ per position, as trained ones do
+    model.eval()
+    tokens = cc.get_tokenizer(model)(["a photo of a cat.", "x", "a photo of a very long and winding road by the sea."])
+    assert tokens.shape[1] == model.context_length and (tokens[:, 20:] == 0).all()  # the trim has work to do
+    torch.testing.assert_close(model.encode_short_texts(tokens, "yes"), model.encode_text(tokens, normalize=True),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.encode_short_texts(tokens, "no"), model.encode_text_no(tokens, normalize=True),
+                               rtol=1e-5, atol=1e-6)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -279,8 +280,18 @@ def _submit(cfg: ScoreJobConfig, tmp_path: Path, name: str, ray_local, env: dict
 
 
 def test_iceberg_driver_killed_before_the_commit_leaves_the_last_snapshot_then_rerun(lake, baseline, tmp_path, ray_local):
+    from jobs.score.iceberg import commit_night
+    from schemas.manifest import ScoreManifest
+    from tests.iceberg_rows import night_file
+
     cfg = _iceberg_cfg(lake, tmp_path, "rel.killed", f"file://{tmp_path / 'wh'}")
-    run(cfg)  # a first good night: the snapshot the dead run must leave current
+    # an earlier night in the table (committed directly: its rows only need to survive)
+    yesterday = DAY - dt.timedelta(days=1)
+    earlier = ScoreManifest(schema_version=1, run_id="earlier", run_date=yesterday, partition="", model_id="m",
+                            class_set_hash="h", classes=[], templates=[], rows=1, files=1, by_status={"ok": 1},
+                            ood_rate={}, timings_s={}, config={})
+    commit_night(cfg.output.iceberg, cfg.storage.bind(),
+                 [night_file(tmp_path / "earlier", "earlier", ["s3://rel/old.jpg"], yesterday)], earlier)
     _, table = _table_rows(cfg)
     before = table.current_snapshot().snapshot_id
     marker = tmp_path / "driver.killed"
@@ -288,11 +299,13 @@ def test_iceberg_driver_killed_before_the_commit_leaves_the_last_snapshot_then_r
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 1 and marker.exists(), err[-2000:]
     rows, table = _table_rows(cfg)
-    assert table.current_snapshot().snapshot_id == before  # the dead run committed nothing
+    assert table.current_snapshot().snapshot_id == before and rows["uri"].to_pylist() == ["s3://rel/old.jpg"]
     run(cfg)  # the rerun of the same night
     rows, _ = _table_rows(cfg)
-    record("Iceberg: driver killed before the commit, rerun", 1, lake["uris"], rows["uri"].to_pylist())
-    _same_as_baseline(rows, baseline)
+    night_rows = rows.filter(pc.field("run_id") != "earlier")
+    assert len(rows) == len(night_rows) + 1  # the earlier night stands beside it
+    record("Iceberg: driver killed before the commit, rerun", 1, lake["uris"], night_rows["uri"].to_pylist())
+    _same_as_baseline(night_rows, baseline)
 
 
 def test_iceberg_two_runs_committing_at_once_leave_one_copy_of_the_night(lake, baseline, tmp_path, ray_local):

@@ -153,9 +153,9 @@ def load_table(cfg: IcebergConfig, storage: Storage, create: bool):
                          f"{type(e).__name__}: {redact_uri(str(e))}") from e
 
 
-def data_location(table, run_date: dt.date, run_id: str) -> str:
+def data_location(table_location: str, run_date: dt.date, run_id: str) -> str:
     """Where a run writes its data files: inside the table's location, invisible until committed."""
-    return f"{table.location().rstrip('/')}/data/{RUN_DATE}={run_date.isoformat()}/{run_id}"
+    return f"{table_location.rstrip('/')}/data/{RUN_DATE}={run_date.isoformat()}/{run_id}"
 
 
 def snapshot_properties(manifest: ScoreManifest) -> dict[str, str]:
@@ -203,6 +203,8 @@ def commit_night(cfg: IcebergConfig, storage: Storage, files: list[str], manifes
                     tx.delete(rows_of_this_night, snapshot_properties=props)
                 if files:
                     tx.add_files(files, snapshot_properties=props)
+                else:  # a night with nothing new still gets its snapshot, which records the run (and its watermark)
+                    tx.append(table_schema().empty_table(), snapshot_properties=props)
             table = table.refresh()
             return Commit(table.current_snapshot().snapshot_id, attempt, len(files))
         # pyiceberg retries a refused commit itself, but then validates that no concurrent snapshot added

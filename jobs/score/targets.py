@@ -87,8 +87,15 @@ class IcebergTable:
 
     def __init__(self, cfg, storage: Storage):
         self.cfg, self.storage = cfg, storage
-        self.table = iceberg.load_table(cfg, storage, create=True)  # fails here, before any Ray work
-        self.root = self.table.location().rstrip("/")
+        # an unreachable catalog fails here, before any work; a missing table is created only when the run
+        # stages its rows, after every setup check, so a run refused at setup leaves no empty table behind
+        self.table = iceberg.load_table(cfg, storage, create=False)
+
+    @property
+    def root(self) -> str:
+        if self.table is None:
+            self.table = iceberg.load_table(self.cfg, self.storage, create=True)
+        return self.table.location().rstrip("/")
 
     def sweep(self, max_age, run_id):
         """Nothing: a dead run's files sit unreferenced in the table's data folder, where readers never see
@@ -99,7 +106,7 @@ class IcebergTable:
         return nullcontext()  # nothing sweeps a table's data folder (sweep), so no heartbeat is needed
 
     def staged(self, run_id: str, run_date: dt.date) -> str:
-        return iceberg.data_location(self.table, run_date, run_id)
+        return iceberg.data_location(self.root, run_date, run_id)
 
     def partition(self, run_date: dt.date) -> str:
         return f"{self.cfg.table} ({iceberg.RUN_DATE} = {run_date.isoformat()})"
