@@ -109,10 +109,17 @@ class ScoreInputs:
         """logsumexp of the negative logits within each group ``j mod G``, [N, G]."""
         n, m = self.logits_neg.shape
         g = self.negative_groups
-        padded = torch.full((n, -(-m // g) * g), float("-inf"), device=self.features.device)
-        padded[:, :m] = self.logits_neg
+        padded = self.logits_neg
+        if m % g:  # -inf columns fill the last row of groups (no copy when M is a multiple of G)
+            padded = torch.full((n, -(-m // g) * g), float("-inf"), device=self.features.device)
+            padded[:, :m] = self.logits_neg
         # column j of group j mod g sits at [.., j // g, j mod g]
-        return torch.logsumexp(padded.view(n, -1, g), dim=1)
+        return torch.logsumexp(padded.reshape(n, -1, g), dim=1)
+
+    @cached_property
+    def negative_lse(self) -> torch.Tensor:
+        """logsumexp of all negative logits, [N, 1] (from the groups' logsumexps, which partition them)."""
+        return torch.logsumexp(self.negative_group_lse, dim=-1, keepdim=True)
 
     @cached_property
     def cos_yes(self) -> torch.Tensor:
@@ -224,7 +231,9 @@ def neglabel(x: ScoreInputs) -> ScoreResult:
 @register("clipn_neg", needs_no_tower=True, needs_negatives=True)
 def clipn_neg(x: ScoreInputs) -> ScoreResult:
     """CLIPN-Neg: ATD whose class softmax also holds the negative labels (use a calibrated threshold)."""
-    joint = torch.cat([x.logits_yes, x.logits_neg], dim=-1).softmax(dim=-1)[:, : x.logits_yes.shape[1]]
+    # softmax([l_yes, l_neg]) over the ID columns only: exp(l_yes - logsumexp of all), without an [N, C + M] copy
+    lse_all = torch.logaddexp(torch.logsumexp(x.logits_yes, dim=-1, keepdim=True), x.negative_lse)
+    joint = torch.exp(x.logits_yes - lse_all)
     return ScoreResult(((1.0 - x.p_no) * joint).sum(dim=-1))
 
 
