@@ -5,6 +5,7 @@ it); for N and 2N rows. Each rerun is timed, with the driver's RSS growth during
 checked to hold exactly one copy of the night. Local SQLite catalog and file warehouse.
 
 Usage: python benchmarks/bench_iceberg.py [--n 50000]
+(Ray's Iceberg writer needs ``pyiceberg-core`` for partition transforms: ``pip install pyiceberg-core``.)
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def night_rows(n: int, run_id: str) -> pa.Table:
     return pa.table(cols, schema=schema)
 
 
-def ours(cfg, storage, n: int, blocks: int) -> None:
+def ours(cfg, storage, n: int, blocks: int, first: bool) -> None:
     """The job's publish: Ray writes the files into the table's location, one transaction replaces the night."""
     import ray
 
@@ -76,8 +77,9 @@ def ours(cfg, storage, n: int, blocks: int) -> None:
     commit_night(cfg, storage, files, manifest)
 
 
-def ray_upsert(cfg, storage, n: int, blocks: int) -> None:
-    """Ray's ``write_iceberg`` upsert on (uri, model_id, class_set_hash)."""
+def ray_upsert(cfg, storage, n: int, blocks: int, first: bool) -> None:
+    """Ray's ``write_iceberg`` upsert on (uri, model_id, class_set_hash); the first night appends (Ray 2.60's
+    upsert cannot scan a table without a snapshot: "Cannot scan unknown ref=main")."""
     import ray
     from ray.data import SaveMode
 
@@ -85,8 +87,9 @@ def ray_upsert(cfg, storage, n: int, blocks: int) -> None:
 
     load_table(cfg, storage, create=True)
     ray.data.from_arrow(night_rows(n, uuid.uuid4().hex[:12])).repartition(blocks).write_iceberg(
-        cfg.table, catalog_kwargs={"name": cfg.catalog, **catalog_properties(cfg, storage)}, mode=SaveMode.UPSERT,
-        upsert_kwargs={"join_cols": ["uri", "model_id", "class_set_hash"]})
+        cfg.table, catalog_kwargs={"name": cfg.catalog, **catalog_properties(cfg, storage)},
+        mode=SaveMode.APPEND if first else SaveMode.UPSERT,
+        upsert_kwargs=None if first else {"join_cols": ["uri", "model_id", "class_set_hash"]})
 
 
 def main() -> None:
@@ -108,10 +111,10 @@ def main() -> None:
             root = Path(tempfile.mkdtemp(prefix="clipn_ice_"))
             cfg = IcebergConfig(table=f"bench.t{uuid.uuid4().hex[:6]}", uri=f"sqlite:///{root / 'c.db'}",
                                 warehouse=f"file://{root / 'wh'}")
-            method(cfg, storage, n, args.blocks)  # the first night
+            method(cfg, storage, n, args.blocks, first=True)  # the first night
             with PeakRss() as rss:
                 t = time.perf_counter()
-                method(cfg, storage, n, args.blocks)  # the rerun: must replace, not duplicate
+                method(cfg, storage, n, args.blocks, first=False)  # the rerun: must replace, not duplicate
                 seconds = time.perf_counter() - t
             table = load_table(cfg, storage, create=False)
             rows = len(table.scan(selected_fields=("uri",)).to_arrow())
