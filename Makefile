@@ -37,6 +37,7 @@ bench-negatives: $(STAMP)
 	$(PY) benchmarks/bench_negatives.py
 
 bench-iceberg: $(STAMP)
+	$(PY) -m pip install --quiet pyiceberg-core  # Ray's write_iceberg (the upsert compared) needs it
 	$(PY) benchmarks/bench_iceberg.py
 
 clean:
