@@ -246,11 +246,9 @@ def test_the_local_default_catalog_and_its_clear_errors(tmp_path):
 
 
 def test_a_run_refused_at_setup_creates_no_table(tmp_path, ckpt, ray_local):
-    empty = tmp_path / "empty"
-    empty.mkdir()
     ice = _local(tmp_path)
-    with pytest.raises(cc.InputError, match="no .*objects"):
-        run(_cfg(empty, ice, ckpt, DAY))
+    with pytest.raises(cc.InputError, match="missing"):
+        run(_cfg(tmp_path / "missing", ice, ckpt, DAY))
     from schemas.common import StorageConfig
 
     assert load_table(IcebergConfig(**ice), StorageConfig().bind(), create=False) is None

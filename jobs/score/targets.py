@@ -88,7 +88,7 @@ class IcebergTable:
     def __init__(self, cfg, storage: Storage):
         self.cfg, self.storage = cfg, storage
         # an unreachable catalog fails here, before any work; a missing table is created only when the run
-        # stages its rows, after every setup check, so a run refused at setup leaves no empty table behind
+        # stages its rows, after the setup checks on the driver, so a run refused there leaves no table
         self.table = iceberg.load_table(cfg, storage, create=False)
 
     @property
