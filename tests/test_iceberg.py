@@ -91,8 +91,11 @@ def test_a_rerun_replaces_the_night_and_other_nights_stay(tmp_path, ckpt, ray_lo
     lake = tmp_path / "lake"
     _lake(lake, 6)
     ice = _local(tmp_path)
-    first = run(_cfg(lake, ice, ckpt, DAY))
-    run(_cfg(lake, ice, ckpt, DAY + dt.timedelta(days=1)))
+    first = run(_cfg(lake, ice, ckpt, DAY, embeddings=True, lake_bank=True))
+    second = run(_cfg(lake, ice, ckpt, DAY + dt.timedelta(days=1), embeddings=True, lake_bank=True))
+    # the lake bank: built by a night, found by the next through the snapshots, kept beside the table
+    assert second.lake_bank_used == first.lake_bank_built and ".clipn-banks/" in first.lake_bank_built
+    assert not first.lake_bank_built.startswith(str(tmp_path / "wh" / "lake" / "ood_flags") + "/")
     again = run(_cfg(lake, ice, ckpt, DAY))
     rows = _rows(ice)
     by_night = {}
@@ -171,37 +174,6 @@ def test_an_s3_warehouse_on_the_loopback_server(tmp_path, ckpt, ray_local, s3_bu
     assert len(rows) == manifest.rows == 6 and {r["status"] for r in rows} == {"ok", "not_an_image"}
     fs = fsspec.filesystem("s3", **opts)
     assert any(p.endswith(".parquet") for p in fs.find(f"{bucket}/wh"))
-
-
-def test_a_commit_that_loses_to_a_concurrent_writer_retries_and_the_night_holds_one_run(tmp_path, monkeypatch):
-    """Deterministic race: run B's first attempt commits against the table as it was before run A's commit,
-    so the catalog refuses it; B reloads, retries, and its rows replace A's (no duplicates, none lost)."""
-    from jobs.score import iceberg
-    from schemas.common import StorageConfig
-    from schemas.manifest import ScoreManifest
-
-    cfg, storage = IcebergConfig(**_local(tmp_path)), StorageConfig().bind()
-    stale = load_table(cfg, storage, create=True)  # what B read before A committed
-
-    def manifest(run_id):
-        return ScoreManifest(schema_version=1, run_id=run_id, run_date=DAY, partition="", model_id="m",
-                             class_set_hash="h", classes=[], templates=[], rows=2, files=1, by_status={"ok": 2},
-                             ood_rate={}, timings_s={}, config={})
-
-    uris = ["s3://lake/a.jpg", "s3://lake/b.jpg"]
-    a = iceberg.commit_night(cfg, storage, [_night_file(tmp_path / "wh_a", "runA", uris)], manifest("runA"))
-    assert a.attempts == 1
-    real, calls = iceberg.load_table, []
-
-    def stale_first(*args, **kwargs):
-        calls.append(1)
-        return stale if len(calls) == 1 else real(*args, **kwargs)
-
-    monkeypatch.setattr(iceberg, "load_table", stale_first)
-    b = iceberg.commit_night(cfg, storage, [_night_file(tmp_path / "wh_b", "runB", uris)], manifest("runB"))
-    assert b.attempts == 2  # the first lost to A's commit
-    rows = real(cfg, storage, create=False).scan().to_arrow().to_pylist()
-    assert sorted((r["uri"], r["run_id"]) for r in rows) == [(u, "runB") for u in uris]
 
 
 def test_a_commit_that_keeps_losing_fails_naming_the_table(tmp_path, monkeypatch):

@@ -143,7 +143,7 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                 raise RuntimeError(f"wrote {stats['rows']} rows for {listed} listed inputs; not publishing")
             bank_built = None
             if cfg.output.lake_bank:
-                bank_built = bank_path(target.root, setup.model_id, setup.heads.class_set_hash, run_id)
+                bank_built = bank_path(target.bank_root, setup.model_id, setup.heads.class_set_hash, run_id)
                 storage.write_bytes(bank_built, bank_bytes(build_lake_bank(staged, storage, stats["by_status"].get("ok", 0))))
             maybe_die(fault, "driver")  # test hook: a driver crash with everything staged, nothing published
             manifest = ScoreManifest(

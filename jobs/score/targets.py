@@ -1,10 +1,10 @@
 """Where a run's rows go: a Parquet folder (``output.uri``) or an Iceberg table (``output.iceberg``).
 
-Both give the pipeline the same seven things, so it is written once: the sweep of dead runs'
-leftovers, what marks a run alive while it writes, where to stage the run's files, the previous
-watermark (``since``), the already-scored URIs (``skip_scored``), the latest lake bank, and the
-publish step. The Parquet folder publishes by moving files
-and writing ``_manifest.json`` then ``_SUCCESS``; the Iceberg table by one catalog commit
+Both give the pipeline the same things, so it is written once: the sweep of dead runs'
+leftovers, what marks a run alive while it writes, where to stage the run's files and keep its
+lake bank, the previous watermark (``since``), the already-scored URIs (``skip_scored``), the
+latest lake bank, and the publish step. The Parquet folder publishes by moving files and writing
+``_manifest.json`` then ``_SUCCESS``; the Iceberg table by one catalog commit
 (:mod:`jobs.score.iceberg`).
 """
 
@@ -24,7 +24,7 @@ from schemas.score_config import OutputConfig
 
 
 class OutputTarget(Protocol):
-    root: str  # the folder or table location that staging, banks and files live under
+    bank_root: str  # where lake banks are kept (jobs.score.incremental.bank_path)
 
     def sweep(self, max_age: dt.timedelta, run_id: str) -> None:
         """Remove what dead runs left behind (never a live run's files), logging what went."""
@@ -56,6 +56,7 @@ class ParquetFolder:
 
     def __init__(self, uri: str, storage: Storage):
         self.root, self.storage = uri, storage
+        self.bank_root = uri
 
     def sweep(self, max_age, run_id):
         publish.sweep_staging(self.root, self.storage, max_age, run_id)
@@ -93,9 +94,16 @@ class IcebergTable:
 
     @property
     def root(self) -> str:
+        """The table's location (the table is created here the first time)."""
         if self.table is None:
             self.table = iceberg.load_table(self.cfg, self.storage, create=True)
         return self.table.location().rstrip("/")
+
+    @property
+    def bank_root(self) -> str:
+        # beside the table, not inside it: orphan-file maintenance deletes every file under the table's
+        # location that no snapshot references, which a lake bank never is
+        return f"{self.root}.clipn-banks"
 
     def sweep(self, max_age, run_id):
         """Nothing: a dead run's files sit unreferenced in the table's data folder, where readers never see
@@ -131,5 +139,5 @@ class IcebergTable:
 
 
 def output_target(cfg: OutputConfig, storage: Storage) -> OutputTarget:
-    """The configured target; opening an Iceberg table (and creating it the first time) happens here."""
+    """The configured target; an Iceberg catalog is reached (and a bad one refused) here."""
     return IcebergTable(cfg.iceberg, storage) if cfg.iceberg is not None else ParquetFolder(cfg.uri, storage)
