@@ -5,8 +5,12 @@ Every score maps a batch of L2-normalised image features and the class heads to 
 their threshold-free OOD decision (``True`` = OOD). The formulas are those of
 ``shared/design.md``:
 
-* ``logits_yes = s f W_yes^T``, ``logits_no = s f W_no^T`` (``s`` = logit scale, 100)
-* ``p = softmax(logits_yes)``; ``p_no[j] = sigmoid(logits_no[j] - logits_yes[j])``
+* ``logits_yes = s f W_yes^T``, ``logits_no = s f W_no^T`` (``s`` = logit scale: the base CLIP's
+  own learned ``logit_scale.exp()``, passed in; 100 for OpenAI's CLIP)
+* ``p = softmax(logits_yes)``; ``p_no[j] = e^l_no / (e^l_yes + e^l_no)`` (the original CLIPN code's
+  softmax over [yes, no]); its complement ``1 - p_no[j]`` is computed as
+  ``sigmoid(logits_yes[j] - logits_no[j])``, never as ``1 - sigmoid(...)``, which rounds to exactly 0
+  once the no logit leads by about 17 in float32, so the most OOD images would all tie
 * CTW: ``k = argmax p``; ID score ``1 - p_no[k]``; OOD iff ``p_no[k] > 0.5``
 * ATD: ID score ``sum_j (1 - p_no[j]) p[j]``; OOD iff ``1 - ID > max_j (1 - p_no[j]) p[j]``
 * MSP ``max p``; MaxLogit ``max logits_yes``; Energy ``logsumexp(logits_yes)``;
@@ -143,8 +147,14 @@ class ScoreInputs:
 
     @cached_property
     def p_no(self) -> torch.Tensor:
-        """p_no[j] = e^{l_no} / (e^{l_yes} + e^{l_no}), computed stably as a sigmoid, [N, C]."""
+        """p_no[j] = e^{l_no} / (e^{l_yes} + e^{l_no}) = sigmoid(l_no - l_yes), [N, C]."""
         return torch.sigmoid(self.logits_no - self.logits_yes)
+
+    @cached_property
+    def p_yes(self) -> torch.Tensor:
+        """1 - p_no[j] = e^{l_yes} / (e^{l_yes} + e^{l_no}) = sigmoid(l_yes - l_no), [N, C]: accurate to float32's
+        relative precision at any gap (``1 - p_no`` is exactly 0 from a gap of about 17)."""
+        return torch.sigmoid(self.logits_yes - self.logits_no)
 
     @cached_property
     def predicted(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,14 +219,14 @@ def mcm(x: ScoreInputs) -> ScoreResult:
 def ctw(x: ScoreInputs) -> ScoreResult:
     """CLIPN competing-to-win: 1 - p_no of the predicted class; OOD iff p_no[k] > 0.5."""
     k, _ = x.predicted
-    p_no_k = x.p_no.gather(1, k[:, None]).squeeze(1)
-    return ScoreResult(1.0 - p_no_k, p_no_k > 0.5)
+    p_yes_k = x.p_yes.gather(1, k[:, None]).squeeze(1)
+    return ScoreResult(p_yes_k, x.p_no.gather(1, k[:, None]).squeeze(1) > 0.5)
 
 
 @register("atd", needs_no_tower=True, threshold_free=True)
 def atd(x: ScoreInputs) -> ScoreResult:
     """CLIPN agreeing-to-differ: sum_j (1 - p_no[j]) p[j]; OOD iff p_ood > max_j of the terms."""
-    terms = (1.0 - x.p_no) * x.probs
+    terms = x.p_yes * x.probs
     id_score = terms.sum(dim=-1)
     return ScoreResult(id_score, (1.0 - id_score) > terms.max(dim=-1).values)
 
@@ -234,7 +244,7 @@ def clipn_neg(x: ScoreInputs) -> ScoreResult:
     # softmax([l_yes, l_neg]) over the ID columns only: exp(l_yes - logsumexp of all), without an [N, C + M] copy
     lse_all = torch.logaddexp(torch.logsumexp(x.logits_yes, dim=-1, keepdim=True), x.negative_lse)
     joint = torch.exp(x.logits_yes - lse_all)
-    return ScoreResult(((1.0 - x.p_no) * joint).sum(dim=-1))
+    return ScoreResult((x.p_yes * joint).sum(dim=-1))
 
 
 @register("clipn_neg_lake", needs_no_tower=True, needs_negatives=True)

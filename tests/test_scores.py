@@ -143,3 +143,56 @@ def test_the_lake_bank_scales_clipn_neg_by_the_nearest_proxy_side():
                         bank=(torch.zeros(0, 3), ood_p), **base)
     same = compute_scores(empty, ["clipn_neg", "clipn_neg_lake"])
     torch.testing.assert_close(same["clipn_neg_lake"].id_score, same["clipn_neg"].id_score)  # empty bank: clipn_neg
+
+
+def _gap_inputs(gap: float, scale: float = 100.0):
+    """Three classes whose no logit leads the yes logit by ``gap`` (s * (cos_no - cos_yes)), one negative label.
+
+    f = e0; head j of each tower is cos * e0 plus the rest of a unit vector on an axis of its own, so every
+    cosine is exactly the number chosen."""
+    cos_yes = torch.tensor([0.25, 0.2, 0.15])
+    cos_no = cos_yes + gap / scale
+    d = 1 + 2 * 3 + 1
+    yes, no = torch.zeros(3, d), torch.zeros(3, d)
+    for j in range(3):
+        yes[j, 0], yes[j, 1 + j] = cos_yes[j], (1 - cos_yes[j] ** 2).sqrt()
+        no[j, 0], no[j, 4 + j] = cos_no[j], (1 - cos_no[j] ** 2).clamp(min=0).sqrt()
+    neg = torch.zeros(1, d)
+    neg[0, 0], neg[0, 7] = 0.1, (1 - torch.tensor(0.01)).sqrt()
+    f = torch.zeros(1, d)
+    f[0, 0] = 1.0
+    return ScoreInputs(f, yes, no, logit_scale=scale, negatives=neg, negative_groups=1), (f, yes, no, neg)
+
+
+def _original_softmax_scores(f, yes, no, neg, scale):
+    """The original CLIPN code's CTW / ATD (softmax over [yes, no] per class), and CLIPN-Neg, in float64."""
+    f, yes, no, neg = (t.double() for t in (f, yes, no, neg))
+    l_yes, l_no, l_neg = scale * f @ yes.T, scale * f @ no.T, scale * f @ neg.T
+    yesno = torch.softmax(torch.stack([l_yes, l_no], dim=-1), dim=-1)[..., 0]
+    p = torch.softmax(l_yes, dim=-1)
+    k = p.argmax(dim=-1, keepdim=True)
+    joint = torch.softmax(torch.cat([l_yes, l_neg], dim=-1), dim=-1)[:, : l_yes.shape[1]]
+    return {"ctw": yesno.gather(1, k)[:, 0], "atd": (yesno * p).sum(-1), "clipn_neg": (yesno * joint).sum(-1),
+            "clipn_neg_lake": (yesno * joint).sum(-1)}
+
+
+@pytest.mark.parametrize("gap", [-50.0, -20.0, 0.0, 5.0, 10.0, 16.0, 17.0, 18.0, 20.0, 30.0, 50.0, 70.0])
+def test_ctw_atd_and_the_scores_built_on_them_keep_the_ood_end_at_every_gap(gap):
+    """1 - p_no as sigmoid(l_yes - l_no): the ID scores agree with the original softmax over [yes, no] to 1e-5
+    relative even where the no logit leads by 20-70 (1 - sigmoid(l_no - l_yes) is exactly 0 from about 17)."""
+    x, tensors = _gap_inputs(gap)
+    ours = compute_scores(x, ["ctw", "atd", "clipn_neg", "clipn_neg_lake"])
+    reference = _original_softmax_scores(*tensors, scale=100.0)
+    for name, expected in reference.items():
+        got = ours[name].id_score.double()
+        assert got.item() > 0.0, (name, gap)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=0.0, msg=f"{name} at gap {gap}")
+    assert bool(ours["ctw"].is_ood[0]) == (gap > 0)
+
+
+def test_the_most_ood_images_stay_ordered():
+    """Images further into the OOD end keep strictly falling CTW and ATD scores (no ties at 0)."""
+    scores = [compute_scores(_gap_inputs(g)[0], ["ctw", "atd"]) for g in (20.0, 30.0, 40.0, 50.0)]
+    for name in ("ctw", "atd"):
+        values = [s[name].id_score.item() for s in scores]
+        assert all(a > b > 0.0 for a, b in zip(values, values[1:])), (name, values)
