@@ -83,11 +83,14 @@ class NoTextTower(nn.Module):
         self.text_projection = (
             copy.deepcopy(proj) if isinstance(proj, nn.Module) else nn.Parameter(proj.detach().clone())
         )
-        self.register_buffer("attn_mask", clip.attn_mask.detach().clone(), persistent=False)
+        # text towers without a causal mask (CLIPA's) have none
+        mask = clip.attn_mask
+        self.register_buffer("attn_mask", None if mask is None else mask.detach().clone(), persistent=False)
         self.pool_type = clip.text_pool_type
         self.eos_id = getattr(clip, "text_eos_id", None)
         context_length, width = self.positional_embedding.shape
-        self.prompts = nn.Parameter(torch.zeros(num_prompts, context_length, width))
+        self.prompts = nn.Parameter(torch.zeros(num_prompts, context_length, width,
+                                                device=self.positional_embedding.device))
         for p in self.parameters():
             p.requires_grad_(True)
 

@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import logging
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
+from . import pretrained_config as pcfg
 from .architectures import model_config
 from .errors import CheckpointKeyError, ModelConfigError, StorageError, WeightsError, redact_uri
 from .model import CLIPN, DEFAULT_NUM_PROMPTS
@@ -40,6 +42,7 @@ from .storage import is_remote, local_copy, read_bytes, sha256_file, write_bytes
 CHECKPOINT_FORMAT = "clipn-lake/checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 _SCHEMA_PREFIXES = ("hf-hub:", "local-dir:")
+_STRUCTURE_KEY = "clipn.structure_sha256"
 
 
 @dataclass
@@ -57,6 +60,21 @@ class ModelSpec:
         d = asdict(self)
         d["preprocess_cfg"] = _jsonable(d["preprocess_cfg"])
         return d
+
+    @classmethod
+    def from_sidecar(cls, meta: dict) -> ModelSpec:
+        """The spec a sidecar (:func:`read_sidecar`) records."""
+        return cls(architecture=meta["architecture"], model_cfg=meta["model_cfg"], preprocess_cfg=meta["preprocess_cfg"],
+                   num_prompts=int(meta["num_prompts"]), base_weights=meta.get("base_weights", {}),
+                   logit_scale=meta.get("logit_scale"))
+
+    def structure_digest(self) -> str:
+        """sha256 of what decides the model's function besides its weights (architecture, model and
+        preprocessing config, K), stored in the weights file so the model id changes with it."""
+        d = self.to_json_dict()
+        blob = json.dumps({k: d[k] for k in ("architecture", "model_cfg", "preprocess_cfg", "num_prompts")},
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _jsonable(obj: Any) -> Any:
@@ -119,22 +137,36 @@ def create_base_clip(
     storage_options: dict | None = None,
     cache_dir: str | None = None,
     seed: int = 0,
+    pretrained_config: str | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[open_clip.CLIP, dict, dict]:
-    """Build the base CLIP and resolve its weights.
+    """Build the base CLIP as its weights were trained, and resolve its weights.
 
     ``pretrained``: None (random init, seeded so every process builds the same model),
     an open_clip tag, a local file, or an object-storage URI. Ignored (must be None)
     for ``hf-hub:`` / ``local-dir:`` architectures, which carry their own weights.
-    Returns (model in eval mode, open_clip model config, base-weights identity dict).
+    ``pretrained_config``: the open_clip tag whose configuration a weights file (or a random
+    init) follows, or ``plain`` (:mod:`clipn_core.pretrained_config`); a tag as ``pretrained``
+    names its own. The configuration's activation (QuickGELU or GELU) and preprocessing are
+    what the model is built with, also where open_clip's own factory would only warn.
+    ``device``: where the model is built (``meta`` builds the structure without memory).
+
+    Returns (model in eval mode, open_clip model config as built, base-weights identity dict
+    with ``pretrained_config``). Raises :class:`WeightsError` / :class:`ModelConfigError`
+    naming the architecture, weights or tag at fault.
     """
     if architecture.startswith(_SCHEMA_PREFIXES) and pretrained:
         raise WeightsError(f"{architecture} carries its weights; do not also pass pretrained={pretrained!r}")
+    is_file = bool(pretrained) and (is_remote(pretrained) or Path(pretrained).exists())
+    if architecture.startswith(_SCHEMA_PREFIXES):  # refused before anything is fetched from the hub
+        pcfg.resolve(architecture, pretrained, pretrained_config, pretrained_is_tag=False)
     model_cfg = _resolve_model_cfg(architecture, cache_dir)
+    config = pcfg.resolve(architecture, pretrained, pretrained_config, pretrained_is_tag=bool(pretrained) and not is_file)
     identity: dict[str, Any] = {"architecture": architecture, "pretrained": None, "sha256": None}
     open_clip_pretrained = None
     if pretrained:
         identity["pretrained"] = redact_uri(pretrained)
-        if is_remote(pretrained) or Path(pretrained).exists():
+        if is_file:
             try:
                 local = local_copy(pretrained, storage_options, cache_dir)
             except StorageError as e:
@@ -143,11 +175,20 @@ def create_base_clip(
             open_clip_pretrained = str(local)
         else:
             open_clip_pretrained = pretrained  # an open_clip tag
+    if not architecture.startswith(_SCHEMA_PREFIXES):
+        identity["pretrained_config"] = config.name
+    if config.quick_gelu:
+        model_cfg["quick_gelu"] = True
     try:
-        with torch.random.fork_rng(devices=[]), _quiet_random_init(open_clip_pretrained is None):
+        # built on ``device`` directly (open_clip builds on the CPU, then moves the model)
+        with torch.random.fork_rng(devices=[]), _quiet_random_init(open_clip_pretrained is None), \
+                warnings.catch_warnings(), torch.device(device):
+            # open_clip warns of a QuickGELU mismatch between the tag and the plain config: resolved above
+            warnings.filterwarnings("ignore", message="QuickGELU mismatch", category=UserWarning)
             torch.manual_seed(seed)
             clip = open_clip.create_model(
-                architecture, pretrained=open_clip_pretrained, cache_dir=cache_dir, weights_only=True
+                architecture, pretrained=open_clip_pretrained, cache_dir=cache_dir, weights_only=True,
+                force_quick_gelu=config.quick_gelu, force_preprocess_cfg=config.preprocess or None, device=device,
             )
     except Exception as e:  # noqa: BLE001 - open_clip raises RuntimeError/ValueError/OSError alike
         raise WeightsError(
@@ -165,20 +206,28 @@ def build_clipn(
     storage_options: dict | None = None,
     cache_dir: str | None = None,
     seed: int = 0,
+    pretrained_config: str | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[CLIPN, ModelSpec]:
-    """A fresh CLIPN (no tower copied from the text tower, zero prompts) over a base CLIP."""
-    clip, model_cfg, identity = create_base_clip(architecture, pretrained, storage_options, cache_dir, seed)
+    """A fresh CLIPN (no tower copied from the text tower, zero prompts) over a base CLIP built by
+    :func:`create_base_clip` (same arguments, same errors)."""
+    clip, model_cfg, identity = create_base_clip(architecture, pretrained, storage_options, cache_dir, seed,
+                                                 pretrained_config, device)
     model = CLIPN(clip, num_prompts)
     spec = ModelSpec(architecture, model_cfg, model.preprocess_cfg, num_prompts, identity)
     return model.eval(), spec
 
 
-def _model_from_spec(spec: ModelSpec) -> CLIPN:
+def model_from_spec(spec: ModelSpec, device: str | torch.device = "cpu") -> CLIPN:
+    """The CLIPN a sidecar describes, with fresh weights (load a state dict into it): built from its
+    recorded open_clip model config and preprocessing, never from today's architecture registry.
+    ``device``: where to build it (``meta`` for the structure alone)."""
     cfg = copy.deepcopy(spec.model_cfg)
     if cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {}):
         raise ModelConfigError(f"{spec.architecture}: CLIPN needs the standard CLIP text tower")
     try:
-        clip = open_clip.CLIP(**cfg)
+        with torch.device(device):
+            clip = open_clip.CLIP(**cfg)
     except TypeError as e:
         raise ModelConfigError(f"cannot build {spec.architecture} from its model_cfg: {e}") from e
     open_clip.set_model_preprocess_cfg(clip, dict(spec.preprocess_cfg))
@@ -203,11 +252,14 @@ def load_state_dict_strict(module: torch.nn.Module, state: dict[str, torch.Tenso
 def save_checkpoint(model: CLIPN, spec: ModelSpec, uri: str, storage_options: dict | None = None) -> str:
     """Write ``uri`` (.safetensors) then its JSON sidecar; return the weights' sha256 (the model id).
 
-    The sidecar records the base CLIP's learned logit scale (``spec.logit_scale`` is set from ``model``)."""
+    The sidecar records the base CLIP's learned logit scale (``spec.logit_scale`` is set from ``model``);
+    the weights file records the digest of the spec's structure (:meth:`ModelSpec.structure_digest`)."""
     side = sidecar_uri(uri)
     spec.logit_scale = model.logit_scale
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    data = safetensors.torch.save(state)
+    # the structure's digest inside the weights file: the same weights built another way (QuickGELU
+    # instead of GELU, other preprocessing) are another model, with another id
+    data = safetensors.torch.save(state, metadata={_STRUCTURE_KEY: spec.structure_digest()})
     digest = hashlib.sha256(data).hexdigest()
     sidecar = {
         "format": CHECKPOINT_FORMAT,
@@ -257,18 +309,27 @@ def read_sidecar(uri: str, storage_options: dict | None = None) -> dict:
     return meta
 
 
-def load_checkpoint(
-    uri: str,
-    storage_options: dict | None = None,
-    cache_dir: str | None = None,
-    device: str | torch.device = "cpu",
-) -> tuple[CLIPN, ModelSpec, str]:
-    """Load a CLIPN checkpoint from a local path or URI; returns (model in eval mode, spec, model id).
+def check_base_config(spec: ModelSpec, uri: str) -> None:
+    """Refuse a checkpoint built with GELU whose recorded base weights were trained with QuickGELU.
 
-    The weights file's sha256 must equal the sidecar's (else the file is corrupt or was
-    replaced without its sidecar); keys and shapes must match exactly.
+    Checkpoints written before base CLIPs were built from their pretrained configuration ran
+    OpenAI-style weights with the wrong activation: every feature is shifted and nothing fails.
+    Raises :class:`WeightsError` (one line naming the checkpoint and the re-save command).
     """
-    meta = read_sidecar(uri, storage_options)
+    config = pcfg.recorded(spec.base_weights, spec.architecture)
+    if config is not None and config.quick_gelu and not spec.model_cfg.get("quick_gelu", False):
+        arch = spec.base_weights.get("architecture") or spec.architecture
+        raise WeightsError(
+            f"checkpoint {redact_uri(uri)} runs GELU on base weights {arch}/{config.tag}, which were trained with "
+            f"QuickGELU (every feature is shifted): re-save it with `clipn upgrade-checkpoint --checkpoint "
+            f"{redact_uri(uri)} --output <new>.safetensors` (a new model id; a no tower trained on the GELU model "
+            "should be retrained, and calibrations redone)")
+
+
+def _read_weights(uri: str, meta: dict, storage_options: dict | None, cache_dir: str | None
+                  ) -> tuple[dict[str, torch.Tensor], str, str | None]:
+    """(state dict, sha256, structure digest stored in the file or None) of a checkpoint's weights file,
+    checked against its sidecar's sha256."""
     try:
         local = local_copy(uri, storage_options, cache_dir)
     except StorageError as e:
@@ -281,19 +342,64 @@ def load_checkpoint(
         )
     try:
         state = safetensors.torch.load_file(str(local), device="cpu")
+        with safetensors.safe_open(str(local), framework="pt") as f:
+            structure = (f.metadata() or {}).get(_STRUCTURE_KEY)
     except (SafetensorError, OSError) as e:
         raise WeightsError(f"checkpoint {redact_uri(uri)} is not a readable safetensors file: {e}") from e
-    spec = ModelSpec(
-        architecture=meta["architecture"],
-        model_cfg=meta["model_cfg"],
-        preprocess_cfg=meta["preprocess_cfg"],
-        num_prompts=int(meta["num_prompts"]),
-        base_weights=meta.get("base_weights", {}),
-        logit_scale=meta.get("logit_scale"),
-    )
-    model = _model_from_spec(spec)
+    return state, digest, structure
+
+
+def load_checkpoint(
+    uri: str,
+    storage_options: dict | None = None,
+    cache_dir: str | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[CLIPN, ModelSpec, str]:
+    """Load a CLIPN checkpoint from a local path or URI; returns (model in eval mode, spec, model id).
+
+    The weights file's sha256 must equal the sidecar's (else the file is corrupt or was
+    replaced without its sidecar), the structure digest it records must match the sidecar's
+    spec, keys and shapes must match exactly, and the base CLIP must be built as its recorded
+    base weights were trained (:func:`check_base_config`). Raises :class:`WeightsError`.
+    """
+    meta = read_sidecar(uri, storage_options)
+    spec = ModelSpec.from_sidecar(meta)
+    check_base_config(spec, uri)
+    state, digest, structure = _read_weights(uri, meta, storage_options, cache_dir)
+    if structure is not None and structure != spec.structure_digest():
+        raise WeightsError(f"checkpoint {redact_uri(uri)}: its sidecar describes another model than the one its "
+                           "weights were saved as (model or preprocessing config edited after saving)")
+    model = model_from_spec(spec)
     load_state_dict_strict(model, state, uri)
     return model.to(device).eval(), spec, digest
+
+
+def upgrade_checkpoint(uri: str, output: str, pretrained_config: str | None = None,
+                       storage_options: dict | None = None, cache_dir: str | None = None) -> tuple[str, ModelSpec]:
+    """Re-save checkpoint ``uri`` as ``output`` built from its base weights' pretrained configuration.
+
+    The configuration is ``pretrained_config`` (a tag of the base architecture, for checkpoints whose
+    base weights were a file) or the one the sidecar records. Its activation (QuickGELU) and
+    preprocessing replace the recorded ones; the weights are the same tensors. Returns (the new
+    model id, the new spec). Raises :class:`WeightsError` / :class:`ModelConfigError`.
+    """
+    meta = read_sidecar(uri, storage_options)
+    spec = ModelSpec.from_sidecar(meta)
+    arch = spec.base_weights.get("architecture") or spec.architecture
+    config = (pcfg.tag_config(arch, pretrained_config) if pretrained_config not in (None, pcfg.PLAIN)
+              else pcfg.recorded(spec.base_weights, spec.architecture))
+    if config is None:
+        raise WeightsError(f"{redact_uri(uri)}: its base weights record no pretrained configuration; name the tag "
+                           f"they were trained as with pretrained_config (tags of {arch}: "
+                           f"{', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'})")
+    state, _, _ = _read_weights(uri, meta, storage_options, cache_dir)
+    if config.quick_gelu:
+        spec.model_cfg = {**spec.model_cfg, "quick_gelu": True}
+    spec.preprocess_cfg = {**spec.preprocess_cfg, **config.preprocess}
+    spec.base_weights = {**spec.base_weights, "pretrained_config": config.name}
+    model = model_from_spec(spec)
+    load_state_dict_strict(model, state, uri)
+    return save_checkpoint(model.eval(), spec, output, storage_options), spec
 
 
 # Original CLIPN (xmed-lab/CLIPN) names of the no tower -> ours. Everything else is the CLIP.
@@ -315,16 +421,24 @@ def original_key_to_ours(key: str) -> str:
     return "clip." + key
 
 
+ORIGINAL_BASE = ("ViT-B-16", "laion2b_s34b_b88k")  # what the released CLIPN weights were trained from (its run.sh)
+
+
 def import_original_checkpoint(
     uri: str,
-    architecture: str = "ViT-B-16",
+    architecture: str = ORIGINAL_BASE[0],
     storage_options: dict | None = None,
     cache_dir: str | None = None,
+    pretrained_config: str | None = ORIGINAL_BASE[1],
 ) -> tuple[CLIPN, ModelSpec]:
     """Import a checkpoint written by the original CLIPN code (``torch.save`` of a dict with ``state_dict``).
 
-    Keys may carry DDP's ``module.`` prefix. The number of prompts is read from
-    ``prompt_no`` [K, context, width]. Loading is strict and never unpickles objects.
+    The original code trains its no tower over open_clip's ``ViT-B-16`` with the
+    ``laion2b_s34b_b88k`` weights, a GELU model: ``pretrained_config`` (default that tag; ``plain``
+    for the architecture's own config) is the configuration the base CLIP is built with, and is
+    recorded in the sidecar's ``base_weights``. Keys may carry DDP's ``module.`` prefix. The number
+    of prompts is read from ``prompt_no`` [K, context, width]. Loading is strict and never
+    unpickles objects. Raises :class:`WeightsError` / :class:`CheckpointKeyError`.
     """
     try:
         local = local_copy(uri, storage_options, cache_dir)
@@ -344,7 +458,9 @@ def import_original_checkpoint(
         raise CheckpointKeyError(redact_uri(uri), missing=["prompt_no"],
                                  note="not an original CLIPN checkpoint: it has no no-prompts tensor")
     ours = {original_key_to_ours(k): v for k, v in state.items()}
-    model, spec = build_clipn(architecture, None, int(state["prompt_no"].shape[0]), cache_dir=cache_dir)
-    spec.base_weights = {"architecture": architecture, "pretrained": redact_uri(uri), "sha256": sha256_file(local)}
+    model, spec = build_clipn(architecture, None, int(state["prompt_no"].shape[0]), cache_dir=cache_dir,
+                              pretrained_config=pretrained_config or pcfg.PLAIN)
+    spec.base_weights = {"architecture": architecture, "pretrained": redact_uri(uri), "sha256": sha256_file(local),
+                         "pretrained_config": spec.base_weights["pretrained_config"]}
     load_state_dict_strict(model, ours, uri)
     return model.eval(), spec

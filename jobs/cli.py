@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from schemas.calibrate_config import CalibrateJobConfig
 from schemas.eval_config import EvalJobConfig
-from schemas.import_config import ImportJobConfig
+from schemas.import_config import ImportJobConfig, UpgradeCheckpointConfig
 from schemas.score_config import ScoreJobConfig
 from schemas.train_config import TrainJobConfig
 
@@ -156,6 +156,15 @@ def _import_original(args) -> int:
     return 0
 
 
+def _upgrade_checkpoint(args) -> int:
+    from jobs.upgrade_checkpoint import run
+
+    result = run(build_config(UpgradeCheckpointConfig, args))
+    print(f"wrote {result.checkpoint} (model id {result.model_id[:16]}, built as {result.pretrained_config}, "
+          f"{'QuickGELU' if result.quick_gelu else 'GELU'}); score with --model.checkpoint {result.checkpoint}")
+    return 0
+
+
 def _demo(args) -> int:
     from jobs.demo import FULL, SMALL, run_demo
 
@@ -195,6 +204,10 @@ def make_parser() -> argparse.ArgumentParser:
                               description=ImportJobConfig.__doc__)
     add_config_arguments(importer, ImportJobConfig)
     importer.set_defaults(func=_import_original)
+    upgrade = sub.add_parser("upgrade-checkpoint", help="re-save a checkpoint built as its base weights were trained "
+                             "(QuickGELU for OpenAI's)", description=UpgradeCheckpointConfig.__doc__)
+    add_config_arguments(upgrade, UpgradeCheckpointConfig)
+    upgrade.set_defaults(func=_upgrade_checkpoint)
     demo = sub.add_parser("demo", help="the whole product on a generated world: train, score a lake, evaluate (local Ray)")
     demo.add_argument("--out", default="demo_out", help="local folder for the scores, the report, configs and the cache")
     demo.add_argument("--endpoint", default=None,

@@ -1,7 +1,9 @@
 """``clipn import-original``: released CLIPN weights -> a nightly-ready clipn-lake checkpoint.
 
 Runs in one process: check that the output is writable, import the original checkpoint
-(``weights_only`` unpickling, strict keys, K read from the prompts), write our
+(``weights_only`` unpickling, strict keys, K read from the prompts) over the base CLIP built
+from the pretrained configuration it was trained from (``pretrained_config``, by default the
+original code's ``laion2b_s34b_b88k``), write our
 ``.safetensors`` and its sidecar (architecture, open_clip model and preprocessing config,
 K, the source's identity, the base CLIP's logit scale). The sidecar is written last, so
 a failed import leaves no loadable checkpoint behind.
@@ -33,8 +35,9 @@ def run(cfg: ImportJobConfig) -> ImportResult:
     """Import ``cfg.checkpoint``; raises a :class:`~clipn_core.ClipnError` naming the file or key at fault."""
     storage = cfg.storage.bind()
     storage.check_writable(cfg.output, "output")
-    model, spec = cc.import_original_checkpoint(cfg.checkpoint, cfg.architecture, storage.options, cfg.cache_dir)
+    model, spec = cc.import_original_checkpoint(cfg.checkpoint, cfg.architecture, storage.options, cfg.cache_dir,
+                                                cfg.pretrained_config)
     model_id = cc.save_checkpoint(model, spec, cfg.output, storage.options)
-    log.info("imported %s (%s, K=%d) -> %s", redact_uri(cfg.checkpoint), cfg.architecture, spec.num_prompts,
-             redact_uri(cfg.output))
+    log.info("imported %s (%s built as %s, K=%d) -> %s", redact_uri(cfg.checkpoint), cfg.architecture,
+             spec.base_weights["pretrained_config"], spec.num_prompts, redact_uri(cfg.output))
     return ImportResult(redact_uri(cfg.output), model_id, spec.num_prompts, model.logit_scale)

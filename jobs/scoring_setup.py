@@ -67,9 +67,12 @@ def load_model(model_cfg: ModelConfig, storage: Storage, cache_dir: str | None) 
         model, _, model_id = cc.load_checkpoint(model_cfg.checkpoint, storage.options, cache_dir)
         return model, model_id
     model, spec = cc.build_clipn(model_cfg.architecture, model_cfg.pretrained, storage_options=storage.options,
-                                 cache_dir=cache_dir, seed=model_cfg.seed)
+                                 cache_dir=cache_dir, seed=model_cfg.seed, pretrained_config=model_cfg.pretrained_config)
     ident = spec.base_weights
-    return model, f"untrained:{ident['architecture']}:{ident.get('sha256') or ident.get('pretrained') or 'seed' + str(model_cfg.seed)}"
+    model_id = f"untrained:{ident['architecture']}:{ident.get('sha256') or ident.get('pretrained') or 'seed' + str(model_cfg.seed)}"
+    if ident.get("pretrained_config") not in (None, "plain", ident.get("pretrained")):
+        model_id += f":{ident['pretrained_config']}"  # the same weights built another way are another model
+    return model, model_id
 
 
 def negative_labels(model: cc.CLIPN, model_id: str, heads: cc.ClassHeads, cfg: NegativesConfig, storage: Storage,

@@ -14,11 +14,14 @@ reads ``preprocess_cfg`` and ``context_length`` for the decode step.
 
 from __future__ import annotations
 
+import logging
+
 import open_clip
 import torch
 from torch import nn
 
 import clipn_core as cc
+from clipn_core.errors import redact_uri
 from clipn_core.images import SplitPreprocessor
 from clipn_core.model import check_standard_text_tower
 from clipn_core.training import (
@@ -30,6 +33,8 @@ from clipn_core.training import (
 )
 from clipn_core.weights import create_base_clip
 from schemas.train_config import TrainJobConfig
+
+log = logging.getLogger("clipn.train")
 
 
 def base_identity(cfg: TrainJobConfig) -> dict:
@@ -65,7 +70,7 @@ class ClipnStage(_Stage):
     def __init__(self, cfg: TrainJobConfig, storage_options: dict):
         m = cfg.model
         self.core, self.spec = cc.build_clipn(m.architecture, m.pretrained, m.num_prompts, storage_options,
-                                              cfg.run.cache_dir, m.seed)
+                                              cfg.run.cache_dir, m.seed, m.pretrained_config)
         self.core.train()  # the no tower only; the CLIP stays in eval mode
         self._setup(self.core, self.core.no_tower, self.core.preprocess_cfg, self.core.context_length, cfg)
         self.seed = cfg.loop.seed
@@ -88,7 +93,9 @@ class ClipStage(_Stage):
 
     def __init__(self, cfg: TrainJobConfig, storage_options: dict):
         m = cfg.model
-        self.clip, _, _ = create_base_clip(m.architecture, m.pretrained, storage_options, cfg.run.cache_dir, m.seed)
+        self.clip, _, identity = create_base_clip(m.architecture, m.pretrained, storage_options, cfg.run.cache_dir,
+                                                  m.seed, m.pretrained_config)
+        self.pretrained_config = identity.get("pretrained_config", "plain")
         check_standard_text_tower(self.clip)  # so that a CLIPN can be built on the result
         self.clip.train()
         self._setup(self.clip, self.clip, dict(open_clip.get_model_preprocess_cfg(self.clip)),
@@ -101,9 +108,13 @@ class ClipStage(_Stage):
                                autocast, scaler)
 
     def save_final(self, uri: str, storage_options: dict) -> str:
-        """Write the base CLIP weights (open_clip-loadable .safetensors); returns their sha256."""
+        """Write the base CLIP weights (open_clip-loadable .safetensors); returns their sha256. A file says
+        nothing of how it was trained: the log names the ``pretrained_config`` to use it with."""
         self.clip.eval()
-        return cc.save_base_clip(self.clip, uri, storage_options)
+        digest = cc.save_base_clip(self.clip, uri, storage_options)
+        log.info("base CLIP written to %s: use it as model.pretrained with model.pretrained_config: %s",
+                 redact_uri(uri), self.pretrained_config)
+        return digest
 
 
 STAGES = {"clipn": ClipnStage, "clip": ClipStage}

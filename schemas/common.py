@@ -15,6 +15,13 @@ def _dot_lower(extensions: list[str]) -> list[str]:
     return [("." + e.lstrip(".")).lower() for e in extensions]
 
 
+PRETRAINED_CONFIG_HELP = (
+    "the open_clip pretrained tag whose configuration (QuickGELU or GELU activations, preprocessing) a weights file "
+    "follows, e.g. openai for OpenAI's weights saved to a file; plain: the architecture's own config (weights "
+    "trained by clipn train --stage clip). Unset: a tag in pretrained names its own, a file gets plain with a "
+    "warning where the architecture has QuickGELU-trained tags")
+
+
 # File extensions as ".jpg"-style lower-case strings; "JPG" and ".Jpg" are accepted.
 FileExtensions = Annotated[list[str], AfterValidator(_dot_lower)]
 

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, PositiveFloat, model_validator
 
 from clipn_core.scores import SCORES
-from schemas.common import FileExtensions, StorageConfig, StrictModel
+from schemas.common import PRETRAINED_CONFIG_HELP, FileExtensions, StorageConfig, StrictModel
 
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"]
 
@@ -71,6 +71,7 @@ class ModelConfig(StrictModel):
     checkpoint: str | None = Field(None, description="CLIPN checkpoint URI (.safetensors with its .json sidecar)")
     architecture: str | None = Field(None, description="open_clip architecture when no checkpoint is given (untrained no tower)")
     pretrained: str | None = Field(None, description="base CLIP weights: open_clip tag, file or s3:// URI")
+    pretrained_config: str | None = Field(None, description=PRETRAINED_CONFIG_HELP)
     seed: int = Field(0, description="seed of random init when no weights are given (tests, benchmarks)")
 
     @model_validator(mode="after")
@@ -79,6 +80,9 @@ class ModelConfig(StrictModel):
             raise ValueError("give exactly one of model.checkpoint or model.architecture")
         if self.checkpoint and not self.checkpoint.endswith(".safetensors"):
             raise ValueError("model.checkpoint must end with .safetensors")
+        if self.checkpoint and (self.pretrained or self.pretrained_config):
+            raise ValueError("model.pretrained and model.pretrained_config go with model.architecture; a checkpoint "
+                             "records its base weights and their configuration")
         return self
 
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from schemas.common import FileExtensions, StorageConfig, StrictModel
+from schemas.common import PRETRAINED_CONFIG_HELP, FileExtensions, StorageConfig, StrictModel
 
 PAIR_IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp"]
 
@@ -42,6 +42,7 @@ class BaseClipConfig(StrictModel):
 
     architecture: str = Field(..., description="open_clip architecture (ViT-B-16, clipn-tiny, hf-hub:org/repo, ...)")
     pretrained: str | None = Field(None, description="base CLIP weights: open_clip tag, file or s3:// URI (none: seeded random init)")
+    pretrained_config: str | None = Field(None, description=PRETRAINED_CONFIG_HELP)
     num_prompts: int = Field(16, ge=1, description="number K of learnable no prompts (stage clipn)")
     seed: int = Field(0, description="seed of random init when no weights are given")
 

@@ -104,8 +104,8 @@ def test_import_original_checkpoint_gives_identical_features(tiny, tmp_path):
     assert all(original_key_to_ours(o) == k for k, o in mapping.items())
     path = tmp_path / "epoch_10.pt"
     torch.save({"epoch": 10, "state_dict": state}, path)
-    imported, spec = cc.import_original_checkpoint(str(path), architecture="clipn-tiny")
-    assert spec.num_prompts == 16
+    imported, spec = cc.import_original_checkpoint(str(path), architecture="clipn-tiny", pretrained_config="plain")
+    assert spec.num_prompts == 16 and spec.base_weights["pretrained_config"] == "plain"
     _assert_same_features(_features(model, tok), _features(imported, tok))
     plain = {k[len("module."):]: v for k, v in state.items()}
     t = tok(TEXTS)
@@ -113,6 +113,24 @@ def test_import_original_checkpoint_gives_identical_features(tiny, tmp_path):
         reference = _original_forward_no(plain, t, num_heads=2)
         ours = imported.encode_text_no(t)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_import_original_states_the_base_configuration_it_assumes(tiny, tmp_path):
+    """The original code trains over ViT-B-16 / laion2b_s34b_b88k (GELU): the default, recorded in the sidecar;
+    another architecture must name its own."""
+    import inspect
+
+    from schemas.import_config import ImportJobConfig
+
+    default = inspect.signature(cc.import_original_checkpoint).parameters
+    assert (default["architecture"].default, default["pretrained_config"].default) == ("ViT-B-16", "laion2b_s34b_b88k")
+    assert ImportJobConfig(checkpoint="x.pt", output="y.safetensors").pretrained_config == "laion2b_s34b_b88k"
+    model, _, _ = _trained_like(tiny, seed=7)
+    state, _ = _original_layout(model)
+    torch.save({"state_dict": state}, tmp_path / "o.pt")
+    with pytest.raises(ModelConfigError, match="pretrained_config: open_clip has no pretrained tag 'laion2b_s34b_b88k' "
+                                               "for clipn-tiny"):
+        cc.import_original_checkpoint(str(tmp_path / "o.pt"), architecture="clipn-tiny")
 
 
 def test_import_original_rejects_wrong_keys_and_pickles(tiny, tmp_path):
@@ -124,7 +142,7 @@ def test_import_original_rejects_wrong_keys_and_pickles(tiny, tmp_path):
     bad["module.prompt_no"] = torch.zeros(16, 77, 64)  # original ViT-B context 77 vs tiny's 32
     torch.save({"state_dict": bad}, tmp_path / "bad.pt")
     with pytest.raises(CheckpointKeyError) as info:
-        cc.import_original_checkpoint(str(tmp_path / "bad.pt"), architecture="clipn-tiny")
+        cc.import_original_checkpoint(str(tmp_path / "bad.pt"), architecture="clipn-tiny", pretrained_config="plain")
     msg = str(info.value)
     assert "no_tower.ln_final.bias" in msg and "clip.extra_head.weight" in msg and "no_tower.prompts" in msg
     assert info.value.mismatched[0][1] == (16, 77, 64)
@@ -135,7 +153,7 @@ def test_import_original_rejects_wrong_keys_and_pickles(tiny, tmp_path):
 
     torch.save({"state_dict": state, "hook": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(WeightsError, match="weights_only"):
-        cc.import_original_checkpoint(str(tmp_path / "evil.pt"), architecture="clipn-tiny")
+        cc.import_original_checkpoint(str(tmp_path / "evil.pt"), architecture="clipn-tiny", pretrained_config="plain")
 
 
 def test_strict_loading_names_missing_unexpected_and_misshaped_keys(tiny):
@@ -258,7 +276,7 @@ def test_import_original_through_the_cli_then_score_like_the_library(tiny, tmp_p
     pt = tmp_path / "clipn_cc3m.pt"
     torch.save({"epoch": 10, "state_dict": state}, pt)
     out = tmp_path / "imported.safetensors"
-    assert cli_main(["import-original", "--checkpoint", str(pt), "--architecture", "clipn-tiny",
+    assert cli_main(["import-original", "--checkpoint", str(pt), "--architecture", "clipn-tiny", "--pretrained_config", "plain",
                      "--output", str(out)]) == 0
     printed = capsys.readouterr()
     assert "logit scale 100.00" in printed.out and "No pretrained weights" not in printed.err + printed.out
@@ -277,7 +295,7 @@ def test_import_original_through_the_cli_then_score_like_the_library(tiny, tmp_p
                      "--runtime.preprocess", "exact"]) == 0
     rows = {r["uri"].rsplit("/", 1)[-1]: r
             for r in pads.dataset(str(tmp_path / "out"), format="parquet", partitioning="hive").to_table().to_pylist()}
-    library, _ = cc.import_original_checkpoint(str(pt), architecture="clipn-tiny")
+    library, _ = cc.import_original_checkpoint(str(pt), architecture="clipn-tiny", pretrained_config="plain")
     heads = cc.build_class_heads(library, cc.get_tokenizer(library), classes, cc.load_templates())
     tf = cc.image_transform(library.preprocess_cfg)
     names = list(images)
@@ -294,7 +312,7 @@ def test_import_original_refuses_a_pt_that_is_not_a_clipn_checkpoint(tmp_path, c
     pt = tmp_path / "resnet.pt"
     torch.save({"state_dict": {"conv1.weight": torch.zeros(2, 3)}}, pt)
     out = tmp_path / "out" / "x.safetensors"
-    assert cli_main(["import-original", "--checkpoint", str(pt), "--architecture", "clipn-tiny",
+    assert cli_main(["import-original", "--checkpoint", str(pt), "--architecture", "clipn-tiny", "--pretrained_config", "plain",
                      "--output", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not an original CLIPN checkpoint" in err[0] and "resnet.pt" in err[0], err
