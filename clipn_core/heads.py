@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .errors import ClassListError, StorageError, TemplateError, redact_uri
 from .model import CLIPN
+from .named_sets import CLASS_SETS, TEMPLATE_SETS
 from .storage import read_bytes
 
 DEFAULT_TEMPLATES_NAME = "default"
@@ -68,15 +69,24 @@ def parse_templates(text: str, source: str) -> tuple[str, ...]:
 
 
 def load_templates(uri: str | None = None, storage_options: dict | None = None) -> tuple[str, ...]:
-    """Templates from a file URI, or the shipped set named ``default`` when ``uri`` is None.
+    """Templates from a file URI, or a set known by name (``default`` when ``uri`` is None).
 
-    A bare name (no ``/`` or ``.txt``) selects a shipped set under ``clipn_core/templates``.
+    A bare name (no ``/`` and no ``.txt``) selects a shipped file under ``clipn_core/templates``
+    (``default``: 12 short photo templates; ``world``: the demo world's) or a set from open_clip's
+    package (:data:`clipn_core.named_sets.TEMPLATE_SETS`: ``openai-imagenet``, the 80 OpenAI
+    ImageNet templates). A file is taken as it is, line by line (:func:`parse_templates`): the
+    original CLIPN code's template files, whose lines carry literal single quotes, give its heads.
+    Raises :class:`TemplateError` naming the set or file.
     """
     name = uri or DEFAULT_TEMPLATES_NAME
     if "/" not in name and not name.endswith(".txt"):
+        if name in TEMPLATE_SETS:
+            return parse_templates("\n".join(TEMPLATE_SETS[name].load()), f"open_clip template set {name}")
         shipped = resources.files("clipn_core") / "templates" / f"{name}.txt"
         if not shipped.is_file():
-            raise TemplateError(f"no shipped template set named {name!r}")
+            known = sorted({*TEMPLATE_SETS, *(f.name[:-4] for f in (resources.files("clipn_core") / "templates").iterdir()
+                                              if f.name.endswith(".txt"))})
+            raise TemplateError(f"no template set named {name!r}; named sets: {known} (or a file URI)")
         return parse_templates(shipped.read_text(encoding="utf-8"), f"templates/{name}.txt")
     try:
         text = read_bytes(name, storage_options).decode("utf-8")
@@ -105,14 +115,21 @@ def validate_class_names(names) -> tuple[str, ...]:
     return cleaned
 
 
-def load_class_names(names=None, file: str | None = None, storage_options: dict | None = None) -> tuple[str, ...]:
-    """Validated ID class names from an inline list (``names``) or a text file URI (``file``, one name per
-    line; blank lines and ``#`` comments ignored). Exactly one of the two is given.
+def load_class_names(names=None, file: str | None = None, storage_options: dict | None = None,
+                     class_set: str | None = None) -> tuple[str, ...]:
+    """Validated ID class names from an inline list (``names``), a text file URI (``file``, one name per
+    line; blank lines and ``#`` comments ignored) or a named set (``class_set``,
+    :data:`clipn_core.named_sets.CLASS_SETS`, e.g. ``imagenet``). Exactly one of the three is given.
 
-    Raises :class:`ClassListError` naming ``classes.file`` when the file cannot be read or decoded.
+    Raises :class:`ClassListError` naming ``classes.file`` when the file cannot be read or decoded,
+    or ``classes.set`` when the set is unknown.
     """
-    if (names is None) == (file is None):
-        raise ClassListError("give exactly one of classes.names or classes.file")
+    if sum(x is not None for x in (names, file, class_set)) != 1:
+        raise ClassListError("give exactly one of classes.names, classes.file or classes.set")
+    if class_set is not None:
+        if class_set not in CLASS_SETS:
+            raise ClassListError(f"classes.set: no class set named {class_set!r}; named sets: {sorted(CLASS_SETS)}")
+        return validate_class_names(CLASS_SETS[class_set].load())
     if names is not None:
         return validate_class_names(names)
     try:
@@ -150,8 +167,9 @@ def build_class_heads(
             texts = [t.format(n) for n in chunk for t in templates]
             tokens = tokenizer(texts).to(device)
             shape = (len(chunk), len(templates), -1)
-            yes = model.encode_text(tokens, normalize=True).float().reshape(shape).mean(dim=1)
-            no = model.encode_text_no(tokens, normalize=True).float().reshape(shape).mean(dim=1)
+            # the tokens up to the longest text's end: the same features at a fraction of the 77-token cost
+            yes = model.encode_short_texts(tokens, "yes").float().reshape(shape).mean(dim=1)
+            no = model.encode_short_texts(tokens, "no").float().reshape(shape).mean(dim=1)
             yes_parts.append(F.normalize(yes, dim=-1).cpu())
             no_parts.append(F.normalize(no, dim=-1).cpu())
     finally:

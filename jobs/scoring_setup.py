@@ -97,7 +97,7 @@ def negative_labels(model: cc.CLIPN, model_id: str, heads: cc.ClassHeads, cfg: N
 def prepare(model_cfg: ModelConfig, classes_cfg: ClassesConfig, templates: str | None, options: ScoringOptions,
             storage: Storage, negatives: NegativesConfig | None = None) -> tuple[ScoringSetup, cc.CLIPN]:
     """Resolve and validate the setup; returns it and the loaded model (for jobs that score in this process)."""
-    classes = cc.load_class_names(classes_cfg.names, classes_cfg.file, storage.options)
+    classes = cc.load_class_names(classes_cfg.names, classes_cfg.file, storage.options, classes_cfg.set)
     template_set = cc.load_templates(templates, storage.options)
     model, model_id = load_model(model_cfg, storage, options.cache_dir)
     heads = cc.build_class_heads(model, cc.get_tokenizer(model), classes, template_set)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, model_validator
+from pydantic import Field, PositiveFloat, field_validator, model_validator
 
+from clipn_core.named_sets import CLASS_SETS
 from clipn_core.scores import SCORES
 from schemas.common import PRETRAINED_CONFIG_HELP, FileExtensions, StorageConfig, StrictModel
 
@@ -89,11 +90,20 @@ class ModelConfig(StrictModel):
 class ClassesConfig(StrictModel):
     names: list[str] | None = Field(None, description="inline ID class names")
     file: str | None = Field(None, description="URI of a text file with one ID class name per line")
+    set: str | None = Field(
+        None, description="a named class set: " + "; ".join(f"{k}: {v.description}" for k, v in CLASS_SETS.items()))
+
+    @field_validator("set")
+    @classmethod
+    def _known_set(cls, v: str | None) -> str | None:
+        if v is not None and v not in CLASS_SETS:
+            raise ValueError(f"unknown class set {v!r}; named sets: {sorted(CLASS_SETS)}")
+        return v
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.names is None) == (self.file is None):
-            raise ValueError("give exactly one of classes.names or classes.file")
+        if sum(x is not None for x in (self.names, self.file, self.set)) != 1:
+            raise ValueError("give exactly one of classes.names, classes.file or classes.set")
         return self
 
 
