@@ -1,14 +1,18 @@
 """Batched JPEG decoding and resizing on the scoring device (nvJPEG on CUDA), with a CPU fallback.
 
 :class:`DeviceDecoder` turns a batch of encoded images into the model's uint8 input
-[N, 3, H, W] on the scoring device. Plain JPEGs (JFIF/EXIF, RGB or greyscale, within
-``max_pixels``, not cut short) are decoded in one ``torchvision.io.decode_jpeg`` call
-on the device; EXIF orientation is applied there with flips and transposes; the shortest
-side is resized with the model's filter (antialiased) and centre-cropped as open_clip
-does. Everything else (other formats, CMYK JPEGs, truncated files, a decoder failure)
+[N, 3, H, W] on the scoring device. With ``fast`` preprocessing and open_clip's usual
+geometry (``resize_mode: shortest``, a square size), plain JPEGs (JFIF/EXIF, RGB or
+greyscale, within ``max_pixels``, not cut short) are decoded in one
+``torchvision.io.decode_jpeg`` call on the device; EXIF orientation is applied there with
+flips and transposes, as the CPU decoder applies it; the shortest side is resized with the
+model's filter (antialiased) and centre-cropped as open_clip does, within 2 grey levels of
+``exact``. Everything else (other formats, CMYK JPEGs, truncated files, a decoder failure)
 goes through :class:`~clipn_core.images.SplitPreprocessor.decode` on the CPU, so every
-input gets the same typed status as in CPU decoding. On a CPU device the same code path
-runs with libjpeg, which is how the tests exercise it.
+input gets the same typed status as in CPU decoding. With ``exact`` preprocessing (or a
+geometry the device resize does not implement, such as ``squash``) every image takes that
+CPU path: exact pixels need open_clip's own Pillow resampling. On a CPU device the same
+code runs with libjpeg, which is how the tests exercise it.
 """
 
 from __future__ import annotations
@@ -76,12 +80,15 @@ def orient(x: torch.Tensor, orientation: int) -> torch.Tensor:
 class DeviceDecoder:
     """Decode + resize + centre-crop batches of encoded images on ``device`` (module docstring).
 
-    ``pre`` supplies the target size, the resize filter and the CPU fallback (its
-    ``mode``, fast or exact, applies to fallback images).
+    ``pre`` supplies the target size, the resize filter and the CPU path (its ``mode``, fast
+    or exact, applies to the images decoded there). ``decodes_on_device``: whether any image
+    can be decoded on the device (fast mode, shortest-side square geometry, a bicubic or
+    bilinear filter); when False every image takes the CPU path.
     """
 
     def __init__(self, pre: SplitPreprocessor, device: str | torch.device, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.pre = pre
+        self.decodes_on_device = pre.fast and pre.interpolation in ("bicubic", "bilinear")
         self.device = torch.device(device)
         self.max_pixels = max_pixels
         self.side = pre.size[0]
@@ -134,7 +141,8 @@ class DeviceDecoder:
 
     def __call__(self, datas: list[bytes]) -> DeviceBatch:
         """Decode every item of ``datas``; failures come back as typed errors, never raised."""
-        headers = [_plain_jpeg(d, self.max_pixels) for d in datas]
+        # the device resize implements fast mode's geometry only; exact pixels come from the CPU path
+        headers = [_plain_jpeg(d, self.max_pixels) if self.decodes_on_device else None for d in datas]
         device_rows = [i for i, h in enumerate(headers) if h is not None]
         decoded: dict[int, torch.Tensor] = {}
         if device_rows:

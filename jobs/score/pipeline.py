@@ -16,7 +16,9 @@ import uuid
 
 import ray
 
+from clipn_core.device_decode import DeviceDecoder
 from clipn_core.errors import InputError, redact_uri
+from clipn_core.images import split_preprocessor
 from clipn_core.lake_bank import bank_bytes
 from clipn_core.storage import Storage, is_remote
 from jobs.calibration import check_fits, check_threshold, load_calibration
@@ -64,6 +66,12 @@ def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: ScoringSetup, s
     """URIs -> output rows: read + decode tasks (or fetch only, when the scorer decodes), then the actor pool."""
     rt = cfg.runtime
     settings = DecodeSettings(setup.preprocess_cfg, rt.preprocess, rt.decode, rt.max_pixels)
+    if rt.decode == "device" and not DeviceDecoder(split_preprocessor(setup.preprocess_cfg, mode=rt.preprocess),
+                                                   "cpu").decodes_on_device:
+        log.warning("runtime.decode: device decodes JPEGs on the device only with runtime.preprocess: fast and a "
+                    "shortest-side square bicubic/bilinear geometry (this run: preprocess %s, %s): every image is "
+                    "decoded on the scorer actors' CPU", rt.preprocess,
+                    {k: setup.preprocess_cfg.get(k) for k in ("size", "resize_mode", "interpolation")})
     if cfg.input.kind == "tar":
         ds = ds.map_batches(read_tar_batch, batch_size=1, num_cpus=rt.decode_cpus,
                             fn_kwargs={"storage": storage, "settings": settings, "extensions": cfg.input.extensions})
