@@ -44,6 +44,8 @@ def base_identity(cfg: TrainJobConfig) -> dict:
                 "seed": m.seed if m.pretrained is None else None}
     if cfg.stage == "clipn":
         identity["num_prompts"] = m.num_prompts
+    if m.pretrained_config is not None:  # only when named, so runs from before the field resume as they were
+        identity["pretrained_config"] = m.pretrained_config
     return identity
 
 
