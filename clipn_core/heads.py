@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .errors import ClassListError, StorageError, TemplateError, redact_uri
 from .model import CLIPN
-from .named_sets import CLASS_SETS, TEMPLATE_SETS
+from .named_sets import CLASS_SETS, TEMPLATE_SETS, template_set_names
 from .storage import read_bytes
 
 DEFAULT_TEMPLATES_NAME = "default"
@@ -84,9 +84,8 @@ def load_templates(uri: str | None = None, storage_options: dict | None = None) 
             return parse_templates("\n".join(TEMPLATE_SETS[name].load()), f"open_clip template set {name}")
         shipped = resources.files("clipn_core") / "templates" / f"{name}.txt"
         if not shipped.is_file():
-            known = sorted({*TEMPLATE_SETS, *(f.name[:-4] for f in (resources.files("clipn_core") / "templates").iterdir()
-                                              if f.name.endswith(".txt"))})
-            raise TemplateError(f"no template set named {name!r}; named sets: {known} (or a file URI)")
+            raise TemplateError(f"templates: no template set named {name!r}; named sets: {template_set_names()} "
+                                "(or a file URI)")
         return parse_templates(shipped.read_text(encoding="utf-8"), f"templates/{name}.txt")
     try:
         text = read_bytes(name, storage_options).decode("utf-8")
@@ -139,6 +138,12 @@ def load_class_names(names=None, file: str | None = None, storage_options: dict 
     return validate_class_names([ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")])
 
 
+def class_set_prompts(class_set: str | None) -> tuple[str, ...] | None:
+    """The names the prompts of a named class set say (None for no set): its classes' names before
+    :func:`~clipn_core.named_sets.disambiguate` suffixed the repeated ones."""
+    return None if class_set is None else CLASS_SETS[class_set].prompts()
+
+
 @torch.no_grad()
 def build_class_heads(
     model: CLIPN,
@@ -147,15 +152,21 @@ def build_class_heads(
     templates,
     batch_size: int = 256,
     device: str | torch.device | None = None,
+    prompt_names=None,
 ) -> ClassHeads:
     """W_yes, W_no [C, D] for ``class_names`` with ``templates`` (see module docstring).
 
-    ``batch_size`` is the number of texts encoded per forward pass.
+    ``batch_size`` is the number of texts encoded per forward pass. ``prompt_names``: the name each
+    class's prompts say, when it differs from its (unique) class name, as for a named class set's
+    repeated names (:func:`class_set_prompts`); default the class names.
     """
     names = validate_class_names(class_names)
     templates = tuple(templates)
     if not templates:
         raise TemplateError("no templates given")
+    said = names if prompt_names is None else tuple(prompt_names)
+    if len(said) != len(names):
+        raise ClassListError(f"{len(said)} prompt names for {len(names)} classes")
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -163,7 +174,7 @@ def build_class_heads(
     yes_parts, no_parts = [], []
     try:
         for start in range(0, len(names), per_chunk):
-            chunk = names[start : start + per_chunk]
+            chunk = said[start : start + per_chunk]
             texts = [t.format(n) for n in chunk for t in templates]
             tokens = tokenizer(texts).to(device)
             shape = (len(chunk), len(templates), -1)

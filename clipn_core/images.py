@@ -18,10 +18,11 @@ from it on purpose, and only there:
 * **EXIF orientation** (JPEG, and any format carrying the tag): applied as Pillow's
   ``ImageOps.exif_transpose`` does. Phones store photos sideways with a tag saying how to
   show them; without it the model sees the photo rotated by 90 or 180 degrees.
-* **16- and 32-bit integer images** (I;16 PNG, I TIFF): divided by 257 (so 65535 -> 255) and
-  rounded when any value exceeds 255; ``convert`` clips them, so a 16-bit photo turns white.
-  **32-bit float images** (F): scaled from their own range to 0-255 and rounded (``convert`` clips
-  too).
+* **16-bit images** (I;16 PNG): divided by 257 (so 65535 -> 255) and rounded; **32-bit integer
+  images** (I TIFF) likewise when any value exceeds 255, else taken as 8-bit values. ``convert``
+  clips them, so a 16-bit photo turns white. **32-bit float images** (F): values in [0, 1] times
+  255, rounded; a wider range is scaled from [min(0, low), max(1, high)] onto 0-255 (``convert``
+  clips too).
 * **palette, 1-bit and CMYK images** are converted to RGB *before* the model's resize.
   open_clip's transform resizes the image in the file's own mode and converts after: Pillow
   resizes palette and 1-bit images with nearest neighbour whatever filter is asked for
@@ -120,7 +121,7 @@ def image_transform(preprocess_cfg: dict, is_train: bool = False):
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow image -> 8-bit RGB: ``convert("RGB")`` except the departures the module docstring lists
-    (alpha composited over white, 16/32-bit integer scaled, float scaled from its range)."""
+    (alpha composited over white, 16/32-bit integers divided by 257, floats scaled from [0, 1] or their range)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
         scale = 257.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 1.0

@@ -4,7 +4,9 @@
   (``open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES``) in index order, so ``predicted_index``
   is the ImageNet class index. That list names two pairs of classes alike ("missile" at 657 and
   744, "sunglasses" at 836 and 837); :func:`disambiguate` gives the k-th occurrence of a name the
-  suffix `` (k)`` (k >= 2), so every name is unique and the order stays ImageNet's.
+  suffix `` (k)`` (k >= 2), so every class name (``predicted_class``) is unique and the order stays
+  ImageNet's. The prompts still say the name open_clip's list gives (``prompts``), so the heads
+  are open_clip's zero-shot classifier's, the repeated classes' alike.
 * template sets ``openai-imagenet`` (the 80 templates of OpenAI's ImageNet zero-shot evaluation,
   ``OPENAI_IMAGENET_TEMPLATES``) and ``openai-imagenet-simple`` (its 7-template subset,
   ``SIMPLE_IMAGENET_TEMPLATES``), each as ``{}`` templates.
@@ -29,6 +31,13 @@ class NamedSet:
     load: Callable[[], tuple[str, ...]]
 
 
+@dataclass(frozen=True)
+class NamedClassSet(NamedSet):
+    """A class set: ``load`` gives the unique class names, ``prompts`` the name each class's prompts say."""
+
+    prompts: Callable[[], tuple[str, ...]] = lambda: ()
+
+
 def disambiguate(names: Iterable[str]) -> tuple[str, ...]:
     """``names`` with the k-th occurrence (k >= 2) of a repeated name suffixed `` (k)``.
 
@@ -44,10 +53,14 @@ def disambiguate(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _imagenet_classes() -> tuple[str, ...]:
+def _imagenet_prompts() -> tuple[str, ...]:
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
-    return disambiguate(IMAGENET_CLASSNAMES)
+    return tuple(IMAGENET_CLASSNAMES)
+
+
+def _imagenet_classes() -> tuple[str, ...]:
+    return disambiguate(_imagenet_prompts())
 
 
 def _templates(attr: str) -> Callable[[], tuple[str, ...]]:
@@ -60,10 +73,23 @@ def _templates(attr: str) -> Callable[[], tuple[str, ...]]:
     return load
 
 
-CLASS_SETS: dict[str, NamedSet] = {
-    "imagenet": NamedSet("open_clip's 1,000 ImageNet-1K class names in index order (a repeated name's k-th "
-                         "occurrence gets the suffix ' (k)')", _imagenet_classes),
+CLASS_SETS: dict[str, NamedClassSet] = {
+    "imagenet": NamedClassSet("open_clip's 1,000 ImageNet-1K class names in index order (a repeated name's k-th "
+                              "occurrence gets the suffix ' (k)'; its prompts say the name itself)",
+                              _imagenet_classes, _imagenet_prompts),
 }
+
+
+def shipped_template_names() -> list[str]:
+    """The template files shipped in ``clipn_core/templates`` (``default``, ``world``), by name."""
+    from importlib import resources
+
+    return sorted(f.name[:-4] for f in (resources.files("clipn_core") / "templates").iterdir() if f.name.endswith(".txt"))
+
+
+def template_set_names() -> list[str]:
+    """Every template set known by name: the shipped files and open_clip's sets."""
+    return sorted({*shipped_template_names(), *TEMPLATE_SETS})
 
 TEMPLATE_SETS: dict[str, NamedSet] = {
     "openai-imagenet": NamedSet("the 80 templates of OpenAI's ImageNet zero-shot evaluation (open_clip's "

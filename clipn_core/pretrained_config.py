@@ -115,7 +115,8 @@ def _clean(tag: str) -> str:
 
 def _warn_unnamed(architecture: str) -> None:
     tags = quick_gelu_tags(architecture)
-    if not tags or (architecture, "file") in _warned:
+    own = (open_clip.get_model_config(architecture) or {}).get("quick_gelu", False)
+    if not tags or own or (architecture, "file") in _warned:  # a -quickgelu architecture builds QuickGELU anyway
         return
     _warned.add((architecture, "file"))
     log.warning(
@@ -123,6 +124,31 @@ def _warn_unnamed(architecture: str) -> None:
         "weights of its tags %s were trained with QuickGELU. Set pretrained_config to the tag the file holds "
         "(e.g. pretrained_config: %s), or to %r for weights trained with this config", architecture,
         ", ".join(tags), tags[0], PLAIN)
+
+
+def warn_unrecorded(architecture: str, uri: str) -> None:
+    """Once per process and architecture: a checkpoint over a base weights file that records no configuration, on an
+    architecture with QuickGELU-trained tags, may run GELU on QuickGELU-trained weights."""
+    tags = quick_gelu_tags(architecture)
+    if not tags or (architecture, "checkpoint") in _warned:
+        return
+    _warned.add((architecture, "checkpoint"))
+    log.warning(
+        "checkpoint %s runs %s with GELU over a base weights file whose pretrained configuration it does not record; "
+        "if the file held weights of a QuickGELU-trained tag (%s), re-save it with `clipn upgrade-checkpoint "
+        "--checkpoint %s --output <new>.safetensors --pretrained_config <tag>`", uri, architecture, ", ".join(tags),
+        uri)
+
+
+def tag_adds_quick_gelu(architecture: str, pretrained: str | None, pretrained_config: str | None) -> bool:
+    """Whether the tag named by ``pretrained_config`` or ``pretrained`` makes a base CLIP of ``architecture`` QuickGELU
+    where the architecture's own config is GELU (computed from names alone: no file is read, nothing is logged)."""
+    if (open_clip.get_model_config(architecture) or {}).get("quick_gelu", False):
+        return False
+    for tag in (pretrained_config, pretrained):
+        if tag and tag != PLAIN and open_clip.get_pretrained_cfg(architecture, tag):
+            return bool(open_clip.get_pretrained_cfg(architecture, tag).get("quick_gelu", False))
+    return False
 
 
 def recorded(base_weights: dict, architecture: str) -> PretrainedConfig | None:

@@ -161,6 +161,7 @@ def create_base_clip(
     if architecture.startswith(_SCHEMA_PREFIXES):  # refused before anything is fetched from the hub
         pcfg.resolve(architecture, pretrained, pretrained_config, pretrained_is_tag=False)
     model_cfg = _resolve_model_cfg(architecture, cache_dir)
+    check_tokenizer(architecture, model_cfg)
     config = pcfg.resolve(architecture, pretrained, pretrained_config, pretrained_is_tag=bool(pretrained) and not is_file)
     identity: dict[str, Any] = {"architecture": architecture, "pretrained": None, "sha256": None}
     open_clip_pretrained = None
@@ -218,6 +219,16 @@ def build_clipn(
     return model.eval(), spec
 
 
+def check_tokenizer(architecture: str, model_cfg: dict) -> None:
+    """Refuse text towers whose tokenizer is not open_clip's CLIP BPE (CLIPA's BERT, MetaCLIP 2's XLM-V, SigLIP's):
+    class names are tokenized with :func:`~clipn_core.model.get_tokenizer`, and another vocabulary's ids would index
+    past the embedding or pool at the wrong position. Raises :class:`ModelConfigError`."""
+    name = model_cfg.get("text_cfg", {}).get("hf_tokenizer_name")
+    if name:
+        raise ModelConfigError(f"{architecture}: its text tower uses the {name} tokenizer; CLIPN here tokenizes with "
+                               "open_clip's CLIP BPE, so only text towers trained with it are supported")
+
+
 def model_from_spec(spec: ModelSpec, device: str | torch.device = "cpu") -> CLIPN:
     """The CLIPN a sidecar describes, with fresh weights (load a state dict into it): built from its
     recorded open_clip model config and preprocessing, never from today's architecture registry.
@@ -225,6 +236,7 @@ def model_from_spec(spec: ModelSpec, device: str | torch.device = "cpu") -> CLIP
     cfg = copy.deepcopy(spec.model_cfg)
     if cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {}):
         raise ModelConfigError(f"{spec.architecture}: CLIPN needs the standard CLIP text tower")
+    check_tokenizer(spec.architecture, cfg)
     try:
         with torch.device(device):
             clip = open_clip.CLIP(**cfg)
@@ -314,9 +326,14 @@ def check_base_config(spec: ModelSpec, uri: str) -> None:
 
     Checkpoints written before base CLIPs were built from their pretrained configuration ran
     OpenAI-style weights with the wrong activation: every feature is shifted and nothing fails.
-    Raises :class:`WeightsError` (one line naming the checkpoint and the re-save command).
+    Raises :class:`WeightsError` (one line naming the checkpoint and the re-save command) where the
+    sidecar names a QuickGELU tag; where its base weights were a file, which names none, logs one
+    warning per process when the architecture has QuickGELU-trained tags.
     """
     config = pcfg.recorded(spec.base_weights, spec.architecture)
+    if config is None and "pretrained_config" not in spec.base_weights and spec.base_weights.get("sha256") \
+            and not spec.model_cfg.get("quick_gelu", False):
+        pcfg.warn_unrecorded(spec.base_weights.get("architecture") or spec.architecture, redact_uri(uri))
     if config is not None and config.quick_gelu and not spec.model_cfg.get("quick_gelu", False):
         arch = spec.base_weights.get("architecture") or spec.architecture
         raise WeightsError(
@@ -386,12 +403,21 @@ def upgrade_checkpoint(uri: str, output: str, pretrained_config: str | None = No
     meta = read_sidecar(uri, storage_options)
     spec = ModelSpec.from_sidecar(meta)
     arch = spec.base_weights.get("architecture") or spec.architecture
-    config = (pcfg.tag_config(arch, pretrained_config) if pretrained_config not in (None, pcfg.PLAIN)
+    tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
+    if pretrained_config == pcfg.PLAIN:
+        raise WeightsError(f"pretrained_config: {pcfg.PLAIN!r} names no tag to upgrade {redact_uri(uri)} to; name "
+                           f"the tag its base weights were trained as (tags of {arch}: {tags})")
+    config = (pcfg.tag_config(arch, pretrained_config) if pretrained_config is not None
               else pcfg.recorded(spec.base_weights, spec.architecture))
     if config is None:
-        raise WeightsError(f"{redact_uri(uri)}: its base weights record no pretrained configuration; name the tag "
-                           f"they were trained as with pretrained_config (tags of {arch}: "
-                           f"{', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'})")
+        recorded = spec.base_weights.get("pretrained_config")
+        raise WeightsError(f"{redact_uri(uri)}: its base weights record "
+                           f"{'the configuration ' + repr(recorded) if recorded else 'no pretrained configuration'}; "
+                           f"name the tag they were trained as with pretrained_config (tags of {arch}: {tags})")
+    if (spec.model_cfg.get("quick_gelu", False) == config.quick_gelu
+            and all(spec.preprocess_cfg.get(k) == _jsonable(v) for k, v in config.preprocess.items())
+            and spec.base_weights.get("pretrained_config") == config.name):
+        raise WeightsError(f"{redact_uri(uri)} is already built as {arch}/{config.name}: nothing to upgrade")
     state, _, _ = _read_weights(uri, meta, storage_options, cache_dir)
     if config.quick_gelu:
         spec.model_cfg = {**spec.model_cfg, "quick_gelu": True}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import clipn_core as cc
 from clipn_core.errors import redact_uri
+from clipn_core.heads import class_set_prompts
 from clipn_core.lake_bank import LakeBank, bank_from_bytes
 from clipn_core.negatives import (
     NegativeLabels,
@@ -69,10 +70,9 @@ def load_model(model_cfg: ModelConfig, storage: Storage, cache_dir: str | None) 
     model, spec = cc.build_clipn(model_cfg.architecture, model_cfg.pretrained, storage_options=storage.options,
                                  cache_dir=cache_dir, seed=model_cfg.seed, pretrained_config=model_cfg.pretrained_config)
     ident = spec.base_weights
-    model_id = f"untrained:{ident['architecture']}:{ident.get('sha256') or ident.get('pretrained') or 'seed' + str(model_cfg.seed)}"
-    if ident.get("pretrained_config") not in (None, "plain", ident.get("pretrained")):
-        model_id += f":{ident['pretrained_config']}"  # the same weights built another way are another model
-    return model, model_id
+    weights = ident.get("sha256") or ident.get("pretrained") or "seed" + str(model_cfg.seed)
+    # the structure (activation, preprocessing) is part of the id: the same weights built another way are another model
+    return model, f"untrained:{ident['architecture']}:{weights}:{spec.structure_digest()[:12]}"
 
 
 def negative_labels(model: cc.CLIPN, model_id: str, heads: cc.ClassHeads, cfg: NegativesConfig, storage: Storage,
@@ -100,7 +100,8 @@ def prepare(model_cfg: ModelConfig, classes_cfg: ClassesConfig, templates: str |
     classes = cc.load_class_names(classes_cfg.names, classes_cfg.file, storage.options, classes_cfg.set)
     template_set = cc.load_templates(templates, storage.options)
     model, model_id = load_model(model_cfg, storage, options.cache_dir)
-    heads = cc.build_class_heads(model, cc.get_tokenizer(model), classes, template_set)
+    heads = cc.build_class_heads(model, cc.get_tokenizer(model), classes, template_set,
+                                 prompt_names=class_set_prompts(classes_cfg.set))
     mined = (negative_labels(model, model_id, heads, negatives, storage, options.cache_dir)
              if negatives is not None and negatives.enabled else None)
     bank = load_bank(negatives.bank, storage) if negatives is not None and negatives.bank else None

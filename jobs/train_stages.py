@@ -24,6 +24,7 @@ import clipn_core as cc
 from clipn_core.errors import redact_uri
 from clipn_core.images import SplitPreprocessor
 from clipn_core.model import check_standard_text_tower
+from clipn_core.pretrained_config import tag_adds_quick_gelu
 from clipn_core.training import (
     StepMetrics,
     build_optimizer,
@@ -46,6 +47,9 @@ def base_identity(cfg: TrainJobConfig) -> dict:
         identity["num_prompts"] = m.num_prompts
     if m.pretrained_config is not None:  # only when named, so runs from before the field resume as they were
         identity["pretrained_config"] = m.pretrained_config
+    if tag_adds_quick_gelu(m.architecture, m.pretrained, m.pretrained_config):
+        # a run started before base CLIPs followed their tag trained on GELU: it must not resume on QuickGELU
+        identity["quick_gelu"] = True
     return identity
 
 

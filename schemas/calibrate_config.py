@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from clipn_core.scores import SCORES
-from schemas.common import FileExtensions, StorageConfig, StrictModel
+from schemas.common import TEMPLATES_HELP, FileExtensions, StorageConfig, StrictModel
 from schemas.eval_config import EvalRuntimeConfig
 from schemas.score_config import IMAGE_EXTENSIONS, ClassesConfig, ModelConfig, NegativesConfig
 
@@ -40,7 +40,7 @@ class CalibrateJobConfig(StrictModel):
     data: CalibrationSampleConfig
     model: ModelConfig
     classes: ClassesConfig
-    templates: str | None = Field(None, description="template set name (default, world) or template file URI")
+    templates: str | None = Field(None, description=TEMPLATES_HELP)
     negatives: NegativesConfig = Field(default_factory=NegativesConfig)
     targets: list[float] = Field(default_factory=lambda: [0.95, 0.99, 0.999],
                                  description="shares of ID images to keep, each in (0, 1)")

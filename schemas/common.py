@@ -6,6 +6,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from clipn_core.named_sets import template_set_names
 from clipn_core.storage import Storage
 
 
@@ -20,6 +21,9 @@ PRETRAINED_CONFIG_HELP = (
     "follows, e.g. openai for OpenAI's weights saved to a file; plain: the architecture's own config (weights "
     "trained by clipn train --stage clip). Unset: a tag in pretrained names its own, a file gets plain with a "
     "warning where the architecture has QuickGELU-trained tags")
+
+TEMPLATES_HELP = (f"a template set by name ({', '.join(template_set_names())}; default: default) or a template file "
+                  "URI, one template per line with one {}, taken as it is")
 
 
 # File extensions as ".jpg"-style lower-case strings; "JPG" and ".Jpg" are accepted.

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.common import StorageConfig, StrictModel
+from schemas.common import TEMPLATES_HELP, StorageConfig, StrictModel
 from schemas.score_config import ClassesConfig, ModelConfig, NegativesConfig, ScoringOptions
 
 
@@ -40,7 +40,7 @@ class EvalJobConfig(StrictModel):
     data: EvalDataConfig
     model: ModelConfig
     classes: ClassesConfig
-    templates: str | None = Field(None, description="template set name (default, world) or template file URI")
+    templates: str | None = Field(None, description=TEMPLATES_HELP)
     negatives: NegativesConfig = Field(default_factory=NegativesConfig)
     output: EvalOutputConfig
     calibration: str | None = Field(None, description="calibration.json (clipn calibrate) whose thresholds to apply: "

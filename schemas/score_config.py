@@ -13,7 +13,13 @@ from pydantic import Field, PositiveFloat, field_validator, model_validator
 
 from clipn_core.named_sets import CLASS_SETS
 from clipn_core.scores import SCORES
-from schemas.common import PRETRAINED_CONFIG_HELP, FileExtensions, StorageConfig, StrictModel
+from schemas.common import (
+    PRETRAINED_CONFIG_HELP,
+    TEMPLATES_HELP,
+    FileExtensions,
+    StorageConfig,
+    StrictModel,
+)
 
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"]
 
@@ -191,7 +197,7 @@ class ScoreJobConfig(StrictModel):
     output: OutputConfig
     model: ModelConfig
     classes: ClassesConfig
-    templates: str | None = Field(None, description="template set name (default) or template file URI")
+    templates: str | None = Field(None, description=TEMPLATES_HELP)
     negatives: NegativesConfig = Field(default_factory=NegativesConfig)
     decision: DecisionConfig = Field(default_factory=DecisionConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)

@@ -104,6 +104,12 @@ def corpus() -> dict[str, tuple[bytes, str | None]]:
         "png-16bit": (_save(Image.fromarray(grey16), "PNG"), "integer"),
         "tiff-32bit-int": (_save(Image.fromarray(grey32, "I"), "TIFF"), "integer"),
         "tiff-float": (_save(Image.fromarray(floats, "F"), "TIFF"), "float"),
+        "tiff-float-unit": (_save(Image.fromarray(np.linspace(0.2, 0.5, 80 * 60, dtype=np.float32).reshape(60, 80),
+                                                  "F"), "TIFF"), "float"),
+        "png-16bit-dark": (_save(Image.fromarray((np.arange(80 * 60) % 199).astype(np.uint16).reshape(60, 80)),
+                                 "PNG"), "integer"),
+        "tiff-32bit-int-8bit-range": (_save(Image.fromarray(np.asarray(_photo(80, 60, 23).convert("L"),
+                                                                      dtype=np.int32), "I"), "TIFF"), "integer"),
     }
 
 
@@ -122,10 +128,12 @@ def documented_rgb(data: bytes, departure: str | None) -> Image.Image:
         a = rgba[..., 3:] / 255.0
         return Image.fromarray(np.rint(rgba[..., :3] * a + 255.0 * (1.0 - a)).astype(np.uint8))
     arr = np.asarray(img, dtype=np.float64)
-    if departure == "integer":
-        grey = np.clip(np.rint(arr / 257.0), 0, 255)
-    else:  # float: its own range onto 0-255
-        grey = np.rint((arr - arr.min()) / (arr.max() - arr.min()) * 255.0)
+    if departure == "integer":  # 16-bit: / 257; 32-bit: / 257 only when a value exceeds 255
+        scale = 257.0 if img.mode.startswith("I;16") or arr.max() > 255 else 1.0
+        grey = np.clip(np.rint(arr / scale), 0, 255)
+    else:  # float: [0, 1] times 255, a wider range from [min(0, low), max(1, high)]
+        low, high = min(arr.min(), 0.0), max(arr.max(), 1.0)
+        grey = np.rint((arr - low) / (high - low) * 255.0)
     return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
 
 
@@ -182,7 +190,8 @@ def test_exact_is_open_clips_transform_of_our_decoded_image_on_every_decode_path
             torch.testing.assert_close(tensor, plain, atol=1e-6, rtol=0, msg=name)
             if pixels is not None:
                 np.testing.assert_array_equal(pixels, _uint8(geometry(Image.open(io.BytesIO(data)))), err_msg=name)
-        else:  # the departure is real: open_clip's own path gives another picture
+        elif departure == "rgb-first" or not np.array_equal(np.asarray(rgb), np.asarray(
+                Image.open(io.BytesIO(data)).convert("RGB"))):  # the departure is real: open_clip shows another picture
             assert (tensor - plain).abs().max() > 1e-3, (name, departure)
 
 

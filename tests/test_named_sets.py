@@ -60,6 +60,24 @@ def test_imagenet_heads_equal_open_clips_zero_shot_classifier(tiny):
     torch.testing.assert_close(heads.yes, reference.T, atol=2e-6, rtol=0)
 
 
+def test_the_whole_imagenet_set_through_the_jobs_setup_gives_open_clips_heads():
+    """All 1,000 classes through the setup every job uses: the suffixed repeats' prompts say the name itself, so
+    their heads are open_clip's and equal their twins'."""
+    from clipn_core.storage import Storage
+    from jobs.scoring_setup import prepare
+    from schemas.score_config import ModelConfig, ScoringOptions
+
+    setup, model = prepare(ModelConfig(architecture="clipn-tiny"), ClassesConfig(set="imagenet"),
+                           "openai-imagenet-simple", ScoringOptions(), Storage({}))
+    assert setup.classes[744] == "missile (2)" and setup.heads.class_names[837] == "sunglasses (2)"
+    reference = open_clip.build_zero_shot_classifier(model.clip, cc.get_tokenizer(model), IMAGENET_CLASSNAMES,
+                                                     SIMPLE_IMAGENET_TEMPLATES, num_classes_per_batch=100,
+                                                     device="cpu", use_tqdm=False)
+    torch.testing.assert_close(setup.heads.yes, reference.T, atol=2e-6, rtol=0)
+    torch.testing.assert_close(setup.heads.yes[744], setup.heads.yes[657])
+    torch.testing.assert_close(setup.heads.no[837], setup.heads.no[836])
+
+
 def _original_template_file(path) -> list[str]:
     """128 templates in the original CLIPN code's file shape: each line in literal single quotes, CRLF line
     ends, no newline after the last line."""

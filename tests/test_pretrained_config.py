@@ -18,7 +18,7 @@ import torch
 import clipn_core as cc
 from clipn_core.errors import ModelConfigError, WeightsError
 from clipn_core.pretrained_config import PREPROCESS_KEYS, quick_gelu_tags
-from clipn_core.weights import ModelSpec, model_from_spec
+from clipn_core.weights import ModelSpec, model_from_spec, upgrade_checkpoint
 
 
 def _standard_text_tower(arch: str) -> bool:
@@ -27,7 +27,12 @@ def _standard_text_tower(arch: str) -> bool:
         and "multimodal_cfg" not in cfg
 
 
-PAIRS = [(a, t) for a, t in open_clip.list_pretrained() if _standard_text_tower(a)]
+def _clip_tokenizer(arch: str) -> bool:
+    return "hf_tokenizer_name" not in open_clip.get_model_config(arch).get("text_cfg", {})
+
+
+PAIRS = [(a, t) for a, t in open_clip.list_pretrained() if _standard_text_tower(a) and _clip_tokenizer(a)]
+OTHER_TOKENIZERS = sorted({a for a, _ in open_clip.list_pretrained() if _standard_text_tower(a) and not _clip_tokenizer(a)})
 
 
 class FakeDownload:
@@ -69,8 +74,19 @@ def _structure(model: torch.nn.Module) -> list[tuple[str, str, tuple]]:
 def test_the_every_tag_list_covers_the_quickgelu_kind():
     """The list holds the tags the issue is about: 27 QuickGELU tags on architectures without -quickgelu."""
     hidden = [(a, t) for a, t in PAIRS if "quickgelu" not in a and open_clip.get_pretrained_cfg(a, t).get("quick_gelu")]
-    assert ("ViT-B-16", "openai") in hidden and len(hidden) >= 27, hidden
+    assert ("ViT-B-16", "openai") in hidden and len(hidden) >= 26, hidden
     assert len(PAIRS) >= 100
+
+
+@pytest.mark.parametrize("arch", OTHER_TOKENIZERS)
+def test_text_towers_with_another_tokenizer_are_refused(arch):
+    """CLIPA (BERT) and MetaCLIP 2 worldwide (XLM-V, mT5) text towers would get CLIP BPE ids: past their
+    vocabulary, or pooled at the wrong position. Refused with one line, building and rebuilding alike."""
+    with pytest.raises(ModelConfigError, match="tokenizer"):
+        cc.build_clipn(arch, device="meta")
+    cfg = open_clip.get_model_config(arch)
+    with pytest.raises(ModelConfigError, match="tokenizer"):
+        model_from_spec(ModelSpec(arch, cfg, {"size": 224}), device="meta")
 
 
 @pytest.mark.parametrize("arch,tag", PAIRS, ids=[f"{a}/{t}" for a, t in PAIRS])
@@ -121,6 +137,38 @@ def test_a_weights_file_without_a_pretrained_config_warns_once(fake_download, tm
     assert len(warnings) == 1 and "pretrained_config" in warnings[0] and "openai" in warnings[0], warnings
     assert _activations(model) == {"GELU"} and spec.base_weights["pretrained_config"] == "plain"
     assert "openai" in quick_gelu_tags("ViT-B-16") and not quick_gelu_tags("clipn-tiny")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="clipn.weights"):  # a -quickgelu architecture builds QuickGELU
+        quick, _ = cc.build_clipn("ViT-B-16-quickgelu", pretrained=str(weights), device="meta")
+    assert _activations(quick) == {"QuickGELU"} and not caplog.records
+
+
+def test_an_untrained_models_id_changes_with_how_it_is_built():
+    from clipn_core.storage import Storage
+    from jobs.scoring_setup import load_model
+    from schemas.score_config import ModelConfig
+
+    ids = {pc: load_model(ModelConfig(architecture="ViT-B-16", pretrained_config=pc), Storage({}), None)[1]
+           for pc in ("openai", "plain", "laion2b_s34b_b88k")}
+    assert ids["openai"] != ids["plain"]  # QuickGELU against GELU
+    assert ids["plain"] == ids["laion2b_s34b_b88k"]  # the same structure: GELU, OpenAI's mean and std
+    assert all(i.startswith("untrained:ViT-B-16:seed0:") for i in ids.values())
+
+
+def test_a_training_run_built_with_quickgelu_has_another_identity():
+    from jobs.train_stages import base_identity
+    from schemas.train_config import TrainJobConfig
+
+    def identity(**model):
+        return base_identity(TrainJobConfig.model_validate({
+            "data": {"uri": "pairs.parquet"}, "model": model, "run": {"name": "r", "storage_path": "/tmp/r"},
+            "output": {"checkpoint": "o.safetensors"}}))
+
+    assert identity(architecture="ViT-B-16", pretrained="openai")["quick_gelu"] is True  # trained on GELU before
+    assert "quick_gelu" not in identity(architecture="ViT-B-16", pretrained="laion2b_s34b_b88k")
+    assert "quick_gelu" not in identity(architecture="ViT-B-16-quickgelu", pretrained="openai")  # it always was
+    assert identity(architecture="ViT-B-16", pretrained="/w.safetensors", pretrained_config="openai")["quick_gelu"]
+    assert "quick_gelu" not in identity(architecture="clipn-tiny")
 
 
 def test_pretrained_config_errors_name_the_field(fake_download, tmp_path):
@@ -187,7 +235,7 @@ def test_openai_vit_b_16_builds_with_quickgelu_and_a_checkpoint_saved_from_it_sc
     assert not torch.allclose(_features(gelu, IMAGES, tokens)[0], _features(model, IMAGES, tokens)[0], atol=1e-4)
 
 
-def _legacy_copy(model, spec, folder) -> str:
+def _legacy_copy(model, spec, folder, name: str = "legacy") -> str:
     """The checkpoint as clipn-lake wrote it before base CLIPs followed their tag: GELU in the sidecar, no
     pretrained_config, no structure digest in the weights file."""
     import hashlib
@@ -199,7 +247,7 @@ def _legacy_copy(model, spec, folder) -> str:
     legacy = spec.to_json_dict()
     legacy["model_cfg"] = {k: v for k, v in legacy["model_cfg"].items() if k != "quick_gelu"}
     legacy["base_weights"] = {k: v for k, v in legacy["base_weights"].items() if k != "pretrained_config"}
-    uri = folder / "legacy" / "clipn.safetensors"
+    uri = folder / name / "clipn.safetensors"
     uri.parent.mkdir()
     uri.write_bytes(data)
     sidecar = {"format": "clipn-lake/checkpoint", "format_version": 1, "sha256": hashlib.sha256(data).hexdigest(),
@@ -236,6 +284,34 @@ def test_a_legacy_gelu_checkpoint_of_quickgelu_weights_is_refused_then_upgraded(
     tokens = cc.get_tokenizer(model)(["a photo of a dog."])
     for a, b in zip(_features(new_model, IMAGES, tokens), _features(model, IMAGES, tokens)):
         torch.testing.assert_close(a, b)
+    with pytest.raises(WeightsError, match="nothing to upgrade"):
+        upgrade_checkpoint(upgraded, str(tmp_path / "again.safetensors"))
+    with pytest.raises(WeightsError, match="'plain' names no tag"):
+        upgrade_checkpoint(legacy, str(tmp_path / "plain.safetensors"), pretrained_config="plain")
+
+
+def test_a_legacy_checkpoint_over_a_weights_file_warns_and_upgrades_with_the_named_tag(openai_vit_b_16, tmp_path,
+                                                                                       caplog):
+    """Its base weights were a file (the KubeRay config's case): the sidecar cannot say they were OpenAI's, so
+    loading warns once, naming the upgrade with --pretrained_config; the upgrade with the tag builds QuickGELU."""
+    from clipn_core import pretrained_config
+
+    model, spec, _, folder = openai_vit_b_16
+    file_based = ModelSpec(**{**spec.__dict__, "base_weights": {
+        "architecture": "ViT-B-16", "pretrained": "s3://models/base/vit-b-16-openai.safetensors", "sha256": "ab" * 32}})
+    legacy = _legacy_copy(model, file_based, folder, "legacy-file")
+    pretrained_config._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="clipn.weights"):
+        loaded, _, _ = cc.load_checkpoint(legacy)
+        cc.load_checkpoint(legacy)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "upgrade-checkpoint" in warnings[0] and "--pretrained_config" in warnings[0]
+    assert _activations(loaded) == {"GELU"}
+    with pytest.raises(WeightsError, match="no pretrained configuration; name the tag"):
+        upgrade_checkpoint(legacy, str(tmp_path / "x.safetensors"))
+    new_id, new_spec = upgrade_checkpoint(legacy, str(tmp_path / "up.safetensors"), pretrained_config="openai")
+    upgraded, _, _ = cc.load_checkpoint(str(tmp_path / "up.safetensors"))
+    assert _activations(upgraded) == {"QuickGELU"} and new_spec.base_weights["pretrained_config"] == "openai"
 
 
 def test_a_checkpoint_whose_sidecar_was_edited_after_saving_is_refused(tiny, tmp_path):
