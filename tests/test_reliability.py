@@ -29,7 +29,8 @@ import clipn_core as cc
 from clipn_core.storage import sha256_file
 from clipn_core.world import World
 from jobs.cli import main as cli_main
-from jobs.faults import SCORE_FAULT_ENV
+from jobs.failpoints import ENV as FAILPOINTS_ENV
+from jobs.failpoints import KILLED_EXIT
 from jobs.score import run
 from schemas.score_config import ScoreJobConfig
 from tests.fault_proxy import FaultProxy
@@ -131,7 +132,7 @@ def test_scoring_under_10_percent_storage_faults_equals_the_fault_free_run(lake,
 @pytest.mark.parametrize("where", ["scorer", "decode"])
 def test_a_killed_worker_is_replaced_and_every_input_has_one_row(lake, baseline, tmp_path, monkeypatch, where):
     marker = tmp_path / f"{where}.killed"
-    monkeypatch.setenv(SCORE_FAULT_ENV, f"{where}:3:{marker}")
+    monkeypatch.setenv(FAILPOINTS_ENV, f"score.{where}.batch=kill,at=3,once={marker}")
     out = f"s3://rel/out-kill-{where}"
     run(_cfg(lake, out))
     assert marker.exists()  # the worker really died
@@ -146,11 +147,11 @@ def test_driver_killed_before_publishing_then_rerun(lake, baseline, tmp_path, ra
     cfg_file = tmp_path / "score.yaml"
     cfg_file.write_text(yaml.safe_dump(_cfg(lake, out).model_dump(mode="json", exclude_none=True)))
     marker = tmp_path / "driver.killed"
-    env = {**os.environ, SCORE_FAULT_ENV: f"driver:0:{marker}",
+    env = {**os.environ, FAILPOINTS_ENV: f"score.staged=kill,once={marker}",
            "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     proc = subprocess.run([sys.executable, "-m", "jobs", "score", "--config", str(cfg_file)], env=env,
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and marker.exists(), proc.stderr[-2000:]
+    assert proc.returncode == KILLED_EXIT and marker.exists(), proc.stderr[-2000:]
     assert _published(lake, out) is None  # the failed attempt never became visible
     fs = fsspec.filesystem("s3", **lake["opts"])
     staged = [p for p in fs.find("rel/out-driver/_staging") if p.endswith(".parquet")]
@@ -295,9 +296,9 @@ def test_iceberg_driver_killed_before_the_commit_leaves_the_last_snapshot_then_r
     _, table = _table_rows(cfg)
     before = table.current_snapshot().snapshot_id
     marker = tmp_path / "driver.killed"
-    proc = _submit(cfg, tmp_path, "killed", ray_local, {SCORE_FAULT_ENV: f"driver:0:{marker}"})
+    proc = _submit(cfg, tmp_path, "killed", ray_local, {FAILPOINTS_ENV: f"score.staged=kill,once={marker}"})
     _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 1 and marker.exists(), err[-2000:]
+    assert proc.returncode == KILLED_EXIT and marker.exists(), err[-2000:]
     rows, table = _table_rows(cfg)
     assert table.current_snapshot().snapshot_id == before and rows["uri"].to_pylist() == ["s3://rel/old.jpg"]
     run(cfg)  # the rerun of the same night

@@ -19,8 +19,8 @@ import ray
 from clipn_core.errors import InputError, redact_uri
 from clipn_core.lake_bank import bank_bytes
 from clipn_core.storage import Storage, is_remote
+from jobs import failpoints
 from jobs.calibration import check_fits, check_threshold, load_calibration
-from jobs.faults import maybe_die, score_fault_from_env
 from jobs.score.decode import DecodeSettings, read_decode_batch, read_tar_batch
 from jobs.score.iceberg import to_table_rows
 from jobs.score.incremental import bank_path, build_lake_bank, drop_scored
@@ -59,26 +59,26 @@ def resolve_since(cfg: ScoreJobConfig, target: OutputTarget, run_date: dt.date) 
     return cfg.input.since, None
 
 
-def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: ScoringSetup, storage: Storage, run_id: str,
-               fault: str | None) -> ray.data.Dataset:
+def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: ScoringSetup, storage: Storage,
+               run_id: str) -> ray.data.Dataset:
     """URIs -> output rows: read + decode tasks (or fetch only, when the scorer decodes), then the actor pool."""
     rt = cfg.runtime
+    forward = failpoints.ray_remote_args()  # workers see the driver's failpoints (none in production)
     settings = DecodeSettings(setup.preprocess_cfg, rt.preprocess, rt.decode, rt.max_pixels)
     if cfg.input.kind == "tar":
-        ds = ds.map_batches(read_tar_batch, batch_size=1, num_cpus=rt.decode_cpus,
+        ds = ds.map_batches(read_tar_batch, batch_size=1, num_cpus=rt.decode_cpus, **forward,
                             fn_kwargs={"storage": storage, "settings": settings, "extensions": cfg.input.extensions})
     elif rt.decode == "cpu":
-        ds = ds.map_batches(read_decode_batch, batch_size=rt.decode_batch_size, num_cpus=rt.decode_cpus,
-                            fn_kwargs={"storage": storage, "settings": settings, "concurrency": rt.fetch_concurrency,
-                                       "fault": fault})
+        ds = ds.map_batches(read_decode_batch, batch_size=rt.decode_batch_size, num_cpus=rt.decode_cpus, **forward,
+                            fn_kwargs={"storage": storage, "settings": settings, "concurrency": rt.fetch_concurrency})
     else:  # the scorer decodes: the tasks only read
-        ds = ds.map_batches(fetch_batch, batch_size=rt.decode_batch_size, num_cpus=rt.decode_cpus,
+        ds = ds.map_batches(fetch_batch, batch_size=rt.decode_batch_size, num_cpus=rt.decode_cpus, **forward,
                             fn_kwargs={"storage": storage, "concurrency": rt.fetch_concurrency})
     return ds.map_batches(
         ScorerActor,
         fn_constructor_kwargs={
             "model_cfg": cfg.model, "heads": setup.heads, "runtime": rt, "decision": cfg.decision,
-            "storage": storage, "run_id": run_id, "embeddings": cfg.output.embeddings, "fault": fault,
+            "storage": storage, "run_id": run_id, "embeddings": cfg.output.embeddings,
             "logit_scale": setup.logit_scale, "scoring": setup.scorer_kwargs(),
         },
         batch_size=rt.batch_size,
@@ -86,6 +86,7 @@ def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: ScoringSetup, s
         num_gpus=rt.gpus_per_actor,
         num_cpus=rt.cpus_per_actor,
         batch_format="numpy",
+        **forward,
     )
 
 
@@ -96,7 +97,7 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
     run_id = cfg.run_id or uuid.uuid4().hex[:12]
     run_date = cfg.effective_run_date()
 
-    fault = score_fault_from_env()
+    failpoints.check()
     target = output_target(cfg.output, storage)  # an unreachable catalog fails before the model work
     setup, _ = prepare(cfg.model, cfg.classes, cfg.templates, cfg.runtime, storage, cfg.negatives)
     bank_used = cfg.negatives.bank
@@ -125,7 +126,7 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
             out_fs, staged_p = storage.arrow(staged)
             # Object stores have no directories; asking Ray to create one makes it delete a
             # non-existent one (FileNotFoundError) when every input was skipped.
-            rows = score_rows(ds, cfg, setup, storage, run_id, fault)
+            rows = score_rows(ds, cfg, setup, storage, run_id)
             if cfg.output.iceberg is not None:  # the table's rows: + run_date, embeddings as float32
                 rows = rows.map_batches(to_table_rows, batch_format="pyarrow", fn_kwargs={"run_date": run_date},
                                         num_cpus=WRITE_CPUS)
@@ -145,7 +146,7 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
             if cfg.output.lake_bank:
                 bank_built = bank_path(target.bank_root, setup.model_id, setup.heads.class_set_hash, run_id)
                 storage.write_bytes(bank_built, bank_bytes(build_lake_bank(staged, storage, stats["by_status"].get("ok", 0))))
-            maybe_die(fault, "driver")  # test hook: a driver crash with everything staged, nothing published
+            failpoints.hit("score.staged")  # a driver crash with everything staged, nothing published
             manifest = ScoreManifest(
                 schema_version=OUTPUT_SCHEMA_VERSION, run_id=run_id, run_date=run_date,
                 partition=target.partition(run_date), model_id=setup.model_id,
