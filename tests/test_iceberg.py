@@ -140,6 +140,8 @@ def test_a_new_score_column_evolves_the_table_without_rewriting_old_data(tmp_pat
 
 
 def test_skip_scored_and_since_read_the_table(tmp_path, ckpt, ray_local):
+    """skip_scored and since from the table; since without a margin, so that the watermark alone excludes (the
+    margin is tested with the Parquet folder, through the same code)."""
     lake = tmp_path / "lake"
     _lake(lake, 5)
     ice = _local(tmp_path)
@@ -147,7 +149,7 @@ def test_skip_scored_and_since_read_the_table(tmp_path, ckpt, ray_local):
     _lake(lake, 2, start=100, broken=False)
     second = run(ScoreJobConfig.model_validate({
         **_cfg(lake, ice, ckpt, DAY + dt.timedelta(days=1), skip_scored=True).model_dump(mode="json"),
-        "input": {"uri": str(lake), "since": "last_run"}}))
+        "input": {"uri": str(lake), "since": "last_run", "since_margin_s": 0}}))
     assert second.since == first.watermark and second.excluded_by_watermark == 6
     night2 = [r for r in _rows(ice) if r[RUN_DATE] == night(DAY + dt.timedelta(days=1))]
     assert sorted(r["uri"].rsplit("/", 1)[-1] for r in night2) == ["img100.jpg", "img101.jpg"]
@@ -156,7 +158,7 @@ def test_skip_scored_and_since_read_the_table(tmp_path, ckpt, ray_local):
     # a night with nothing new commits an empty snapshot that records the run, and its watermark for the next
     fourth = run(ScoreJobConfig.model_validate({
         **_cfg(lake, ice, ckpt, DAY + dt.timedelta(days=3)).model_dump(mode="json"),
-        "input": {"uri": str(lake), "since": "last_run"}}))
+        "input": {"uri": str(lake), "since": "last_run", "since_margin_s": 0}}))
     table = load_table(IcebergConfig(**ice), ScoreJobConfig.model_fields["storage"].default_factory().bind(), False)
     assert fourth.rows == 0 and fourth.since == third.watermark and fourth.excluded_by_watermark == 8
     assert table.current_snapshot().summary.additional_properties["clipn.run_id"] == fourth.run_id
