@@ -319,6 +319,46 @@ def test_the_job_failing_after_its_night_was_switched_keeps_it_and_the_rerun_equ
         assert not _leftovers(kind, out, storage)
 
 
+def test_a_night_published_before_manifests_named_their_files_is_read_then_replaced_whole(tmp_path, monkeypatch):
+    """A partition from before ``data_files``: every file beside its manifest and ``_SUCCESS`` is the night.
+    Readers of ours read it; a publish that dies before its switch leaves it whole; the next publish replaces it."""
+    storage = StorageConfig().bind()
+    root = str(tmp_path / "out")
+    part = tmp_path / "out" / f"run_date={DAY}"
+    part.mkdir(parents=True)
+    old = pa.Table.from_pylist([{"uri": f"s3://b/{i}.jpg", "status": "ok", "run_id": "legacy"} for i in range(3)])
+    pq.write_table(old.slice(0, 2), part / "part-a.parquet")
+    pq.write_table(old.slice(2), part / "part-b.parquet")
+    legacy = ScoreManifest(schema_version=1, run_id="legacy", run_date=DAY, partition=str(part), model_id="m",
+                           class_set_hash="h", classes=[], templates=[], rows=3, files=2, by_status={"ok": 3},
+                           ood_rate={}, timings_s={}, config={})
+    (part / publish.MANIFEST).write_text(legacy.model_dump_json(exclude={"data_files"}))
+    (part / publish.SUCCESS).write_text("")
+
+    def night_uris() -> list[str]:
+        (found, manifest), = publish.published_nights(root, storage)
+        fs = storage.fs(root)[0]
+        return sorted(pads.dataset(publish.night_files(fs, found, manifest), format="parquet").to_table()["uri"].to_pylist())
+
+    assert night_uris() == ["s3://b/0.jpg", "s3://b/1.jpg", "s3://b/2.jpg"]
+    staged = tmp_path / "out" / "_staging" / "new"
+    staged.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"uri": "s3://b/new.jpg", "status": "ok", "run_id": "new"}]),
+                   staged / "part-new.parquet")
+    new = legacy.model_copy(update={"run_id": "new", "rows": 1, "files": 1})
+    monkeypatch.setenv(failpoints.ENV, "parquet.manifest.before=raise")
+    with pytest.raises(failpoints.FailpointError):
+        publish.publish(root, DAY, str(staged), new, storage)
+    assert night_uris() == ["s3://b/0.jpg", "s3://b/1.jpg", "s3://b/2.jpg"]  # the moved-in file is not the night's
+    monkeypatch.delenv(failpoints.ENV)
+    staged.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist([{"uri": "s3://b/new.jpg", "status": "ok", "run_id": "new"}]),
+                   staged / "part-new2.parquet")
+    publish.publish(root, DAY, str(staged), new, storage)
+    assert night_uris() == ["s3://b/new.jpg"]
+    assert sorted(p.name for p in part.iterdir()) == ["_SUCCESS", "_manifest.json", "part-new2.parquet"]
+
+
 def test_the_failpoint_spec_is_checked():
     with pytest.raises(failpoints.FailpointError, match="unknown failpoint"):
         failpoints.parse("parquet.mvoe.before=raise")

@@ -160,7 +160,7 @@ def reconcile(root: str, run_date: dt.date, storage: Storage, success: bool = Tr
         with around("parquet.delete_old"):
             fs.rm(f"{part}/{name}")
     if manifest is None:
-        if f"{SUCCESS}" in present:
+        if SUCCESS in present:
             fs.rm(f"{part}/{SUCCESS}")
         lease.remove_empty_folder(fs, part)
         return
