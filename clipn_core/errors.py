@@ -91,6 +91,22 @@ class CommitConflictError(ClipnError):
     """A table commit that kept losing to concurrent writers after every retry."""
 
 
+class CommitUnknownError(ClipnError):
+    """A table commit whose outcome the catalog could not confirm either way; the run's data files are kept."""
+
+
+class LeaseHeldError(ClipnError):
+    """Another live run holds the lease of the same output and night; this run wrote nothing.
+
+    ``exit_code`` is what ``clipn score`` exits with (75, ``EX_TEMPFAIL``: try again later)."""
+
+    exit_code = 75
+
+
+class LeaseLostError(ClipnError):
+    """A run's lease on its night was taken over (its heartbeat looked dead to another run); it publishes nothing."""
+
+
 class InputError(ClipnError, ValueError):
     """A job's configured input is missing, empty or malformed (raised before any work starts)."""
 

@@ -5,7 +5,8 @@ never listed by hand.
 the YAML file, then ``--set`` pairs, then per-field flags fill one config dict, which
 the job's config model validates before any Ray work. Values are parsed as YAML
 scalars (``true``, ``3``, ``[a, b]``). A bad config prints one line per field at fault
-and exits 2; a setup error (missing input, bad checkpoint, ...) prints one line, exits 1.
+and exits 2; a setup error (missing input, bad checkpoint, ...) prints one line, exits 1; a scoring run
+whose night another live run holds prints one line naming that run and exits 75 (``EX_TEMPFAIL``).
 """
 
 from __future__ import annotations
@@ -232,5 +233,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (ClipnError, *_job_errors()) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return getattr(e, "exit_code", 1)  # 75 for a night another live run holds (LeaseHeldError)
 

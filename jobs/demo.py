@@ -31,6 +31,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import fsspec
 import pyarrow.dataset as pads
 import yaml
 
@@ -187,8 +188,13 @@ def base_clip_path(cache_dir: Path, world: World, size: DemoSize) -> Path:
 
 
 def lake_summary(partition: str, truth: dict) -> dict:
-    """Published lake rows joined with the world's truth: rows by status, flags on true ID / OOD images."""
-    table = pads.dataset(partition, format="parquet").to_table(columns=["uri", "status", "is_ood"])
+    """Published lake rows (the files the night's manifest names) joined with the world's truth: rows by status,
+    flags on true ID / OOD images."""
+    from jobs.score.publish import night_files, read_manifest
+
+    fs = fsspec.filesystem("file")
+    files = night_files(fs, partition, read_manifest(fs, partition))
+    table = pads.dataset(files, format="parquet").to_table(columns=["uri", "status", "is_ood"])
     rows = table.to_pylist()
     by_status: dict[str, int] = {}
     flagged = {"id": [0, 0], "ood": [0, 0]}  # [flagged OOD, scored]

@@ -21,8 +21,9 @@ from ray.train.torch import TorchTrainer
 
 from clipn_core.errors import redact_uri
 from clipn_core.storage import is_remote
+from jobs import failpoints
 from jobs.train_data import decode_pairs_batch, pairs_dataset, resolve_source
-from jobs.train_loop import FAULT_ENV, train_loop_per_worker
+from jobs.train_loop import train_loop_per_worker
 from jobs.train_stages import STAGES
 from schemas.train_config import TrainJobConfig
 
@@ -45,12 +46,14 @@ def run_config(cfg: TrainJobConfig) -> RunConfig:
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
         failure_config=FailureConfig(max_failures=cfg.run.max_failures),
         logging_config=LoggingConfig(log_level=cfg.run.log_level),
+        worker_runtime_env=failpoints.runtime_env(),
     )
 
 
 def run(cfg: TrainJobConfig) -> dict:
     """Train; returns the summary of rank 0 (final checkpoint URI, model id, steps, last metrics, run path)."""
     t0 = time.perf_counter()
+    failpoints.check()
     storage = cfg.storage.bind()
     # Driver-side setup: a wrong architecture, weights URI or data location fails here.
     stage = STAGES[cfg.stage](cfg, storage.options)
@@ -77,7 +80,7 @@ def run(cfg: TrainJobConfig) -> dict:
              cfg.loop.batch_size * cfg.run.num_workers, cfg.loop.steps)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "fault": os.environ.get(FAULT_ENV)},
+        train_loop_config={"cfg": cfg.model_dump(mode="json")},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         run_config=run_config(cfg),

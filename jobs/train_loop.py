@@ -31,15 +31,13 @@ from clipn_core.errors import redact_uri
 from clipn_core.storage import write_bytes
 from clipn_core.training import warmup_cosine
 from clipn_core.weights import load_state_dict_strict
-from jobs.faults import die_once
+from jobs import failpoints
 from jobs.train_stages import STAGES, base_identity
 from schemas.train_config import TrainJobConfig
 
 log = logging.getLogger("clipn.train")
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-FAULT_ENV = "CLIPN_TRAIN_FAULT"
-_FAULT_GRACE_S = 5.0
 _TRAINED_FILE = "trained.safetensors"
 _COLLECT_BATCH = 1024
 
@@ -62,19 +60,6 @@ def _rank_counts(n_ok: int, n_bad: int, device) -> tuple[int, int, int]:
         stacked = torch.stack(parts).cpu()
         return int(stacked[:, 0].min()), int(stacked[:, 0].sum()), int(stacked[:, 1].sum())
     return n_ok, n_ok, n_bad
-
-
-def _maybe_inject_fault(spec: str | None, step: int, rank: int) -> None:
-    """Test hook ``STEP:RANK:MARKER``: the worker of RANK dies hard after STEP, once (MARKER records it)."""
-    if not spec:
-        return
-    fail_step, fail_rank, marker = spec.split(":", 2)
-    if step == int(fail_step) and rank == int(fail_rank) and not os.path.exists(marker):
-        # Ray Train's controller registers reported checkpoints when it polls the workers
-        # (every 2 s by default); a worker that dies sooner takes its last report with it.
-        # Waiting models the crash we test: one after the latest checkpoint was registered.
-        time.sleep(_FAULT_GRACE_S)
-        die_once(marker, f"killed rank {rank} after step {step}")
 
 
 class ShardBatches:
@@ -166,7 +151,7 @@ def _restore(ckpt: ray.train.Checkpoint, trained, optimizer, scheduler, scaler, 
 
 
 def train_loop_per_worker(config: dict) -> dict | None:
-    """Ray Train entry point. ``config``: ``{"cfg": TrainJobConfig as JSON dict, "fault": spec or None}``.
+    """Ray Train entry point. ``config``: ``{"cfg": TrainJobConfig as JSON dict}``.
 
     Returns (rank 0) a summary: final checkpoint URI, model id (sha256 of the weights), steps, last metrics.
     """
@@ -229,7 +214,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 folder = (_save_ray_checkpoint(stage.trained, optimizer, scheduler, scaler, state, history)
                           if (is_last or is_ckpt) and rank == 0 else None)
                 _report(history[-1], list(step_metrics.parts), state, rank, loop.steps, folder)
-            _maybe_inject_fault(config.get("fault"), step, rank)
+            # Ray Train registers a reported checkpoint when it polls the workers (every 2 s): a test that kills a
+            # worker here waits first (failpoint option wait=S) to model a crash after the checkpoint was registered
+            failpoints.hit("train.step", step=step, rank=rank)
             if is_last:
                 break
         else:  # the epoch ran out

@@ -11,6 +11,16 @@ import datetime as dt
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class Watermark(BaseModel):
+    """Where a night's listing began: what ``since: last_run`` starts the next night from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    at: dt.datetime = Field(description="when the night's listing began, on the store's clock (UTC)")
+    run_id: str = Field(description="the run that listed")
+    run_date: dt.date = Field(description="its night: the output whose rows the next night leaves out again")
+
+
 class ScoreManifest(BaseModel):
     """What one scoring run did: identity of the model and class set, counts, rates, timings, config."""
 
@@ -36,14 +46,23 @@ class ScoreManifest(BaseModel):
     inputs_listed: int | None = Field(None, description="objects listed with a matching extension and not excluded "
                                       "by the watermark (prefix inputs; None for manifests and shards)")
     skipped_already_scored: int | None = Field(0, description="listed inputs left out because skip_scored found them "
-                                               "scored ok (None when the input count is not known)")
+                                               "scored ok, or because the night since came from holds them (None "
+                                               "when the input count is not known)")
     excluded_by_watermark: int = Field(0, description="objects left out because they were not modified after since")
-    since: dt.datetime | None = Field(None, description="the watermark applied (input.since), UTC")
+    since: dt.datetime | None = Field(None, description="the watermark applied (input.since), UTC: with last_run, "
+                                      "the previous night's watermark minus input.since_margin_s")
     since_from_run: str | None = Field(None, description="run id whose watermark was applied (since: last_run)")
-    watermark: dt.datetime | None = Field(None, description="when this run's listing began (UTC): the next run's "
-                                          "since with last_run")
+    since_overlap_nights: list[dt.date] = Field(default_factory=list, description="nights whose rows this night "
+                                                "did not score again: those that may hold objects modified after "
+                                                "since (since: last_run)")
+    watermark: dt.datetime | None = Field(None, description="when this run's listing began, on the store's clock "
+                                          "(UTC): the next run's since with last_run")
     rows: int = Field(description="rows published: one per input image")
     files: int
+    data_files: list[str] | None = Field(None, description="Parquet folder: the night's files, relative to its "
+                                         "partition folder; readers read these and nothing else (None for an Iceberg "
+                                         "table, and in manifests written before this field, whose folder held "
+                                         "only the night's files)")
     by_status: dict[str, int]
     ood_rate: dict[str, float | None] = Field(description="share of ok rows flagged OOD, per decision column")
     timings_s: dict[str, float]

@@ -34,6 +34,10 @@ class InputConfig(StrictModel):
     since: Literal["last_run"] | dt.datetime | None = Field(
         None, description="prefix inputs: only objects modified after this time (UTC when no zone is given), or after "
         "the watermark of the last published run of this output (last_run)")
+    since_margin_s: float = Field(3600.0, ge=0, description="since: last_run starts this many seconds before the "
+                                  "previous night's listing began (its watermark, on the store's clock), so that "
+                                  "clock offsets and uploads in progress are not missed; objects in that overlap "
+                                  "that the previous night already holds are not scored again")
 
     @model_validator(mode="after")
     def _since_needs_a_listing(self):
@@ -64,6 +68,11 @@ class OutputConfig(StrictModel):
     skip_scored: bool = Field(False, description="skip URIs already scored ok in other partitions with the same model id and class set")
     staging_max_age_h: float = Field(24.0, ge=0.1, description="at start, delete staging folders of dead runs "
                                      "whose heartbeat is older than this (hours); a live run's never is")
+    lease_ttl_s: float = Field(900.0, gt=0, description="one run per output and night: a run holds a lease on its "
+                               "night, refreshed every min(60, ttl/4) s; a lease not refreshed for this many seconds "
+                               "(the store's clock) belongs to a dead run and is broken by the next run of the night")
+    take_over_lease: str | None = Field(None, description="run id of a run known to be dead (the one a refused run "
+                                        "names): take its lease at once instead of waiting lease_ttl_s")
     lake_bank: bool = Field(False, description="build a lake bank (image proxies of the surest OOD and ID ok rows) for "
                             "the next night's clipn_neg_lake, and use the latest earlier one (needs embeddings)")
 

@@ -140,6 +140,8 @@ def test_a_new_score_column_evolves_the_table_without_rewriting_old_data(tmp_pat
 
 
 def test_skip_scored_and_since_read_the_table(tmp_path, ckpt, ray_local):
+    """skip_scored and since from the table; since without a margin, so that the watermark alone excludes (the
+    margin is tested with the Parquet folder, through the same code)."""
     lake = tmp_path / "lake"
     _lake(lake, 5)
     ice = _local(tmp_path)
@@ -147,7 +149,7 @@ def test_skip_scored_and_since_read_the_table(tmp_path, ckpt, ray_local):
     _lake(lake, 2, start=100, broken=False)
     second = run(ScoreJobConfig.model_validate({
         **_cfg(lake, ice, ckpt, DAY + dt.timedelta(days=1), skip_scored=True).model_dump(mode="json"),
-        "input": {"uri": str(lake), "since": "last_run"}}))
+        "input": {"uri": str(lake), "since": "last_run", "since_margin_s": 0}}))
     assert second.since == first.watermark and second.excluded_by_watermark == 6
     night2 = [r for r in _rows(ice) if r[RUN_DATE] == night(DAY + dt.timedelta(days=1))]
     assert sorted(r["uri"].rsplit("/", 1)[-1] for r in night2) == ["img100.jpg", "img101.jpg"]
@@ -156,11 +158,73 @@ def test_skip_scored_and_since_read_the_table(tmp_path, ckpt, ray_local):
     # a night with nothing new commits an empty snapshot that records the run, and its watermark for the next
     fourth = run(ScoreJobConfig.model_validate({
         **_cfg(lake, ice, ckpt, DAY + dt.timedelta(days=3)).model_dump(mode="json"),
-        "input": {"uri": str(lake), "since": "last_run"}}))
+        "input": {"uri": str(lake), "since": "last_run", "since_margin_s": 0}}))
     table = load_table(IcebergConfig(**ice), ScoreJobConfig.model_fields["storage"].default_factory().bind(), False)
     assert fourth.rows == 0 and fourth.since == third.watermark and fourth.excluded_by_watermark == 8
     assert table.current_snapshot().summary.additional_properties["clipn.run_id"] == fourth.run_id
     assert len(table.scan().to_arrow()) == 5 + 1 + 2 + 1  # the nights before, untouched
+
+
+def _manifest(run_id: str, day: dt.date, **over):
+    from schemas.manifest import ScoreManifest
+
+    return ScoreManifest(schema_version=1, run_id=run_id, run_date=day, partition="", model_id="m",
+                         class_set_hash="h", classes=[], templates=[], rows=1, files=1, by_status={"ok": 1},
+                         ood_rate={}, timings_s={}, config={}, **over)
+
+
+def test_snapshot_expiry_keeps_the_watermark_and_the_lake_bank_pointer(tmp_path, ckpt, ray_local):
+    """The table's properties, not its snapshots, carry what the next night needs: after another writer's
+    commit and an expiry that leaves only that snapshot, the next night still lists only new objects and
+    still finds the last lake bank."""
+    from jobs.score import iceberg
+    from schemas.common import StorageConfig
+
+    lake = tmp_path / "lake"
+    _lake(lake, 5)
+    ice, storage = _local(tmp_path), StorageConfig().bind()
+
+    def since_night(day):
+        return ScoreJobConfig.model_validate({**_cfg(lake, ice, ckpt, day).model_dump(mode="json"),
+                                              "input": {"uri": str(lake), "since": "last_run"}})
+
+    first = run(since_night(DAY))
+    # a night of another model that built a lake bank (committed directly: only its pointer matters here)
+    iceberg.commit_night(IcebergConfig(**ice), storage, [_night_file(tmp_path / "b", "banked", ["s3://x/1.jpg"],
+                                                                     DAY - dt.timedelta(days=1))],
+                         _manifest("banked", DAY - dt.timedelta(days=1), lake_bank_built="s3://x/bank.safetensors"))
+    table = load_table(IcebergConfig(**ice), storage, create=False)
+    table.append(iceberg.table_schema().empty_table())  # another writer's commit: no clipn properties
+    table.maintenance.expire_snapshots().older_than(dt.datetime.now(dt.timezone.utc)).commit()
+    table = table.refresh()
+    assert [s.summary.additional_properties.get("clipn.run_id") for s in table.metadata.snapshots] == [None]
+
+    _lake(lake, 2, start=100, broken=False)
+    second = run(since_night(DAY + dt.timedelta(days=1)))
+    assert second.since == first.watermark - dt.timedelta(hours=1) and second.since_from_run == first.run_id
+    night2 = [r for r in _rows(ice) if r[RUN_DATE] == night(DAY + dt.timedelta(days=1))]
+    assert sorted(r["uri"].rsplit("/", 1)[-1] for r in night2) == ["img100.jpg", "img101.jpg"]
+    assert iceberg.latest_bank_uri(IcebergConfig(**ice), storage, DAY + dt.timedelta(days=5), "m", "h") == \
+        "s3://x/bank.safetensors"
+
+
+def test_the_night_properties_keep_the_latest_nights(tmp_path, monkeypatch):
+    from jobs.score import iceberg
+    from schemas.common import StorageConfig
+
+    monkeypatch.setattr(iceberg, "NIGHTS_KEPT", 2)
+    cfg, storage = IcebergConfig(**_local(tmp_path)), StorageConfig().bind()
+    mark = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
+    for i in range(3):
+        day = DAY + dt.timedelta(days=i)
+        iceberg.commit_night(cfg, storage, [_night_file(tmp_path / f"n{i}", f"r{i}", [f"s3://x/{i}.jpg"], day)],
+                             _manifest(f"r{i}", day, watermark=mark + dt.timedelta(days=i),
+                                       lake_bank_built=f"s3://x/bank{i}.safetensors"))
+    props = load_table(cfg, storage, create=False).properties
+    kept = sorted(k for k in props if k.startswith(("clipn.watermark.", "clipn.lake-bank.")))
+    assert kept == [f"clipn.lake-bank.{DAY + dt.timedelta(days=i)}.m.h" for i in (1, 2)] + \
+        [f"clipn.watermark.{DAY + dt.timedelta(days=i)}" for i in (1, 2)]
+    assert [w.run_id for w in iceberg.watermarks(cfg, storage, DAY + dt.timedelta(days=9))] == ["r0", "r1", "r2"]
 
 
 def test_an_s3_warehouse_on_the_loopback_server(tmp_path, ckpt, ray_local, s3_bucket):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -56,12 +58,14 @@ def _uris(partition: str) -> list[str]:
 
 
 def scored_set_oracle(out: Path, day: dt.date, model_id: str, class_set_hash: str) -> set[str]:
-    """The driver-side set the job used to build (the behaviour the anti-join must reproduce exactly)."""
+    """The driver-side set the job used to build (the behaviour the anti-join must reproduce exactly), over the
+    files each published night's manifest names."""
     done = set()
     for part in sorted(out.glob("run_date=*")):
-        if part.name == f"run_date={day}" or not (part / "_SUCCESS").exists():
+        if part.name == f"run_date={day}" or not (part / "_manifest.json").exists():
             continue
-        table = pads.dataset(part, format="parquet").to_table(columns=["uri", "model_id", "class_set_hash", "status"])
+        files = [str(part / f) for f in json.loads((part / "_manifest.json").read_text())["data_files"]]
+        table = pads.dataset(files, format="parquet").to_table(columns=["uri", "model_id", "class_set_hash", "status"])
         for row in table.to_pylist():
             if row["model_id"] == model_id and row["class_set_hash"] == class_set_hash and row["status"] == "ok":
                 done.add(row["uri"])
@@ -77,7 +81,8 @@ def test_skip_scored_equals_the_driver_side_set(tmp_path, checkpoints, ray_local
     run(_cfg(lake, out, checkpoints[2], DAY + dt.timedelta(days=1)))
     crashed = out / f"run_date={DAY + dt.timedelta(days=2)}"
     run(_cfg(lake, out, checkpoints[1], DAY + dt.timedelta(days=2)))
-    (crashed / "_SUCCESS").unlink()
+    (crashed / "_SUCCESS").unlink()  # a first publish that died before its manifest: files, nothing naming them
+    (crashed / "_manifest.json").unlink()
     _lake(lake, [f"c{i}.jpg" for i in range(3)])
 
     night = DAY + dt.timedelta(days=3)
@@ -90,26 +95,78 @@ def test_skip_scored_equals_the_driver_side_set(tmp_path, checkpoints, ray_local
     assert manifest.rows == len(everything) - len(expected_skip)
 
 
-def test_since_last_run_scores_only_new_objects_and_an_empty_night_publishes(tmp_path, checkpoints, ray_local):
+def _backdate(paths: list[Path], seconds: float) -> None:
+    then = time.time() - seconds
+    for path in paths:
+        os.utime(path, (then, then))
+
+
+def test_since_last_run_excludes_old_objects_and_scores_each_recent_one_once(tmp_path, checkpoints, ray_local):
+    """The watermark excludes what is older than the margin; the margin lists recent objects again, and the
+    nights that hold them keep them from being scored twice; a night with nothing new publishes empty; a rerun
+    of a night sees what it saw."""
     lake, out = tmp_path / "lake", tmp_path / "out"
-    _lake(lake, [f"old{i}.jpg" for i in range(6)])
+    hour = dt.timedelta(hours=1)
+    _lake(lake, [f"old{i}.jpg" for i in range(4)] + ["recent0.jpg", "recent1.jpg"])
+    _backdate([lake / f"old{i}.jpg" for i in range(4)], 2 * 3600)  # older than the default margin (1 h)
     first = run(_cfg(lake, out, checkpoints[1], DAY, input__since="last_run"))
     assert first.rows == 6 and first.since is None and first.watermark is not None
 
-    time.sleep(0.05)
     _lake(lake, ["new0.jpg", "new1.png"])
     second = run(_cfg(lake, out, checkpoints[1], DAY + dt.timedelta(days=1), input__since="last_run"))
     assert _uris(second.partition) == sorted([str(lake / "new0.jpg"), str(lake / "new1.png")])
-    assert second.since == first.watermark and second.since_from_run == first.run_id
-    assert second.excluded_by_watermark == 6 and second.inputs_listed == 2
+    assert second.since == first.watermark - hour and second.since_from_run == first.run_id
+    assert second.since_overlap_nights == [DAY]
+    # old: excluded; recent: listed again (in the margin) but held by the first night; new: scored
+    assert (second.excluded_by_watermark, second.inputs_listed, second.skipped_already_scored) == (4, 4, 2)
 
-    # nothing new: an empty, valid, published partition
+    # nothing new: an empty, valid, published partition; the recent and new objects are held by earlier nights
     third = run(_cfg(lake, out, checkpoints[1], DAY + dt.timedelta(days=2), input__since="last_run"))
-    assert third.rows == 0 and third.excluded_by_watermark == 8 and third.since == second.watermark
+    assert (third.rows, third.excluded_by_watermark, third.skipped_already_scored) == (0, 4, 4)
+    assert third.since == second.watermark - hour and third.since_overlap_nights == [DAY, DAY + dt.timedelta(days=1)]
     assert (Path(third.partition) / "_SUCCESS").exists() and (Path(third.partition) / "_manifest.json").exists()
     # a rerun of the second night sees what it saw the first time (the first night's watermark)
     again = run(_cfg(lake, out, checkpoints[1], DAY + dt.timedelta(days=1), input__since="last_run"))
-    assert again.since == first.watermark and _uris(again.partition) == _uris(second.partition)
+    assert again.since == first.watermark - hour and _uris(again.partition) == _uris(second.partition)
+
+
+def test_a_driver_clock_hours_ahead_of_the_store_misses_no_object(tmp_path, checkpoints, ray_local, s3_bucket,
+                                                                  monkeypatch):
+    """The watermark is the store's clock when the listing began (the Date of its first request), so a
+    driver whose clock runs three hours ahead still lists, the next night, what was written after."""
+    from jobs.score import pipeline
+    from jobs.score import store as store_module
+
+    bucket, opts = s3_bucket
+    fs = Storage(opts).fs(f"s3://{bucket}")[0]
+
+    def put(names):
+        for i, name in enumerate(names):
+            fs.pipe_file(f"{bucket}/lake/{name}", world.encode(world.render(world.SHAPES[i % 8], "red", i, 40)))
+
+    class Ahead(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime.now(tz) + dt.timedelta(hours=3)
+
+    skewed = types.SimpleNamespace(datetime=Ahead, date=dt.date, time=dt.time, timedelta=dt.timedelta,
+                                   timezone=dt.timezone)
+    for module in (pipeline, store_module):
+        monkeypatch.setattr(module, "dt", skewed)
+
+    def cfg(day):
+        return ScoreJobConfig.model_validate({
+            "input": {"uri": f"s3://{bucket}/lake", "since": "last_run"},
+            "output": {"uri": str(tmp_path / "out"), "run_date": str(day)}, "model": {"checkpoint": checkpoints[1]},
+            "classes": {"names": CLASSES}, "storage": {"endpoint_url": opts["client_kwargs"]["endpoint_url"]},
+            "runtime": {"batch_size": 8, "decode_batch_size": 8}})
+
+    put(["a.jpg", "b.jpg"])
+    first = run(cfg(DAY))
+    assert first.watermark < dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=1)  # not the driver's clock
+    put(["later.jpg"])
+    second = run(cfg(DAY + dt.timedelta(days=1)))
+    assert second.rows == 1 and _uris(second.partition) == [f"s3://{bucket}/lake/later.jpg"]
 
 
 def test_the_staging_sweep_removes_dead_runs_and_never_a_live_one(tmp_path, checkpoints, ray_local):
@@ -137,6 +194,22 @@ def test_the_staging_sweep_removes_dead_runs_and_never_a_live_one(tmp_path, chec
     os.utime(Path(dead) / HEARTBEAT, (week_ago, week_ago))
     run(_cfg(lake, out, checkpoints[1], DAY, output__staging_max_age_h=1.0))
     assert not Path(dead).exists() and Path(live).exists()
+
+
+def test_a_failed_run_leaves_no_staging_lease_or_partition_behind(tmp_path, checkpoints, ray_local, monkeypatch):
+    """A run that fails with its rows staged removes them, and the staging and lease folders it made; the
+    empty staging folder of a run killed as it made it, two days ago, is swept too."""
+    from jobs import failpoints
+
+    lake, out = tmp_path / "lake", tmp_path / "out"
+    _lake(lake, ["x.jpg", "y.jpg"])
+    killed = Path(staging_path(str(out), "killed"))
+    killed.mkdir(parents=True)
+    _backdate([killed], 2 * 86400)
+    monkeypatch.setenv(failpoints.ENV, "score.staged=raise")
+    with pytest.raises(failpoints.FailpointError):
+        run(_cfg(lake, out, checkpoints[1], DAY))
+    assert list(out.iterdir()) == []
 
 
 def test_the_lake_bank_does_not_depend_on_row_order():

@@ -29,7 +29,8 @@ import clipn_core as cc
 from clipn_core.storage import sha256_file
 from clipn_core.world import World
 from jobs.cli import main as cli_main
-from jobs.faults import SCORE_FAULT_ENV
+from jobs.failpoints import ENV as FAILPOINTS_ENV
+from jobs.failpoints import KILLED_EXIT
 from jobs.score import run
 from schemas.score_config import ScoreJobConfig
 from tests.fault_proxy import FaultProxy
@@ -88,11 +89,17 @@ def _cfg(lake, out: str, endpoint: str | None = None, **runtime) -> ScoreJobConf
 
 
 def _published(lake, out: str):
-    fs = fsspec.filesystem("s3", **lake["opts"])
-    part = f"{out.removeprefix('s3://')}/run_date={DAY}"
-    if not fs.exists(f"{part}/_SUCCESS"):
+    """The night as readers of ours see it (the files its manifest names), or None when it is not published."""
+    from clipn_core.storage import Storage
+    from jobs.score.publish import night_files, published_nights
+
+    storage = Storage(lake["opts"] if out.startswith("s3://") else {})
+    fs, _ = storage.fs(out)
+    nights = [(part, m) for part, m in published_nights(out, storage) if m.run_date == DAY]
+    if not nights:
         return None
-    return pads.dataset(part, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)), format="parquet").to_table(
+    files = night_files(fs, *nights[0])
+    return pads.dataset(files, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)), format="parquet").to_table(
         columns=["uri", "status", "predicted_class", "score_ctw", "score_atd", "score_mcm", "is_ood"]).sort_by("uri")
 
 
@@ -131,7 +138,7 @@ def test_scoring_under_10_percent_storage_faults_equals_the_fault_free_run(lake,
 @pytest.mark.parametrize("where", ["scorer", "decode"])
 def test_a_killed_worker_is_replaced_and_every_input_has_one_row(lake, baseline, tmp_path, monkeypatch, where):
     marker = tmp_path / f"{where}.killed"
-    monkeypatch.setenv(SCORE_FAULT_ENV, f"{where}:3:{marker}")
+    monkeypatch.setenv(FAILPOINTS_ENV, f"score.{where}.batch=kill,at=3,once={marker}")
     out = f"s3://rel/out-kill-{where}"
     run(_cfg(lake, out))
     assert marker.exists()  # the worker really died
@@ -140,25 +147,75 @@ def test_a_killed_worker_is_replaced_and_every_input_has_one_row(lake, baseline,
     _same_rows_and_scores(table, baseline)
 
 
+def _taking_over(cfg: ScoreJobConfig, dead_run: str) -> ScoreJobConfig:
+    """``cfg`` for a rerun that takes the lease of ``dead_run`` at once (what an operator does after a crash)."""
+    data = cfg.model_dump(mode="json")
+    data["output"]["take_over_lease"] = dead_run
+    return ScoreJobConfig.model_validate(data)
+
+
 def test_driver_killed_before_publishing_then_rerun(lake, baseline, tmp_path, ray_local):
-    """The driver dies with the whole run staged: nothing becomes visible; the rerun publishes everything once."""
+    """The driver dies with the whole run staged: nothing becomes visible; its lease holds the night until it
+    is taken over; the rerun publishes everything once and removes the dead run's staging."""
+    from clipn_core.errors import LeaseHeldError
+
     out = "s3://rel/out-driver"
     cfg_file = tmp_path / "score.yaml"
-    cfg_file.write_text(yaml.safe_dump(_cfg(lake, out).model_dump(mode="json", exclude_none=True)))
+    cfg_file.write_text(yaml.safe_dump(_cfg(lake, out).model_copy(update={"run_id": "killed"})
+                                       .model_dump(mode="json", exclude_none=True)))
     marker = tmp_path / "driver.killed"
-    env = {**os.environ, SCORE_FAULT_ENV: f"driver:0:{marker}",
+    env = {**os.environ, FAILPOINTS_ENV: f"score.staged=kill,once={marker}",
            "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     proc = subprocess.run([sys.executable, "-m", "jobs", "score", "--config", str(cfg_file)], env=env,
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and marker.exists(), proc.stderr[-2000:]
+    assert proc.returncode == KILLED_EXIT and marker.exists(), proc.stderr[-2000:]
     assert _published(lake, out) is None  # the failed attempt never became visible
     fs = fsspec.filesystem("s3", **lake["opts"])
     staged = [p for p in fs.find("rel/out-driver/_staging") if p.endswith(".parquet")]
     assert staged  # it had written its rows, only to staging
 
-    run(_cfg(lake, out))  # the rerun of the same run date
+    with pytest.raises(LeaseHeldError, match="run killed"):  # its heartbeat is fresh: it looks alive
+        run(_cfg(lake, out))
+    run(_taking_over(_cfg(lake, out), "killed"))  # the rerun of the same run date
     table = _published(lake, out)
     record("driver killed after staging, rerun", 1, lake["uris"], table["uri"].to_pylist())
+    _same_rows_and_scores(table, baseline)
+    fs.invalidate_cache()  # this filesystem listed the staging before the rerun changed it
+    assert not fs.find("rel/out-driver/_staging") and not fs.find("rel/out-driver/_leases"), fs.find("rel/out-driver")
+
+
+@pytest.mark.parametrize("store", ["local folder", "S3"])
+def test_two_runs_of_one_night_started_together_leave_one_copy_and_the_loser_says_why(lake, baseline, tmp_path,
+                                                                                   ray_local, store):
+    """Two ``clipn score`` processes of the same output and night start at once. Whichever takes the night's
+    lease first holds it (a failpoint pauses it there, so that the other surely tries while it is held); the
+    other exits 75 with one line naming it, having written nothing; the winner then publishes a clean run's
+    rows."""
+    import time
+
+    from clipn_core.errors import LeaseHeldError
+
+    out = str(tmp_path / "out") if store == "local folder" else "s3://rel/out-together"
+    release = tmp_path / "release"
+    env = {FAILPOINTS_ENV: f"lease.acquired=pause,until={release}"}
+    procs = {name: _submit(_cfg(lake, out).model_copy(update={"run_id": name}), tmp_path, name, ray_local, env)
+             for name in ("runA", "runB")}
+    deadline = time.monotonic() + 300
+    while all(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    done = [name for name, p in procs.items() if p.poll() is not None]
+    assert len(done) == 1, "neither run stopped at the other's lease"
+    loser, winner = done[0], ({"runA", "runB"} - set(done)).pop()
+    _, err = procs[loser].communicate()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert procs[loser].returncode == LeaseHeldError.exit_code == 75, err[-2000:]
+    assert len(errors) == 1 and f"run {winner}" in errors[0] and "wrote nothing" in errors[0], err[-2000:]
+    assert _published(lake, out) is None  # the winner still holds the night, unpublished; the loser wrote nothing
+    release.touch()
+    _, err = procs[winner].communicate(timeout=300)
+    assert procs[winner].returncode == 0, err[-2000:]
+    table = _published(lake, out)
+    record(f"two runs of one night started together ({store})", 1, lake["uris"], table["uri"].to_pylist())
     _same_rows_and_scores(table, baseline)
 
 
@@ -295,12 +352,13 @@ def test_iceberg_driver_killed_before_the_commit_leaves_the_last_snapshot_then_r
     _, table = _table_rows(cfg)
     before = table.current_snapshot().snapshot_id
     marker = tmp_path / "driver.killed"
-    proc = _submit(cfg, tmp_path, "killed", ray_local, {SCORE_FAULT_ENV: f"driver:0:{marker}"})
+    proc = _submit(cfg.model_copy(update={"run_id": "killed"}), tmp_path, "killed", ray_local,
+                   {FAILPOINTS_ENV: f"score.staged=kill,once={marker}"})
     _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 1 and marker.exists(), err[-2000:]
+    assert proc.returncode == KILLED_EXIT and marker.exists(), err[-2000:]
     rows, table = _table_rows(cfg)
     assert table.current_snapshot().snapshot_id == before and rows["uri"].to_pylist() == ["s3://rel/old.jpg"]
-    run(cfg)  # the rerun of the same night
+    run(_taking_over(cfg, "killed"))  # the rerun of the same night
     rows, _ = _table_rows(cfg)
     night_rows = rows.filter(pc.field("run_id") != "earlier")
     assert len(rows) == len(night_rows) + 1  # the earlier night stands beside it

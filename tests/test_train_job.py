@@ -17,9 +17,9 @@ import clipn_core as cc
 from clipn_core import world
 from clipn_core.errors import InputError
 from jobs.cli import main as cli_main
+from jobs.failpoints import ENV as FAILPOINTS_ENV
 from jobs.score import run as run_score
 from jobs.train import TrainingError, run
-from jobs.train_loop import FAULT_ENV
 from schemas.score_config import ScoreJobConfig
 from schemas.train_config import TrainJobConfig
 
@@ -179,7 +179,8 @@ def _write_shards(folder, pairs_per_shard: int, shards: int) -> int:
 def test_worker_killed_mid_run_resumes_from_its_checkpoint(ray_local, tmp_path, monkeypatch):
     bad = _write_shards(tmp_path / "shards", 40, 4)
     marker = tmp_path / "killed"
-    monkeypatch.setenv(FAULT_ENV, f"5:1:{marker}")
+    # rank 1 dies after step 5, once, 5 s after reporting (Ray Train registers checkpoints when it polls, every 2 s)
+    monkeypatch.setenv(FAILPOINTS_ENV, f"train.step=kill,step=5,rank=1,once={marker},wait=5")
     cfg = TrainJobConfig.model_validate(train_cfg(
         str(tmp_path / "shards"), tmp_path, "crash", data__kind="webdataset",
         loop__steps=8, loop__batch_size=8, loop__checkpoint_every=3, run__max_failures=1,
@@ -199,11 +200,11 @@ def test_rerun_with_the_same_name_resumes(ray_local, tmp_path, monkeypatch):
     marker = tmp_path / "killed"
     base = train_cfg(str(tmp_path / "pairs.parquet"), tmp_path, "rerun", loop__steps=6, loop__batch_size=8,
                      loop__checkpoint_every=2, run__max_failures=0, run__num_workers=1, run__cpus_per_worker=1)
-    monkeypatch.setenv(FAULT_ENV, f"3:0:{marker}")
+    monkeypatch.setenv(FAILPOINTS_ENV, f"train.step=kill,step=3,rank=0,once={marker},wait=5")
     with pytest.raises(TrainingError, match="rerun"):
         run(TrainJobConfig.model_validate(base))
     assert marker.exists() and not (tmp_path / "out" / "rerun.safetensors").exists()
-    monkeypatch.delenv(FAULT_ENV)
+    monkeypatch.delenv(FAILPOINTS_ENV)
     summary = run(TrainJobConfig.model_validate(base))
     assert summary["steps"] == 6 and summary["restarts"] == 1
     assert [h["step"] for h in history(summary["checkpoint"])] == [1, 2, 3, 4, 5, 6]

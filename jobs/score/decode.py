@@ -17,7 +17,7 @@ import numpy as np
 
 from clipn_core.images import DecodeError, split_preprocessor
 from clipn_core.storage import Storage
-from jobs.faults import maybe_die
+from jobs import failpoints
 from jobs.inputs import tar_members
 from jobs.score.read import start_fetch
 from schemas.status import STATUS_OK, STATUS_READ_ERROR
@@ -85,13 +85,10 @@ class _Rows:
         return out
 
 
-def read_decode_batch(batch: dict, storage: Storage, settings: DecodeSettings, concurrency: int,
-                      fault: str | None = None) -> dict:
+def read_decode_batch(batch: dict, storage: Storage, settings: DecodeSettings, concurrency: int) -> dict:
     """CPU step for prefix/manifest inputs: fetch every URI's bytes concurrently and decode each as soon as it
-    arrives (so a batch waits for its first object only); one row per URI, in input order.
-
-    ``fault``: test hook (:mod:`jobs.faults`)."""
-    maybe_die(fault, "decode")
+    arrives (so a batch waits for its first object only); one row per URI, in input order."""
+    failpoints.hit("score.decode.batch")
     uris = [str(u) for u in batch["uri"]]
     futures = start_fetch(uris, storage, concurrency)
     slot = {id(f): i for i, f in enumerate(futures)}

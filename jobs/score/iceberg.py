@@ -8,11 +8,19 @@ readers (Spark, Trino, DuckDB, pyiceberg) cannot see them. The commit is one tra
    new column; old data files are not rewritten, their rows read it as null);
 2. delete the rows of the same night, model id and class set (a rerun replaces them);
 3. add the run's data files;
+4. set the night's watermark and lake bank as table properties (``clipn.watermark.<night>``,
+   ``clipn.lake-bank.<night>.<model>.<class set>``), which snapshot expiry never removes;
 
 with snapshot properties carrying what ``_manifest.json`` carries. Readers see the old
 snapshot or the new one, never a mix. Two runs that commit at the same time conflict in
 the catalog: the loser reloads the table and retries its transaction (its data files are
 still there), up to :data:`COMMIT_ATTEMPTS` times, then fails naming the table.
+
+A commit whose answer is lost (a REST catalog's 500/502/504, ``CommitStateUnknownException``)
+may have landed: the run looks for a snapshot carrying its run id, and commits again only if
+there is none. A run's data files are deleted after a failure only when no commit was sent or
+every one sent was refused for sure (:class:`NightCommit`); otherwise they stay, since a
+snapshot may reference them, for the table's orphan-file cleanup.
 
 The table's schema is the one Arrow output schema (:data:`schemas.output.OUTPUT_SCHEMA`),
 with embeddings widened to float32 (Iceberg has no half floats), plus ``run_date`` (the
@@ -23,6 +31,7 @@ converted once with field ids; it is partitioned by ``day(run_date)`` and ``mode
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import time
 import warnings
@@ -31,13 +40,18 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from clipn_core.errors import CommitConflictError, InputError, redact_uri
+from clipn_core.errors import CommitConflictError, CommitUnknownError, InputError, redact_uri
 from clipn_core.storage import Storage, is_remote
-from schemas.manifest import ScoreManifest
+from jobs import failpoints
+from schemas.manifest import ScoreManifest, Watermark
 from schemas.score_config import IcebergConfig
 
 log = logging.getLogger("clipn.score")
 COMMIT_ATTEMPTS = 8
+# table properties, which snapshot expiry leaves alone: a night's watermark and the lake banks it built
+WATERMARK_PROP = "clipn.watermark."
+BANK_PROP = "clipn.lake-bank."
+NIGHTS_KEPT = 400
 RUN_DATE = "run_date"
 # pyiceberg's own S3 file IO for the local default catalog: s3fs, with botocore's retries, as the jobs use
 _FSSPEC_IO = "pyiceberg.io.fsspec.FsspecFileIO"
@@ -182,57 +196,165 @@ class Commit:
     files: int
 
 
+def _unknown() -> BaseException:
+    from pyiceberg.exceptions import CommitStateUnknownException
+
+    return CommitStateUnknownException("failpoint: the catalog's answer to the commit was lost")
+
+
+def _run_snapshot(table, run_id: str) -> int | None:
+    """The id of a snapshot the run ``run_id`` committed (its ``clipn.run_id`` property), or None."""
+    for snap in table.metadata.snapshots:
+        if snap.summary and snap.summary.additional_properties.get("clipn.run_id") == run_id:
+            return snap.snapshot_id
+    return None
+
+
+def night_properties(table, manifest: ScoreManifest) -> tuple[dict[str, str], list[str]]:
+    """(table properties to set, to remove) for a night's commit: its watermark and lake bank, kept in the table's
+    properties, which snapshot expiry never removes, for the :data:`NIGHTS_KEPT` latest nights."""
+    day = manifest.run_date.isoformat()
+    props = {}
+    if manifest.watermark is not None:
+        props[f"{WATERMARK_PROP}{day}"] = json.dumps({"at": manifest.watermark.isoformat(), "run_id": manifest.run_id})
+    if manifest.lake_bank_built:
+        props[f"{BANK_PROP}{day}.{manifest.model_id[:16]}.{manifest.class_set_hash}"] = manifest.lake_bank_built
+    nights = sorted({k[len(WATERMARK_PROP):] for k in table.properties if k.startswith(WATERMARK_PROP)} | {day})
+    old = set(nights[:-NIGHTS_KEPT])
+    drop = [k for k in table.properties
+            if (k.startswith(WATERMARK_PROP) and k[len(WATERMARK_PROP):] in old)
+            or (k.startswith(BANK_PROP) and k[len(BANK_PROP):].split(".", 1)[0] in old)]
+    return props, drop
+
+
+class NightCommit:
+    """One run's commit of its night (module docstring), and what is known of whether it landed.
+
+    ``sent``: a commit request may have reached the catalog; ``unknown``: an answer was lost, so it may have
+    landed although no snapshot of the run was found; ``rejected``: every request sent was refused for sure
+    (``CommitFailedException`` / ``ValidationException``), so none landed. Its data files may be deleted
+    only when nothing was sent or everything sent was rejected."""
+
+    def __init__(self, cfg: IcebergConfig, storage: Storage, files: list[str], manifest: ScoreManifest):
+        self.cfg, self.storage, self.files, self.manifest = cfg, storage, files, manifest
+        self.sent = self.unknown = self.rejected = False
+        self._requests = 0  # commit requests sent
+
+    def _resolve(self) -> int | None:
+        """After an unknown answer: the run's snapshot id if the commit landed, None if not (yet); raises
+        :class:`CommitUnknownError` when the table cannot be read to tell."""
+        try:
+            failpoints.hit("iceberg.refresh.before")
+            table = load_table(self.cfg, self.storage, create=False)
+            failpoints.hit("iceberg.refresh.after")
+        except Exception as e:  # noqa: BLE001 - re-raised typed: the commit's fate stays unknown
+            raise CommitUnknownError(
+                f"Iceberg table {self.cfg.table}: the commit of run {self.manifest.run_id} got no answer and the "
+                f"table could not be read to tell whether it landed ({type(e).__name__}: {redact_uri(str(e))}); its "
+                "data files are kept (Iceberg's orphan-file cleanup removes them if no snapshot references them)") from e
+        return _run_snapshot(table, self.manifest.run_id) if table is not None else None
+
+    def run(self) -> Commit:
+        """Commit, retried on a concurrent commit and resolved by the run id on an unknown answer; raises
+        :class:`CommitConflictError` (nothing landed) or :class:`CommitUnknownError` (it may have landed)."""
+        from pyiceberg.exceptions import (
+            CommitFailedException,
+            CommitStateUnknownException,
+            ValidationException,
+        )
+        from pyiceberg.expressions import And, EqualTo
+
+        manifest = self.manifest
+        rows_of_this_night = And(EqualTo(RUN_DATE, night(manifest.run_date).isoformat()),
+                                 And(EqualTo("model_id", manifest.model_id),
+                                     EqualTo("class_set_hash", manifest.class_set_hash)))
+        props = snapshot_properties(manifest)
+        definite = 0  # sent requests refused for sure
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            table = load_table(self.cfg, self.storage, create=True)
+            tx = table.transaction()
+            with tx.update_schema() as update:
+                update.union_by_name(iceberg_schema())
+            with warnings.catch_warnings():  # a first night has nothing to replace, which is no news
+                warnings.filterwarnings("ignore", "Delete operation did not match any records")
+                tx.delete(rows_of_this_night, snapshot_properties=props)
+            if self.files:
+                tx.add_files(self.files, snapshot_properties=props)
+            else:  # a night with nothing new still gets its snapshot, which records the run (and its watermark)
+                tx.append(table_schema().empty_table(), snapshot_properties=props)
+            keep, drop = night_properties(table, manifest)
+            if keep:
+                tx.set_properties(keep)
+            if drop:
+                tx.remove_properties(*drop)
+            try:
+                failpoints.hit("iceberg.commit.before")
+                self.sent, self.rejected = True, False
+                self._requests += 1
+                failpoints.hit("iceberg.commit.unknown_before", error=_unknown)
+                table = tx.commit_transaction()
+                failpoints.hit("iceberg.commit.unknown_after", error=_unknown)
+                failpoints.hit("iceberg.commit.after")
+                return Commit(table.current_snapshot().snapshot_id, attempt, len(self.files))
+            # pyiceberg retries a refused commit itself, but then validates that no concurrent snapshot added
+            # files matching our delete (they would survive it): that one must redo the whole transaction
+            except (CommitFailedException, ValidationException) as e:
+                definite += 1
+                self.rejected = definite == self._requests and not self.unknown
+                if attempt == COMMIT_ATTEMPTS:
+                    error = CommitUnknownError if self.unknown else CommitConflictError
+                    raise error(f"Iceberg table {self.cfg.table}: gave up after {attempt} commits that lost to "
+                                f"concurrent writers: {e}") from e
+                log.warning("commit to %s lost to a concurrent writer (%s); retrying", self.cfg.table, e)
+            # a 500/502/504 from a REST catalog: the commit may have landed. Its snapshots carry the run id;
+            # when none does, committing again is safe: a late copy of the first request carries the same
+            # requirements, which the catalog refuses once the table has moved on
+            except CommitStateUnknownException as e:
+                self.unknown, self.rejected = True, False
+                log.warning("commit of run %s to %s got no answer (%s); looking for its snapshot", manifest.run_id,
+                            self.cfg.table, e)
+                found = self._resolve()
+                if found is not None:
+                    log.info("the commit of run %s had landed (snapshot %d)", manifest.run_id, found)
+                    return Commit(found, attempt, len(self.files))
+                if attempt == COMMIT_ATTEMPTS:
+                    raise CommitUnknownError(f"Iceberg table {self.cfg.table}: {attempt} commits of run "
+                                             f"{manifest.run_id} got no answer and none of its snapshots is there; "
+                                             "its data files are kept") from e
+            time.sleep(min(2.0, 0.1 * 2 ** attempt))
+        raise AssertionError("unreachable")
+
+
 def commit_night(cfg: IcebergConfig, storage: Storage, files: list[str], manifest: ScoreManifest) -> Commit:
     """Replace the night's rows for this model and class set with ``files``, in one transaction (module
-    docstring); retried on a concurrent commit."""
-    from pyiceberg.exceptions import CommitFailedException, ValidationException
-    from pyiceberg.expressions import And, EqualTo
-
-    rows_of_this_night = And(EqualTo(RUN_DATE, night(manifest.run_date).isoformat()),
-                             And(EqualTo("model_id", manifest.model_id),
-                                 EqualTo("class_set_hash", manifest.class_set_hash)))
-    props = snapshot_properties(manifest)
-    for attempt in range(1, COMMIT_ATTEMPTS + 1):
-        table = load_table(cfg, storage, create=True)
-        try:
-            with table.transaction() as tx:
-                with tx.update_schema() as update:
-                    update.union_by_name(iceberg_schema())
-                with warnings.catch_warnings():  # a first night has nothing to replace, which is no news
-                    warnings.filterwarnings("ignore", "Delete operation did not match any records")
-                    tx.delete(rows_of_this_night, snapshot_properties=props)
-                if files:
-                    tx.add_files(files, snapshot_properties=props)
-                else:  # a night with nothing new still gets its snapshot, which records the run (and its watermark)
-                    tx.append(table_schema().empty_table(), snapshot_properties=props)
-            table = table.refresh()
-            return Commit(table.current_snapshot().snapshot_id, attempt, len(files))
-        # pyiceberg retries a refused commit itself, but then validates that no concurrent snapshot added
-        # files matching our delete (they would survive it): that one must redo the whole transaction
-        except (CommitFailedException, ValidationException) as e:
-            if attempt == COMMIT_ATTEMPTS:
-                raise CommitConflictError(f"Iceberg table {cfg.table}: gave up after {attempt} commits that lost to "
-                                   f"concurrent writers: {e}") from e
-            log.warning("commit to %s lost to a concurrent writer (%s); retrying", cfg.table, e)
-            time.sleep(min(2.0, 0.1 * 2 ** attempt))
-    raise AssertionError("unreachable")
+    docstring): :meth:`NightCommit.run`."""
+    return NightCommit(cfg, storage, files, manifest).run()
 
 
-def last_watermark(cfg: IcebergConfig, storage: Storage, run_date: dt.date) -> tuple[dt.datetime, str] | None:
-    """(watermark, run id) of the latest run committed to the table for an earlier night, from its snapshots'
-    properties, or None (no table, no such run)."""
+def _snapshot_nights(table) -> list[dict[str, str]]:
+    """The ``clipn.*`` properties of the table's snapshots (what tables written before the night properties
+    kept, and only there)."""
+    return [snap.summary.additional_properties for snap in table.metadata.snapshots if snap.summary]
+
+
+def watermarks(cfg: IcebergConfig, storage: Storage, run_date: dt.date) -> list[Watermark]:
+    """The watermarks of the nights committed to the table other than ``run_date``: from the table's
+    properties, and its snapshots' for tables written before those (none without a table)."""
     table = load_table(cfg, storage, create=False)
     if table is None:
-        return None
-    best = None
-    for snap in table.metadata.snapshots:
-        props = snap.summary.additional_properties if snap.summary else {}
-        mark, day = props.get("clipn.watermark"), props.get("clipn.run_date")
-        if mark and day and day < run_date.isoformat():
-            value = dt.datetime.fromisoformat(mark)
-            if best is None or value > best[0]:
-                best = (value, props.get("clipn.run_id", ""))
-    return best
+        return []
+    found: dict[dt.date, Watermark] = {}
+    for props in _snapshot_nights(table):
+        if props.get("clipn.watermark") and props.get("clipn.run_date"):
+            mark = Watermark(at=dt.datetime.fromisoformat(props["clipn.watermark"]), run_id=props.get("clipn.run_id", ""),
+                             run_date=dt.date.fromisoformat(props["clipn.run_date"]))
+            found[mark.run_date] = max(found.get(mark.run_date, mark), mark, key=lambda w: w.at)
+    for key, value in table.properties.items():  # the night's latest run: these win over the snapshots'
+        if key.startswith(WATERMARK_PROP):
+            mark = json.loads(value)
+            day = dt.date.fromisoformat(key[len(WATERMARK_PROP):])
+            found[day] = Watermark(at=dt.datetime.fromisoformat(mark["at"]), run_id=mark["run_id"], run_date=day)
+    return [w for day, w in sorted(found.items()) if day != run_date]
 
 
 def scored_uris(cfg: IcebergConfig, storage: Storage, run_date: dt.date, model_id: str, class_set_hash: str):
@@ -251,18 +373,34 @@ def scored_uris(cfg: IcebergConfig, storage: Storage, run_date: dt.date, model_i
     return rows.filter(expr=scored).select_columns(["uri"])
 
 
+def night_uris(cfg: IcebergConfig, storage: Storage, nights: list[dt.date]):
+    """A Ray dataset of every URI the table holds for ``nights`` (any status and model), or None when there is
+    no table: what the overlap of ``since`` must not score again."""
+    import ray
+    from ray.data.expressions import col
+
+    if not nights or load_table(cfg, storage, create=False) is None:
+        return None
+    rows = ray.data.read_iceberg(table_identifier=cfg.table,
+                                 catalog_kwargs={"name": cfg.catalog, **catalog_properties(cfg, storage)})
+    return rows.filter(expr=col(RUN_DATE).is_in([night(d) for d in nights])).select_columns(["uri"])
+
+
 def latest_bank_uri(cfg: IcebergConfig, storage: Storage, run_date: dt.date, model_id: str,
                     class_set_hash: str) -> str | None:
-    """The lake bank built by the latest run of an earlier night with this model and class set (from the
-    snapshots' properties), or None."""
+    """The lake bank built by the latest night before ``run_date`` with this model and class set (the table's
+    properties, and its snapshots' for tables written before those), or None."""
     table = load_table(cfg, storage, create=False)
     if table is None:
         return None
-    best: tuple[str, str] | None = None  # (night, bank URI)
-    for snap in table.metadata.snapshots:
-        props = snap.summary.additional_properties if snap.summary else {}
+    found: list[tuple[str, str]] = []  # (night, bank URI)
+    suffix = f".{model_id[:16]}.{class_set_hash}"
+    for key, value in table.properties.items():
+        if key.startswith(BANK_PROP) and key.endswith(suffix):
+            found.append((key[len(BANK_PROP):-len(suffix)], value))
+    for props in _snapshot_nights(table):
         day, bank = props.get("clipn.run_date"), props.get("clipn.lake_bank_built")
-        if (bank and day and day < run_date.isoformat() and props.get("clipn.model_id") == model_id
-                and props.get("clipn.class_set_hash") == class_set_hash and (best is None or day > best[0])):
-            best = (day, bank)
-    return best[1] if best else None
+        if bank and day and props.get("clipn.model_id") == model_id and props.get("clipn.class_set_hash") == class_set_hash:
+            found.append((day, bank))
+    earlier = [f for f in found if f[0] < run_date.isoformat()]
+    return max(earlier)[1] if earlier else None

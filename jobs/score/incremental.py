@@ -8,9 +8,12 @@
   bank of image proxies (:mod:`clipn_core.lake_bank`) stored beside the output under the
   model id and class set; the next night scores ``clipn_neg_lake`` with the latest one.
 * ``input.since``: only objects modified after a watermark are listed. ``last_run`` takes
-  the watermark of the latest published run of this output for an earlier date (its
-  ``_manifest.json`` ``watermark``, the moment its listing began), so consecutive nights
-  see each object once and a rerun of a night sees what that night saw.
+  the latest watermark of the published nights of this output before this one (a
+  ``_manifest.json`` ``watermark``: when its listing began, on the store's clock) minus
+  ``input.since_margin_s``, and leaves out the objects that the nights listed since then
+  already hold (the overlap the margin lists again, and objects written while a listing
+  ran), so consecutive nights score each object once, and a rerun of a night sees what
+  that night saw.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from clipn_core.lake_bank import (
     keep_for_bank,
 )
 from clipn_core.storage import Storage
-from jobs.score.publish import MANIFEST, SUCCESS
-from schemas.manifest import ScoreManifest
+from jobs.score.publish import night_files, published_nights
+from schemas.manifest import ScoreManifest, Watermark
 from schemas.status import STATUS_OK
 
 log = logging.getLogger("clipn.score")
@@ -39,50 +42,37 @@ log = logging.getLogger("clipn.score")
 JOIN_PARTITIONS = 16
 
 
-def published_partitions(root: str, storage: Storage, exclude: dt.date | None = None) -> list[str]:
-    """Paths (no protocol) of the published ``run_date=`` partitions under ``root`` (those with ``_SUCCESS``),
-    except the one of ``exclude``; one listing of the root, one existence check per partition."""
-    fs, path = storage.fs(root)
-    if not fs.exists(path):
-        return []
-    parts = []
-    for part in sorted(fs.ls(path, detail=False)):
-        name = part.rstrip("/").rsplit("/", 1)[-1]
-        if not name.startswith("run_date=") or (exclude and name == f"run_date={exclude.isoformat()}"):
-            continue
-        if fs.exists(f"{part}/{SUCCESS}"):  # never published: not trusted
-            parts.append(part)
-    return parts
-
-
-def last_watermark(root: str, run_date: dt.date, storage: Storage) -> tuple[dt.datetime, str] | None:
-    """(watermark, run id) of the latest published run of ``root`` for an earlier date than ``run_date``, or None.
-
-    Earlier dates only: rerunning a night then sees what that night saw the first time.
-    """
-    fs, _ = storage.fs(root)
-    best: tuple[dt.datetime, str] | None = None
-    for part in published_partitions(root, storage, exclude=run_date):
-        if part.rstrip("/").rsplit("run_date=", 1)[-1] > run_date.isoformat():
-            continue
-        manifest = ScoreManifest.model_validate_json(fs.cat_file(f"{part}/{MANIFEST}"))
-        if manifest.watermark is not None and (best is None or manifest.watermark > best[0]):
-            best = (manifest.watermark, manifest.run_id)
-    return best
+def watermarks(root: str, run_date: dt.date, storage: Storage) -> list[Watermark]:
+    """The watermarks of the published nights of ``root`` other than ``run_date`` (their manifests')."""
+    return [Watermark(at=m.watermark, run_id=m.run_id, run_date=m.run_date)
+            for _, m in published_nights(root, storage, exclude=run_date) if m.watermark is not None]
 
 
 def scored_uris(root: str, run_date: dt.date, model_id: str, class_set_hash: str,
                 storage: Storage) -> ray.data.Dataset | None:
-    """A dataset of the URIs scored ``ok`` in published partitions other than ``run_date`` with the same
-    model and class set (read by Ray, never on the driver), or None when there is no such partition."""
-    parts = published_partitions(root, storage, exclude=run_date)
-    if not parts:
+    """A dataset of the URIs scored ``ok`` in published nights other than ``run_date`` with the same
+    model and class set (the files their manifests name, read by Ray, never on the driver), or None when
+    there is no such night."""
+    fs, _ = storage.fs(root)
+    files = [f for part, m in published_nights(root, storage, exclude=run_date)
+             if m.model_id == model_id and m.class_set_hash == class_set_hash for f in night_files(fs, part, m)]
+    if not files:
         return None
     arrow_fs, _ = storage.arrow(root)
-    ds = ray.data.read_parquet(parts, filesystem=arrow_fs, partitioning=None)
+    ds = ray.data.read_parquet(files, filesystem=arrow_fs, partitioning=None)
     ds = ds.select_columns(["uri", "model_id", "class_set_hash", "status"]).filter(expr=(col("model_id") == model_id) & (col("class_set_hash") == class_set_hash)
                    & (col("status") == STATUS_OK))
     return ds.select_columns(["uri"])
+
+
+def night_uris(root: str, nights: list[dt.date], storage: Storage) -> ray.data.Dataset | None:
+    """A dataset of every URI the published ``nights`` hold (any status and model), or None when none is
+    published: what the overlap of ``since`` must not score again."""
+    fs, _ = storage.fs(root)
+    files = [f for part, m in published_nights(root, storage) if m.run_date in nights for f in night_files(fs, part, m)]
+    if not files:
+        return None
+    return ray.data.read_parquet(files, filesystem=storage.arrow(root)[0], partitioning=None).select_columns(["uri"])
 
 
 def drop_scored(inputs: ray.data.Dataset, scored: ray.data.Dataset) -> ray.data.Dataset:
@@ -97,21 +87,16 @@ def bank_path(root: str, model_id: str, class_set_hash: str, run_id: str) -> str
 
 def latest_bank(root: str, run_date: dt.date, model_id: str, class_set_hash: str,
                 storage: Storage) -> tuple[str, LakeBank] | None:
-    """(URI, bank) built by the latest published run of ``root`` for an earlier date with the same model and class
-    set, or None. Reads one manifest per published night."""
-    fs, _ = storage.fs(root)
-    best: tuple[str, str] | None = None  # (run_date, bank URI)
-    for part in published_partitions(root, storage, exclude=run_date):
-        day = part.rstrip("/").rsplit("run_date=", 1)[-1]
-        if day > run_date.isoformat():
-            continue
-        manifest = ScoreManifest.model_validate_json(fs.cat_file(f"{part}/{MANIFEST}"))
-        if (manifest.lake_bank_built and manifest.model_id == model_id and manifest.class_set_hash == class_set_hash
-                and (best is None or day > best[0])):
-            best = (day, manifest.lake_bank_built)
+    """(URI, bank) built by the latest published night of ``root`` before ``run_date`` with the same model and
+    class set, or None. Reads one manifest per published night."""
+    best: ScoreManifest | None = None
+    for _, manifest in published_nights(root, storage, exclude=run_date):
+        if (manifest.run_date < run_date and manifest.lake_bank_built and manifest.model_id == model_id
+                and manifest.class_set_hash == class_set_hash and (best is None or manifest.run_date > best.run_date)):
+            best = manifest
     if best is None:
         return None
-    return best[1], bank_from_bytes(storage.read_bytes(best[1]))
+    return best.lake_bank_built, bank_from_bytes(storage.read_bytes(best.lake_bank_built))
 
 
 def build_lake_bank(staged: str, storage: Storage, ok_rows: int) -> LakeBank:

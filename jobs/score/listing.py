@@ -48,6 +48,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from clipn_core.errors import InputError, redact_uri
 from clipn_core.storage import Storage
+from jobs.score.store import store_now
 
 PAGE_SIZE = 1000  # keys per ListObjectsV2 request (S3's maximum)
 _MAX_CHAR = "\U0010ffff"  # the greatest code point: sorts after every other character in UTF-8 order
@@ -329,7 +330,8 @@ def _list_ranges(ranges: list[tuple[int, KeyRange | Folder]], spec: ListingSpec,
 class ObjectListing(Datasource):
     """A Ray Data source of the ``uri`` of every object under a prefix with one of ``extensions``, modified
     after ``since`` when given (module docstring). Planning happens here, on the driver, before any Ray work:
-    a missing bucket, no access or an empty prefix raise :class:`InputError` naming the URI."""
+    a missing bucket, no access or an empty prefix raise :class:`InputError` naming the URI. ``started_at``:
+    the store's clock when the planning began (the watermark of a night)."""
 
     def __init__(self, uri: str, extensions: list[str], storage: Storage, since: dt.datetime | None = None,
                  target_ranges: int = 64, page_size: int = PAGE_SIZE):
@@ -339,6 +341,9 @@ class ObjectListing(Datasource):
         fs, path = storage.fs(uri)
         protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
         try:
+            # before the first listing request: an object written after this may be missed by this listing,
+            # so the next night must list it. The store's clock, since its LastModified is what is compared
+            self.started_at = store_now(storage, uri)
             if protocol in ("s3", "s3a"):
                 bucket, _, key = path.partition("/")
                 prefix = key.rstrip("/") + "/" if key.strip("/") else ""  # a folder, as fsspec's find lists it

@@ -1,9 +1,12 @@
 """Assembly of the nightly scoring job: setup on the driver, then read -> decode -> score -> write -> publish.
 
 Everything that can be wrong in the configuration (classes, templates, model, input
-listing) fails on the driver before any Ray work starts. Nothing is materialised or
-collected on the driver: Ray Data streams the rows from the read tasks through the
-scorer actors into staged Parquet, which is then published with its manifest.
+listing) fails on the driver before any Ray work starts and before anything is written.
+Then the run takes its night's lease (:mod:`jobs.score.lease`: a second run of the same
+night stops here), and nothing is materialised or collected on the driver: Ray Data
+streams the rows from the read tasks through the scorer actors into staged Parquet,
+which is then published with its manifest. A failure at any step leaves the night's
+previous rows readable (:mod:`jobs.score.targets`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import datetime as dt
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 
 import ray
 
@@ -21,17 +25,17 @@ from clipn_core.errors import InputError, redact_uri
 from clipn_core.images import split_preprocessor
 from clipn_core.lake_bank import bank_bytes
 from clipn_core.storage import Storage, is_remote
+from jobs import failpoints
 from jobs.calibration import check_fits, check_threshold, load_calibration
-from jobs.faults import maybe_die, score_fault_from_env
 from jobs.score.decode import DecodeSettings, read_decode_batch, read_tar_batch
 from jobs.score.iceberg import to_table_rows
 from jobs.score.incremental import bank_path, build_lake_bank, drop_scored
 from jobs.score.publish import PartFilenames, staged_stats
 from jobs.score.read import fetch_batch, input_dataset
 from jobs.score.scorer import ScorerActor
-from jobs.score.targets import OutputTarget, output_target
+from jobs.score.targets import OutputTarget, abandon_quietly, output_target, publish_or_abandon
 from jobs.scoring_setup import ScoringSetup, prepare
-from schemas.manifest import ScoreManifest
+from schemas.manifest import ScoreManifest, Watermark
 from schemas.output import OUTPUT_SCHEMA_VERSION
 from schemas.score_config import ScoreJobConfig
 
@@ -53,18 +57,38 @@ def check_decision(cfg: ScoreJobConfig, setup: ScoringSetup, storage: Storage) -
     return cal.id
 
 
-def resolve_since(cfg: ScoreJobConfig, target: OutputTarget, run_date: dt.date) -> tuple[dt.datetime | None, str | None]:
-    """(watermark to apply, run id it comes from) for ``input.since``: a time, the last run's, or none."""
-    if cfg.input.since == "last_run":
-        last = target.last_watermark(run_date)
-        return (last[0], last[1]) if last else (None, None)
-    return cfg.input.since, None
+@dataclass(frozen=True)
+class Since:
+    """What ``input.since`` resolved to: list objects modified after ``after``; with ``last_run`` also the
+    watermark it comes from and the nights whose rows must not be scored again (``overlap``)."""
+
+    after: dt.datetime | None = None
+    source: Watermark | None = None
+    overlap: tuple[dt.date, ...] = ()
 
 
-def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: ScoringSetup, storage: Storage, run_id: str,
-               fault: str | None) -> ray.data.Dataset:
+def resolve_since(cfg: ScoreJobConfig, target: OutputTarget, run_date: dt.date) -> Since:
+    """``input.since`` for this night: a given time; or with ``last_run`` the latest watermark of the nights
+    before this one minus ``input.since_margin_s``, and as overlap the nights whose listing began less than
+    two margins before that time (they may hold objects this night lists again: those modified in the
+    margin, and those written while a listing ran); or nothing."""
+    if cfg.input.since != "last_run":
+        return Since(after=cfg.input.since)
+    marks = target.watermarks(run_date)
+    earlier = [w for w in marks if w.run_date < run_date]
+    if not earlier:
+        return Since()
+    source = max(earlier, key=lambda w: w.at)
+    margin = dt.timedelta(seconds=cfg.input.since_margin_s)
+    after = source.at - margin
+    return Since(after, source, tuple(sorted(w.run_date for w in marks if w.at >= after - margin)))
+
+
+def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: ScoringSetup, storage: Storage,
+               run_id: str) -> ray.data.Dataset:
     """URIs -> output rows: read + decode tasks (or fetch only, when the scorer decodes), then the actor pool."""
     rt = cfg.runtime
+    forward = failpoints.ray_remote_args()  # workers see the driver's failpoints (none in production)
     settings = DecodeSettings(setup.preprocess_cfg, rt.preprocess, rt.decode, rt.max_pixels)
     if rt.decode == "device" and not DeviceDecoder(split_preprocessor(setup.preprocess_cfg, mode=rt.preprocess),
                                                    "cpu").decodes_on_device:
@@ -73,20 +97,19 @@ def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: ScoringSetup, s
                     "decoded on the scorer actors' CPU", rt.preprocess,
                     {k: setup.preprocess_cfg.get(k) for k in ("size", "resize_mode", "interpolation")})
     if cfg.input.kind == "tar":
-        ds = ds.map_batches(read_tar_batch, batch_size=1, num_cpus=rt.decode_cpus,
+        ds = ds.map_batches(read_tar_batch, batch_size=1, num_cpus=rt.decode_cpus, **forward,
                             fn_kwargs={"storage": storage, "settings": settings, "extensions": cfg.input.extensions})
     elif rt.decode == "cpu":
-        ds = ds.map_batches(read_decode_batch, batch_size=rt.decode_batch_size, num_cpus=rt.decode_cpus,
-                            fn_kwargs={"storage": storage, "settings": settings, "concurrency": rt.fetch_concurrency,
-                                       "fault": fault})
+        ds = ds.map_batches(read_decode_batch, batch_size=rt.decode_batch_size, num_cpus=rt.decode_cpus, **forward,
+                            fn_kwargs={"storage": storage, "settings": settings, "concurrency": rt.fetch_concurrency})
     else:  # the scorer decodes: the tasks only read
-        ds = ds.map_batches(fetch_batch, batch_size=rt.decode_batch_size, num_cpus=rt.decode_cpus,
+        ds = ds.map_batches(fetch_batch, batch_size=rt.decode_batch_size, num_cpus=rt.decode_cpus, **forward,
                             fn_kwargs={"storage": storage, "concurrency": rt.fetch_concurrency})
     return ds.map_batches(
         ScorerActor,
         fn_constructor_kwargs={
             "model_cfg": cfg.model, "heads": setup.heads, "runtime": rt, "decision": cfg.decision,
-            "storage": storage, "run_id": run_id, "embeddings": cfg.output.embeddings, "fault": fault,
+            "storage": storage, "run_id": run_id, "embeddings": cfg.output.embeddings,
             "logit_scale": setup.logit_scale, "scoring": setup.scorer_kwargs(),
         },
         batch_size=rt.batch_size,
@@ -94,17 +117,34 @@ def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: ScoringSetup, s
         num_gpus=rt.gpus_per_actor,
         num_cpus=rt.cpus_per_actor,
         batch_format="numpy",
+        **forward,
     )
 
 
+def skip_sets(cfg: ScoreJobConfig, target: OutputTarget, setup: ScoringSetup, run_date: dt.date,
+              since: Since) -> ray.data.Dataset | None:
+    """The URIs this night must not score, as one Ray dataset (or None): those already scored ``ok`` with this
+    model and class set (``skip_scored``), and every URI of the ``since`` overlap's nights."""
+    sets = []
+    if cfg.output.skip_scored:
+        sets.append(target.scored_uris(run_date, setup.model_id, setup.heads.class_set_hash))
+    if since.overlap:
+        sets.append(target.night_uris(list(since.overlap)))
+    sets = [s for s in sets if s is not None]
+    if len(sets) < 2:
+        return sets[0] if sets else None
+    return sets[0].union(*sets[1:])
+
+
 def run(cfg: ScoreJobConfig) -> ScoreManifest:
-    """Run the job; returns the published manifest. Raises before Ray work on any setup error."""
+    """Run the job; returns the published manifest. Raises before any Ray work or write on a setup error, and
+    :class:`~clipn_core.errors.LeaseHeldError` (writing nothing) when another live run holds the night."""
     t0 = time.perf_counter()
+    failpoints.check()
     storage = cfg.storage.bind()
     run_id = cfg.run_id or uuid.uuid4().hex[:12]
     run_date = cfg.effective_run_date()
 
-    fault = score_fault_from_env()
     target = output_target(cfg.output, storage)  # an unreachable catalog fails before the model work
     setup, _ = prepare(cfg.model, cfg.classes, cfg.templates, cfg.runtime, storage, cfg.negatives)
     bank_used = cfg.negatives.bank
@@ -116,60 +156,66 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
     calibration_id = check_decision(cfg, setup, storage)
     log.info("model %s, logit scale %.2f, %d classes, %d templates, class set %s", setup.model_id[:16],
              setup.logit_scale, len(setup.classes), len(setup.templates), setup.heads.class_set_hash)
-    since, since_run = resolve_since(cfg, target, run_date)
+    since = resolve_since(cfg, target, run_date)
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
-    watermark = dt.datetime.now(dt.timezone.utc)  # before the first listing request: the next night's since
-    inputs = input_dataset(cfg.input, storage, since)  # plans the listing: a missing or empty input fails here
-    ds = inputs.dataset
-    scored = target.scored_uris(run_date, setup.model_id, setup.heads.class_set_hash) if cfg.output.skip_scored else None
-    if scored is not None:
-        ds = drop_scored(ds, scored)
-    target.sweep(dt.timedelta(hours=cfg.output.staging_max_age_h), run_id)
-    staged = target.staged(run_id, run_date)
-    t_setup = time.perf_counter() - t0
-    try:
+    inputs = input_dataset(cfg.input, storage, since.after)  # plans the listing: a missing or empty input fails here
+    # the next night's since: when this listing began, on the store's clock
+    watermark = inputs.listing.started_at if inputs.listing else dt.datetime.now(dt.timezone.utc)
+    with target.lease(run_date, run_id, cfg.output.lease_ttl_s, cfg.output.take_over_lease) as lease:
+        ds = inputs.dataset
+        skip = skip_sets(cfg, target, setup, run_date, since)
+        if skip is not None:
+            ds = drop_scored(ds, skip)
+        target.sweep(dt.timedelta(hours=cfg.output.staging_max_age_h), run_id)
+        staged = target.staged(run_id, run_date)
+        t_setup = time.perf_counter() - t0
         with target.guard(staged):
-            out_fs, staged_p = storage.arrow(staged)
-            # Object stores have no directories; asking Ray to create one makes it delete a
-            # non-existent one (FileNotFoundError) when every input was skipped.
-            rows = score_rows(ds, cfg, setup, storage, run_id, fault)
-            if cfg.output.iceberg is not None:  # the table's rows: + run_date, embeddings as float32
-                rows = rows.map_batches(to_table_rows, batch_format="pyarrow", fn_kwargs={"run_date": run_date},
-                                        num_cpus=WRITE_CPUS)
-            rows.write_parquet(staged_p, filesystem=out_fs, filename_provider=PartFilenames(),
-                               try_create_dir=not is_remote(staged), ray_remote_args={"num_cpus": WRITE_CPUS})
-            t_score = time.perf_counter() - t0 - t_setup
-            stats = staged_stats(staged, storage)
-            listed, excluded = inputs.listing.totals() if inputs.listing else (None, 0)
-            if listed == 0 and not excluded:
-                raise InputError(f"no {'/'.join(cfg.input.extensions)} objects under {redact_uri(cfg.input.uri)}")
-            skipped = 0
-            if scored is not None:
-                skipped = listed - stats["rows"] if listed is not None else None
-            elif listed is not None and stats["rows"] != listed:
-                raise RuntimeError(f"wrote {stats['rows']} rows for {listed} listed inputs; not publishing")
-            bank_built = None
-            if cfg.output.lake_bank:
-                bank_built = bank_path(target.bank_root, setup.model_id, setup.heads.class_set_hash, run_id)
-                storage.write_bytes(bank_built, bank_bytes(build_lake_bank(staged, storage, stats["by_status"].get("ok", 0))))
-            maybe_die(fault, "driver")  # test hook: a driver crash with everything staged, nothing published
-            manifest = ScoreManifest(
-                schema_version=OUTPUT_SCHEMA_VERSION, run_id=run_id, run_date=run_date,
-                partition=target.partition(run_date), model_id=setup.model_id,
-                class_set_hash=setup.heads.class_set_hash, logit_scale=setup.logit_scale,
-                negatives_id=setup.negatives_id, negatives_count=len(setup.negatives or ()), classes=list(setup.classes),
-                templates=list(setup.templates), inputs_listed=listed, skipped_already_scored=skipped,
-                excluded_by_watermark=excluded, since=since, since_from_run=since_run, watermark=watermark,
-                decision=cfg.decision.model_dump(mode="json"), calibration_id=calibration_id,
-                lake_bank_used=bank_used, lake_bank_id=setup.bank_id, lake_bank_built=bank_built,
-                **stats, timings_s={"setup": round(t_setup, 3), "score_and_write": round(t_score, 3)},
-                images_per_s=round(stats["rows"] / t_score, 2) if t_score > 0 else None,
-                config=cfg.model_dump(mode="json"),
-            )
-            target.publish(staged, manifest, run_date)
-    except BaseException:
-        storage.remove_tree(staged)
-        raise
-    log.info("published %s: %d rows %s", manifest.partition, stats["rows"], stats["by_status"])
-    return manifest
+            try:
+                out_fs, staged_p = storage.arrow(staged)
+                # Object stores have no directories; asking Ray to create one makes it delete a
+                # non-existent one (FileNotFoundError) when every input was skipped.
+                rows = score_rows(ds, cfg, setup, storage, run_id)
+                if cfg.output.iceberg is not None:  # the table's rows: + run_date, embeddings as float32
+                    rows = rows.map_batches(to_table_rows, batch_format="pyarrow", fn_kwargs={"run_date": run_date},
+                                            num_cpus=WRITE_CPUS)
+                rows.write_parquet(staged_p, filesystem=out_fs, filename_provider=PartFilenames(),
+                                   try_create_dir=not is_remote(staged), ray_remote_args={"num_cpus": WRITE_CPUS})
+                t_score = time.perf_counter() - t0 - t_setup
+                stats = staged_stats(staged, storage)
+                listed, excluded = inputs.listing.totals() if inputs.listing else (None, 0)
+                if listed == 0 and not excluded:
+                    raise InputError(f"no {'/'.join(cfg.input.extensions)} objects under {redact_uri(cfg.input.uri)}")
+                skipped = 0
+                if skip is not None:
+                    skipped = listed - stats["rows"] if listed is not None else None
+                elif listed is not None and stats["rows"] != listed:
+                    raise RuntimeError(f"wrote {stats['rows']} rows for {listed} listed inputs; not publishing")
+                bank_built = None
+                if cfg.output.lake_bank:
+                    bank_built = bank_path(target.bank_root, setup.model_id, setup.heads.class_set_hash, run_id)
+                    storage.write_bytes(bank_built, bank_bytes(build_lake_bank(staged, storage,
+                                                                               stats["by_status"].get("ok", 0))))
+                failpoints.hit("score.staged")  # a driver crash with everything staged, nothing published
+                manifest = ScoreManifest(
+                    schema_version=OUTPUT_SCHEMA_VERSION, run_id=run_id, run_date=run_date,
+                    partition=target.partition(run_date), model_id=setup.model_id,
+                    class_set_hash=setup.heads.class_set_hash, logit_scale=setup.logit_scale,
+                    negatives_id=setup.negatives_id, negatives_count=len(setup.negatives or ()),
+                    classes=list(setup.classes), templates=list(setup.templates), inputs_listed=listed,
+                    skipped_already_scored=skipped, excluded_by_watermark=excluded, since=since.after,
+                    since_from_run=since.source.run_id if since.source else None,
+                    since_overlap_nights=list(since.overlap), watermark=watermark,
+                    decision=cfg.decision.model_dump(mode="json"), calibration_id=calibration_id,
+                    lake_bank_used=bank_used, lake_bank_id=setup.bank_id, lake_bank_built=bank_built,
+                    **stats, timings_s={"setup": round(t_setup, 3), "score_and_write": round(t_score, 3)},
+                    images_per_s=round(stats["rows"] / t_score, 2) if t_score > 0 else None,
+                    config=cfg.model_dump(mode="json"),
+                )
+                lease.check()  # a run whose lease was taken over (heartbeat lost) must not publish
+            except BaseException:
+                abandon_quietly(target, staged, run_date)
+                raise
+            published = publish_or_abandon(target, staged, manifest, run_date)
+    log.info("published %s: %d rows %s", published.partition, stats["rows"], stats["by_status"])
+    return published

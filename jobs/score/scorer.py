@@ -19,7 +19,7 @@ import clipn_core as cc
 from clipn_core.device_decode import DeviceDecoder
 from clipn_core.images import split_preprocessor
 from clipn_core.storage import Storage
-from jobs.faults import maybe_die
+from jobs import failpoints
 from jobs.scoring_setup import load_model
 from schemas.output import OUTPUT_SCHEMA, STATUS_OK, ood_column, score_column
 from schemas.score_config import DecisionConfig, ModelConfig, RuntimeConfig
@@ -45,7 +45,7 @@ class ScorerActor:
 
     def __init__(self, model_cfg: ModelConfig, heads: cc.ClassHeads, runtime: RuntimeConfig,
                  decision: DecisionConfig, storage: Storage, run_id: str, embeddings: bool, logit_scale: float,
-                 scoring: dict | None = None, fault: str | None = None):
+                 scoring: dict | None = None):
         if runtime.torch_threads:
             torch.set_num_threads(runtime.torch_threads)
         model, self.model_id = load_model(model_cfg, storage, runtime.cache_dir)
@@ -59,7 +59,6 @@ class ScorerActor:
         self.decision = decision
         self.run_id = run_id
         self.embeddings = embeddings
-        self.fault = fault  # test hook, see jobs.faults
 
     def _decoded(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, torch.Tensor, np.ndarray, np.ndarray]:
         """(ok mask [n], uint8 pixels of the ok rows, status [n], error [n]) after any device decoding."""
@@ -75,7 +74,7 @@ class ScorerActor:
         return ok, out.pixels, status, error
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        maybe_die(self.fault, "scorer")
+        failpoints.hit("score.scorer.batch")
         n = len(batch["uri"])
         ok, pixels, status, error = self._decoded(batch)
         cols: dict[str, pa.Array] = {}
