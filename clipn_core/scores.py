@@ -165,7 +165,11 @@ class ScoreInputs:
 
 @dataclass(frozen=True)
 class Score:
-    """One registered score: its name, function and what it needs (the no tower, negative labels)."""
+    """One registered score: its name, function and what it reads (the no tower, negative labels, a lake bank).
+
+    ``needs_negatives`` / ``uses_bank``: the score's values change with the negative labels / the lake bank, so a
+    threshold calibrated for it holds only with the same ones.
+    """
 
     name: str
     fn: Callable[[ScoreInputs], ScoreResult]
@@ -173,19 +177,22 @@ class Score:
     threshold_free: bool
     description: str
     needs_negatives: bool = False
+    uses_bank: bool = False
 
 
 SCORES: dict[str, Score] = {}
 
 
-def register(name: str, *, needs_no_tower: bool, threshold_free: bool = False, needs_negatives: bool = False):
+def register(name: str, *, needs_no_tower: bool, threshold_free: bool = False, needs_negatives: bool = False,
+             uses_bank: bool = False):
     """Decorator adding a score function to :data:`SCORES` under ``name``."""
 
     def wrap(fn: Callable[[ScoreInputs], ScoreResult]) -> Callable[[ScoreInputs], ScoreResult]:
         if name in SCORES:
             raise ValueError(f"score {name!r} is registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
-        SCORES[name] = Score(name, fn, needs_no_tower, threshold_free, doc[0] if doc else "", needs_negatives)
+        SCORES[name] = Score(name, fn, needs_no_tower, threshold_free, doc[0] if doc else "", needs_negatives,
+                             uses_bank)
         return fn
 
     return wrap
@@ -247,7 +254,7 @@ def clipn_neg(x: ScoreInputs) -> ScoreResult:
     return ScoreResult((x.p_yes * joint).sum(dim=-1))
 
 
-@register("clipn_neg_lake", needs_no_tower=True, needs_negatives=True)
+@register("clipn_neg_lake", needs_no_tower=True, needs_negatives=True, uses_bank=True)
 def clipn_neg_lake(x: ScoreInputs) -> ScoreResult:
     """Lake-adaptive CLIPN-Neg: clipn_neg times the lake bank's S_img (clipn_neg itself without a bank)."""
     return ScoreResult(clipn_neg(x).id_score * x.bank_id_share)

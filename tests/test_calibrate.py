@@ -143,3 +143,27 @@ def test_bad_calibration_inputs_give_one_line_and_write_nothing(setup, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert code in (1, 2) and len(err) == 1 and needle in err[0], err
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("differs", ["negatives", "bank"])
+@pytest.mark.parametrize("score", [*cc.SCORES, None])
+def test_a_calibration_fits_while_what_its_score_does_not_read_changes(score, differs):
+    """A nightly lake bank is new every night: a decision on a score that does not read it keeps its calibration;
+    one that reads it (or a report over every score) is refused, naming what differs."""
+    from types import SimpleNamespace
+
+    from jobs.calibration import check_fits
+    from schemas.reports import CalibrationReport
+
+    cal = CalibrationReport.model_construct(id="cal1", model_id="m" * 64, class_set_hash="h", logit_scale=10.0,
+                                            negatives_id="neg-a", bank_id="bank-a")
+    setup = SimpleNamespace(model_id="m" * 64, heads=SimpleNamespace(class_set_hash="h"), logit_scale=10.0,
+                            negatives_id="neg-b" if differs == "negatives" else "neg-a",
+                            bank_id="bank-b" if differs == "bank" else "bank-a")
+    entry = cc.SCORES[score] if score else None
+    reads = entry is None or (entry.needs_negatives if differs == "negatives" else entry.uses_bank)
+    if reads:
+        with pytest.raises(cc.CalibrationError, match="negative labels" if differs == "negatives" else "lake bank"):
+            check_fits(cal, "cal.json", setup, score)
+    else:
+        check_fits(cal, "cal.json", setup, score)

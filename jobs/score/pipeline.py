@@ -52,7 +52,7 @@ def check_decision(cfg: ScoreJobConfig, setup: ScoringSetup, storage: Storage) -
     if d.calibration is None:
         return None
     cal = load_calibration(d.calibration, storage)
-    check_fits(cal, d.calibration, setup)
+    check_fits(cal, d.calibration, setup, d.score)
     check_threshold(cal, d.calibration, d.score, d.threshold)
     return cal.id
 
