@@ -7,7 +7,8 @@ greyscale, within ``max_pixels``, not cut short) are decoded in one
 ``torchvision.io.decode_jpeg`` call on the device; EXIF orientation is applied there with
 flips and transposes, as the CPU decoder applies it; the shortest side is resized with the
 model's filter (antialiased) and centre-cropped as open_clip does, within 2 grey levels of
-``exact``. Everything else (other formats, CMYK JPEGs, truncated files, a decoder failure)
+``exact``. Everything else (other formats, CMYK JPEGs, truncated files, a decoder failure, images so long and thin
+that the resized image would outgrow :func:`~clipn_core.images.resized_limit`)
 goes through :class:`~clipn_core.images.SplitPreprocessor.decode` on the CPU, so every
 input gets the same typed status as in CPU decoding. With ``exact`` preprocessing (or a
 geometry the device resize does not implement, such as ``squash``) every image takes that
@@ -25,7 +26,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import DEFAULT_MAX_PIXELS, DecodeError, SplitPreprocessor, ends_early
+from .images import (
+    DEFAULT_MAX_PIXELS,
+    DecodeError,
+    SplitPreprocessor,
+    allow_pillow,
+    ends_early,
+    resized_limit,
+)
 
 _EXIF_ORIENTATION = 0x0112
 _MAX_CHUNK_PIXELS = 256_000_000  # decoded pixels held on the device at once (~768 MB of uint8 RGB)
@@ -49,6 +57,7 @@ def _plain_jpeg(data: bytes, max_pixels: int) -> tuple[int, int, int] | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            allow_pillow(max_pixels)
             img = Image.open(io.BytesIO(data))
             if img.format != "JPEG" or img.mode not in ("RGB", "L") or img.width * img.height > max_pixels:
                 return None
@@ -93,6 +102,17 @@ class DeviceDecoder:
         self.max_pixels = max_pixels
         self.side = pre.size[0]
         self.mode = "bicubic" if pre.interpolation == "bicubic" else "bilinear"
+
+    def _device_sized(self, header: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        """``header`` when the device resize of that image stays within :func:`~clipn_core.images.resized_limit`
+        (its shortest-side resize grows with the aspect ratio: 8,000 x 1 would be 224 x 1.8 million floats), else
+        None: the CPU path resamples only the crop box."""
+        if header is None:
+            return None
+        w, h, _ = header
+        short, long = min(w, h), max(w, h)
+        return header if self.side * int(self.side * long / short) <= resized_limit(w, h, (self.side, self.side)) \
+            else None
 
     def _resize_crop(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [3, h, w] -> uint8 [3, side, side]: shortest side to ``side`` (antialiased), centre crop."""
@@ -142,7 +162,8 @@ class DeviceDecoder:
     def __call__(self, datas: list[bytes]) -> DeviceBatch:
         """Decode every item of ``datas``; failures come back as typed errors, never raised."""
         # the device resize implements fast mode's geometry only; exact pixels come from the CPU path
-        headers = [_plain_jpeg(d, self.max_pixels) if self.decodes_on_device else None for d in datas]
+        headers = [self._device_sized(_plain_jpeg(d, self.max_pixels)) if self.decodes_on_device else None
+                   for d in datas]
         device_rows = [i for i, h in enumerate(headers) if h is not None]
         decoded: dict[int, torch.Tensor] = {}
         if device_rows:

@@ -164,10 +164,27 @@ def _failure(data: bytes, e: BaseException) -> DecodeError:
     return DecodeError(DecodeErrorKind.DECODE_ERROR, f"{type(e).__name__}: {msg}")
 
 
+def too_large_message(width: int, height: int, max_pixels: int) -> str:
+    """The ``too_large`` error of a ``width`` x ``height`` image: it names the limit and the config fields that set it."""
+    return (f"{width}x{height} = {width * height} pixels exceeds max_pixels = {max_pixels} "
+            "(runtime.max_pixels; data.max_pixels in train, evaluate and calibrate)")
+
+
+def allow_pillow(max_pixels: int) -> None:
+    """Raise Pillow's process-wide decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) to ``max_pixels`` when it
+    is lower. Only ever raised, never restored: concurrent decodes with other limits stay safe, since each checks
+    its own ``max_pixels`` on the header's size."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def load_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
              draft_short_side: int | None = None) -> tuple[Image.Image, int, int, str] | DecodeError:
     """Bytes -> (8-bit RGB image with EXIF orientation applied, :func:`to_rgb`; source width, height, mode), or a
     DecodeError.
+
+    ``max_pixels`` (width x height of the header) is the only size limit: an image above it is ``too_large``
+    whatever Pillow's own limit, and one within it decodes even above Pillow's (:func:`allow_pillow`).
 
     ``draft_short_side``: let a JPEG decode at 1/2, 1/4 or 1/8 scale in the DCT domain as
     long as its short side stays >= this many pixels (the ``fast`` preprocessing).
@@ -176,14 +193,14 @@ def load_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
         return DecodeError(DecodeErrorKind.EMPTY, "zero bytes")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # max_pixels is the one limit, checked on the header's size below: Pillow's own (89 million by default,
+            # refused at twice that) must neither refuse an image max_pixels allows nor warn below it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            allow_pillow(max_pixels)
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:
-                return DecodeError(
-                    DecodeErrorKind.TOO_LARGE,
-                    f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}",
-                )
+                return DecodeError(DecodeErrorKind.TOO_LARGE, too_large_message(width, height, max_pixels))
             mode = img.mode
             if draft_short_side and img.format == "JPEG":
                 scale = draft_short_side / min(width, height)
@@ -193,8 +210,8 @@ def load_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
             img.load()
             transposed = ImageOps.exif_transpose(img, in_place=True)
             return to_rgb(transposed if transposed is not None else img), width, height, mode
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return DecodeError(DecodeErrorKind.TOO_LARGE, str(e))
+    except Image.DecompressionBombError as e:  # a frame larger than the header says
+        return DecodeError(DecodeErrorKind.TOO_LARGE, f"{e} (max_pixels {max_pixels})")
     except UnidentifiedImageError:
         if ends_early(data):  # a header cut short is still recognisably a truncated image
             return DecodeError(DecodeErrorKind.TRUNCATED, "the file ends inside its header")
@@ -214,7 +231,7 @@ def decode_image(data: bytes, transform, max_pixels: int = DEFAULT_MAX_PIXELS) -
         return loaded
     rgb, width, height, mode = loaded
     try:
-        tensor = transform(rgb)
+        tensor = apply_geometry(rgb, list(getattr(transform, "transforms", [transform])))
     except Exception as e:  # noqa: BLE001
         return DecodeError(DecodeErrorKind.DECODE_ERROR, f"preprocessing failed: {type(e).__name__}: {e}")
     return DecodedImage(tensor, width, height, mode)
@@ -231,6 +248,91 @@ def shortest_side_crop_box(width: int, height: int, size: int) -> tuple[float, f
     top = int(round((new_h - size) / 2.0))
     sx, sy = width / new_w, height / new_h
     return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+
+
+
+# Scaling the short side to the model's makes an image R times as long as it is wide side^2 x R pixels before the
+# centre crop: 1.8 billion for a 4 KB JPEG of 8,000 x 1. Past this many times the model's input (and the decoded
+# image itself), only the crop box is resampled.
+MAX_RESIZED_FACTOR = 16
+
+
+def resized_limit(width: int, height: int, crop: tuple[int, int]) -> int:
+    """The most pixels a resized intermediate of a ``width`` x ``height`` image may hold before a ``crop`` (h, w):
+    ``max(width * height, MAX_RESIZED_FACTOR * crop_h * crop_w)``, bounded by ``max_pixels`` and the model's side,
+    never by the image's aspect ratio."""
+    return max(width * height, MAX_RESIZED_FACTOR * crop[0] * crop[1])
+
+
+def _shortest_resize(step, width: int, height: int) -> tuple[int, int, str] | None:
+    """(new width, new height, filter name) of a shortest-side resize step of open_clip's eval transform (torchvision
+    ``Resize(int)``, or open_clip's ``ResizeKeepRatio`` for non-square sizes), computed as they compute it; None for
+    any other step."""
+    from open_clip.transform import ResizeKeepRatio
+    from torchvision.transforms import Resize
+
+    if isinstance(step, Resize) and step.max_size is None and (
+            isinstance(step.size, int) or (isinstance(step.size, list | tuple) and len(step.size) == 1)):
+        s = step.size if isinstance(step.size, int) else step.size[0]
+        if width <= height:
+            return s, int(s * height / width), step.interpolation.value
+        return int(s * width / height), s, step.interpolation.value
+    if isinstance(step, ResizeKeepRatio) and step.longest == 0 and not step.random_scale_prob \
+            and not step.random_aspect_prob:
+        ratio = min(height / step.size[0], width / step.size[1])
+        return round(width / ratio), round(height / ratio), step.interpolation.value
+    return None
+
+
+_FILTER_SUPPORT = {"nearest": 0.5, "bilinear": 1.0, "bicubic": 2.0, "lanczos": 3.0}  # Pillow's, in source pixels
+
+
+def crop_first(rgb: Image.Image, steps: list) -> tuple[Image.Image, list] | None:
+    """For a shortest-side resize followed by a centre crop (``steps``: open_clip's geometry) whose resized image would
+    hold more than :func:`resized_limit` pixels: (the crop box alone resampled to the crop size, the steps left after
+    the crop); None when the steps can run as they are.
+
+    The two passes are Pillow's own (horizontal, then vertical, each rounded to 8 bits) on the same sampling grid
+    and filter as resize-then-crop, over the source pixels the crop reads, so the pixels equal open_clip's but for
+    float rounding of the grid: within one grey level, nearly all equal. Memory is that of the crop's region.
+    """
+    from torchvision.transforms import CenterCrop
+
+    if len(steps) < 2 or not isinstance(steps[1], CenterCrop):
+        return None
+    width, height = rgb.size
+    plan = _shortest_resize(steps[0], width, height)
+    crop_h, crop_w = steps[1].size
+    if plan is None or plan[2] not in _PIL_FILTERS:
+        return None
+    new_w, new_h, interpolation = plan
+    if new_w < crop_w or new_h < crop_h or new_w * new_h <= resized_limit(width, height, (crop_h, crop_w)):
+        return None
+    resample = _PIL_FILTERS[interpolation]
+    left, top = int(round((new_w - crop_w) / 2.0)), int(round((new_h - crop_h) / 2.0))
+    sx, sy = width / new_w, height / new_h
+    x0, x1, y0, y1 = left * sx, (left + crop_w) * sx, top * sy, (top + crop_h) * sy
+    support = _FILTER_SUPPORT[interpolation]
+    # the source pixels the filters read, cut out first: the region is small and so are its box coordinates, which
+    # Pillow holds as float32 (at x = 1,500 their error alone changed pixels by 2 levels)
+    mx, my = math.ceil(support * max(sx, 1.0)) + 2, math.ceil(support * max(sy, 1.0)) + 2
+    cx, cy = max(0, int(x0) - mx), max(0, int(y0) - my)
+    region = rgb.crop((cx, cy, min(width, math.ceil(x1) + mx), min(height, math.ceil(y1) + my)))
+    rows = region.resize((crop_w, region.height), resample, box=(x0 - cx, 0, x1 - cx, region.height))  # horizontal
+    out = rows.resize((crop_w, crop_h), resample, box=(0, y0 - cy, crop_w, y1 - cy))  # then vertical, as Pillow does
+    return out, steps[2:]
+
+
+def apply_geometry(rgb: Image.Image, steps: list):
+    """Run open_clip transform ``steps`` on ``rgb``, resampling only the crop box (:func:`crop_first`) where the
+    resized image would grow with the aspect ratio; memory never depends on the image's width or height beyond
+    its decoded size."""
+    bounded = crop_first(rgb, steps)
+    if bounded is not None:
+        rgb, steps = bounded
+    for step in steps:
+        rgb = step(rgb)
+    return rgb
 
 
 class SplitPreprocessor:
@@ -295,7 +397,7 @@ class SplitPreprocessor:
 
     def to_uint8(self, rgb: Image.Image) -> np.ndarray:
         """RGB PIL image -> resized/cropped uint8 array [3, H, W] (open_clip's geometry, always exact)."""
-        out = self._open_clip_parts[0](rgb)
+        out = apply_geometry(rgb, self._open_clip_parts[0].transforms)
         arr = np.asarray(out.convert("RGB") if isinstance(out, Image.Image) else out, dtype=np.uint8)
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
