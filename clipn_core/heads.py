@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from .errors import ClassListError, StorageError, TemplateError, redact_uri
 from .model import CLIPN
 from .named_sets import CLASS_SETS, TEMPLATE_SETS, template_set_names
-from .storage import read_bytes
+from .prompt_tokens import tokenize_prompts
+from .storage import read_text
 
 DEFAULT_TEMPLATES_NAME = "default"
 
@@ -86,10 +87,10 @@ def load_templates(uri: str | None = None, storage_options: dict | None = None) 
         if not shipped.is_file():
             raise TemplateError(f"templates: no template set named {name!r}; named sets: {template_set_names()} "
                                 "(or a file URI)")
-        return parse_templates(shipped.read_text(encoding="utf-8"), f"templates/{name}.txt")
+        return parse_templates(shipped.read_text(encoding="utf-8-sig"), f"templates/{name}.txt")
     try:
-        text = read_bytes(name, storage_options).decode("utf-8")
-    except (StorageError, UnicodeDecodeError) as e:
+        text = read_text(name, storage_options)
+    except StorageError as e:
         raise TemplateError(f"cannot read template file {redact_uri(name)}: {e}") from e
     return parse_templates(text, redact_uri(name))
 
@@ -132,8 +133,8 @@ def load_class_names(names=None, file: str | None = None, storage_options: dict 
     if names is not None:
         return validate_class_names(names)
     try:
-        text = read_bytes(file, storage_options).decode("utf-8")
-    except (StorageError, UnicodeDecodeError) as e:
+        text = read_text(file, storage_options)
+    except StorageError as e:
         raise ClassListError(f"classes.file: {e}") from e
     return validate_class_names([ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")])
 
@@ -158,7 +159,9 @@ def build_class_heads(
 
     ``batch_size`` is the number of texts encoded per forward pass. ``prompt_names``: the name each
     class's prompts say, when it differs from its (unique) class name, as for a named class set's
-    repeated names (:func:`class_set_prompts`); default the class names.
+    repeated names (:func:`class_set_prompts`); default the class names. Raises :class:`ClassListError`
+    when two classes' prompts are equal once cut at the context length
+    (:func:`~clipn_core.prompt_tokens.tokenize_prompts`, which also warns about cuts).
     """
     names = validate_class_names(class_names)
     templates = tuple(templates)
@@ -167,6 +170,7 @@ def build_class_heads(
     said = names if prompt_names is None else tuple(prompt_names)
     if len(said) != len(names):
         raise ClassListError(f"{len(said)} prompt names for {len(names)} classes")
+    all_tokens = tokenize_prompts(tokenizer, names, templates, "class", said)  # refuses names the cut makes equal
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -174,9 +178,8 @@ def build_class_heads(
     yes_parts, no_parts = [], []
     try:
         for start in range(0, len(names), per_chunk):
-            chunk = said[start : start + per_chunk]
-            texts = [t.format(n) for n in chunk for t in templates]
-            tokens = tokenizer(texts).to(device)
+            chunk = all_tokens[start : start + per_chunk]
+            tokens = chunk.reshape(-1, chunk.shape[-1]).to(device)
             shape = (len(chunk), len(templates), -1)
             # the tokens up to the longest text's end: the same features at a fraction of the 77-token cost
             yes = model.encode_short_texts(tokens, "yes").float().reshape(shape).mean(dim=1)

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from .errors import StorageError, TemplateError, redact_uri
 from .heads import ClassHeads
 from .model import CLIPN
-from .storage import read_bytes
+from .prompt_tokens import tokenize_prompts
+from .storage import read_text
 
 SHIPPED_LEXICON = "wordfreq"
 DEFAULT_NEGATIVE_COUNT = 10_000
@@ -83,8 +84,8 @@ def load_lexicon(uri: str | None = None, storage_options: dict | None = None) ->
     if uri in (None, SHIPPED_LEXICON):
         return _shipped_lexicon()
     try:
-        text = read_bytes(uri, storage_options).decode("utf-8")
-    except (StorageError, UnicodeDecodeError) as e:
+        text = read_text(uri, storage_options)
+    except StorageError as e:
         raise TemplateError(f"cannot read lexicon {redact_uri(uri)}: {e}") from e
     words = tuple(dict.fromkeys(w.strip() for w in text.splitlines() if w.strip() and not w.startswith("#")))
     if not words:
@@ -97,11 +98,10 @@ def lexicon_hash(words: tuple[str, ...]) -> str:
 
 
 @torch.no_grad()
-def _encode(model: CLIPN, tokenizer, texts: list[str], tower: str, batch_size: int, device) -> torch.Tensor:
+def _encode(model: CLIPN, tokens: torch.Tensor, tower: str, batch_size: int, device) -> torch.Tensor:
     out = []
-    for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(texts[start:start + batch_size]).to(device)
-        out.append(model.encode_short_texts(tokens, tower).float().cpu())
+    for start in range(0, len(tokens), batch_size):
+        out.append(model.encode_short_texts(tokens[start:start + batch_size].to(device), tower).float().cpu())
     return torch.cat(out) if out else torch.zeros((0, model.clip.text_projection.shape[-1]))
 
 
@@ -121,8 +121,9 @@ def mine_negatives(model: CLIPN, tokenizer, heads: ClassHeads, lexicon: tuple[st
     try:
         names = {n.casefold() for n in heads.class_names}
         candidates = [w for w in lexicon if w.casefold() not in names]
-        texts = [template.format(w) for w in candidates]
-        emb = _encode(model, tokenizer, texts, "yes", batch_size, device)
+        # refuses words the context length cuts to the same tokens
+        tokens = tokenize_prompts(tokenizer, candidates, (template,), "negative label")[:, 0]
+        emb = _encode(model, tokens, "yes", batch_size, device)
         sims = emb @ F.normalize(heads.yes.float(), dim=-1).T  # [W, C]
         keep = sims.max(dim=1).values <= synonym_bound
         # NegLabel: the eta-percentile of the negated similarities; larger = farther from every ID class
@@ -132,7 +133,7 @@ def mine_negatives(model: CLIPN, tokenizer, heads: ClassHeads, lexicon: tuple[st
         order = torch.sort(order).values  # lexicon order: the same words always come out in the same order
         words = tuple(candidates[i] for i in order.tolist())
         yes = emb[order]
-        no = _encode(model, tokenizer, [template.format(w) for w in words], "no", batch_size, device)
+        no = _encode(model, tokens[order], "no", batch_size, device)
     finally:
         model.train(was_training)
     settings = {"count": count, "synonym_bound": synonym_bound, "percentile": percentile, "template": template,

@@ -50,6 +50,18 @@ def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes
         raise StorageError(f"cannot read {redact_uri(uri)}: {type(e).__name__}: {e}") from e
 
 
+def read_text(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The UTF-8 text of one file, read as every text file of the product is (class lists, templates, lexicons):
+    a leading byte-order mark dropped (Notepad and Excel write one), so the first line is what it shows; CRLF and
+    CR line ends are for ``str.splitlines``. Raises :class:`StorageError` naming the URI when it cannot be read or
+    is not UTF-8."""
+    data = read_bytes(uri, storage_options)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise StorageError(f"{redact_uri(uri)} is not UTF-8 text: byte {e.start} is {data[e.start:e.start + 1]!r}") from e
+
+
 def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Write one object; parent folders are created for local paths."""
     fs, path = filesystem(uri, storage_options)
