@@ -268,6 +268,32 @@ def test_a_commit_that_keeps_losing_fails_naming_the_table(tmp_path, monkeypatch
     assert [(r["uri"], r["run_id"]) for r in rows] == [("s3://x/1.jpg", "r1")]  # the last good night stands
 
 
+def test_a_commit_whose_lost_answer_lands_late_is_found_not_added_twice(tmp_path, monkeypatch):
+    """A REST catalog's 5xx answer to a commit that lands only after the run looked for it: the retry must find the
+    run's snapshot first, not add the same files again (pyiceberg refuses that: "already referenced")."""
+    from jobs import failpoints
+    from jobs.score import iceberg
+    from schemas.common import StorageConfig
+
+    cfg, storage = IcebergConfig(**_local(tmp_path)), StorageConfig().bind()
+    real, looks = iceberg._run_snapshot, []
+
+    def late(table, run_id):  # the first look happens before the landed commit is visible
+        looks.append(run_id)
+        return None if len(looks) == 1 else real(table, run_id)
+
+    monkeypatch.setattr(iceberg, "_run_snapshot", late)
+    monkeypatch.setattr(iceberg.time, "sleep", lambda s: None)
+    monkeypatch.setenv(failpoints.ENV, "iceberg.commit.unknown_after=raise,at=1")
+    iceberg.commit_night(cfg, storage, [_night_file(tmp_path / "w1", "r1", ["s3://x/1.jpg", "s3://x/2.jpg"])],
+                         _manifest("r1", DAY))
+    monkeypatch.delenv(failpoints.ENV)
+    table = load_table(cfg, storage, create=False)
+    rows = table.scan().to_arrow().to_pylist()
+    assert sorted(r["uri"] for r in rows) == ["s3://x/1.jpg", "s3://x/2.jpg"] and len(looks) >= 2
+    assert real(table, "r1") is not None
+
+
 def test_the_local_default_catalog_and_its_clear_errors(tmp_path):
     from schemas.common import StorageConfig
 

@@ -99,6 +99,7 @@ def test_a_live_lease_refuses_a_dead_one_is_broken_with_a_log_line(where, caplog
         b.acquire()
     assert _holder(where) == "second" and b.broken == ["first"]
     assert any("broke the lease of run first" in r.getMessage() for r in caplog.records)
+    b.ttl_s = TTL_S  # the 1 s TTL only served to find the first run dead; b's own lease lives by the usual one
     # the first run, alive after all: its next heartbeat finds the lease taken, and it must not publish
     a.refresh()
     with pytest.raises(LeaseLostError, match="second"):
@@ -143,3 +144,38 @@ def test_the_lease_as_a_context_manager_beats_and_releases(where):
     assert _holder(where) is None
     if root.startswith("/"):
         assert not os.path.exists(root)  # no empty _leases folder left behind
+
+
+def test_a_store_that_ignores_conditional_writes_never_hands_a_live_lease_to_a_second_run(where, monkeypatch):
+    """An S3-compatible store that ignores If-None-Match / If-Match: the second run reads before it creates and is
+    refused, and a heartbeat never rewrites a lease that is no longer its own."""
+    if where[0].startswith("s3://"):
+        call = store._s3
+
+        def unconditional(fs, method, **kwargs):
+            kwargs.pop("IfNoneMatch", None)
+            kwargs.pop("IfMatch", None)
+            return call(fs, method, **kwargs)
+
+        monkeypatch.setattr(store, "_s3", unconditional)
+    a = _lease(where, "first")
+    a.acquire()
+    with pytest.raises(LeaseHeldError, match="run first"):
+        _lease(where, "second").acquire()
+    assert _holder(where) == "first"
+    root, storage = where
+    fs, path = storage.fs(lease_path(root, DAY))
+    fs.pipe_file(path, json.dumps({"run_id": "intruder", "nonce": "x"}).encode())
+    a.refresh()
+    assert a.lost and _holder(where) == "intruder"  # lost, and the intruder's lease left as it is
+
+
+def test_a_run_whose_heartbeats_have_been_failing_does_not_publish(where):
+    """Another run may break a lease whose heartbeat is older than the TTL, even while its holder publishes: the
+    holder refuses to publish once its last successful heartbeat is older than half the TTL."""
+    a = _lease(where, "first", ttl_s=0.4)
+    a.acquire()
+    time.sleep(0.3)
+    with pytest.raises(LeaseLostError, match="last successful heartbeat"):
+        a.check()
+    assert _holder(where) == "first"  # nobody took it; this run only stops before publishing

@@ -391,7 +391,8 @@ def test_a_failpoint_fires_where_and_when_its_spec_says(tmp_path, monkeypatch):
 def test_duckdb_reads_a_night_through_its_manifest(tmp_path, clean, forker):
     """A night republished while a killed publish left the next version's files beside it: DuckDB reading the
     files the manifest names sees the night once; a glob of the folder sees both (the publish window)."""
-    duckdb = pytest.importorskip("duckdb")
+    import duckdb  # in the dev extra: a missing reader must fail the test, not skip it
+
     storage = StorageConfig().bind()
     out = OutputConfig(uri=str(tmp_path / "out"), run_date=DAY)
     rows = clean["rows"]

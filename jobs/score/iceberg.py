@@ -272,6 +272,11 @@ class NightCommit:
         definite = 0  # sent requests refused for sure
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             table = load_table(self.cfg, self.storage, create=True)
+            if self.unknown:  # an unanswered request may have landed since it was looked for: never add twice
+                found = _run_snapshot(table, manifest.run_id)
+                if found is not None:
+                    log.info("the commit of run %s had landed late (snapshot %d)", manifest.run_id, found)
+                    return Commit(found, attempt - 1, len(self.files))
             tx = table.transaction()
             with tx.update_schema() as update:
                 update.union_by_name(iceberg_schema())

@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 
@@ -86,6 +87,7 @@ class NightLease:
         self.broken: list[str] = []  # run ids of dead holders whose leases this run broke
         self._version: store.Version | None = None
         self._heartbeat: Heartbeat | None = None
+        self._beat_ok = time.monotonic()  # when the lease was last confirmed ours (acquire, a successful refresh)
 
     def _record(self) -> bytes:
         return json.dumps({"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
@@ -104,10 +106,16 @@ class NightLease:
     def acquire(self) -> None:
         """Take the lease, breaking a dead holder's; :class:`LeaseHeldError` naming the live holder otherwise."""
         for _ in range(_ACQUIRE_ROUNDS):
-            created = store.create(self.storage, self.uri, self._record())
+            # look before creating: on a store that ignores If-None-Match a create would silently replace a live
+            # holder's lease (the holder then finds it lost at its next heartbeat, but this run must not take it)
             current = store.read(self.storage, self.uri)
+            created = False
+            if current is None:
+                created = store.create(self.storage, self.uri, self._record())
+                current = store.read(self.storage, self.uri)
             if self._ours(current):  # also when a retried request found our own first write
                 self._version = current
+                self._beat_ok = time.monotonic()
                 return
             if current is None:  # released between our create and our read: try again
                 continue
@@ -137,18 +145,28 @@ class NightLease:
         if self.lost or self._version is None:
             return
         self.beats += 1
-        store.replace(self.storage, self.uri, self._record(), self._version)
+        # read before writing: a store that ignores If-Match would let this write replace another run's lease
+        current = store.read(self.storage, self.uri)
+        if self._ours(current):
+            store.replace(self.storage, self.uri, self._record(), current)
         # read back whatever the conditional write said: a retried request may have found our own first write
         current = store.read(self.storage, self.uri)
         if self._ours(current):
             self._version = current
+            self._beat_ok = time.monotonic()
             return
         holder = self._holder(current)["run_id"] if current else "nobody"
         self.lost = f"the lease {redact_uri(self.uri)} of night {self.run_date} is now held by {holder}"
         log.error("run %s lost its lease: %s", self.run_id, self.lost)
 
     def check(self) -> None:
-        """Re-read the lease: :class:`LeaseLostError` unless this run still holds it (called before publishing)."""
+        """Re-read the lease: :class:`LeaseLostError` unless this run still holds it and its last successful
+        heartbeat is younger than half the TTL (called before publishing: a run whose heartbeats have been failing
+        may be declared dead by another run while it publishes)."""
+        silent = time.monotonic() - self._beat_ok
+        if self.lost is None and silent > self.ttl_s / 2:
+            self.lost = (f"its last successful heartbeat of the lease {redact_uri(self.uri)} was {silent:.0f} s ago, "
+                         f"over half of output.lease_ttl_s")
         if self.lost is None and not self._ours(store.read(self.storage, self.uri)):
             self.lost = f"the lease {redact_uri(self.uri)} of night {self.run_date} is no longer this run's"
         if self.lost:
@@ -165,7 +183,7 @@ class NightLease:
 
     def __enter__(self) -> NightLease:
         self.acquire()
-        self._heartbeat = Heartbeat(self.refresh, min(HEARTBEAT_EVERY_S, self.ttl_s / 4), f"lease {self.uri}",
+        self._heartbeat = Heartbeat(self.refresh, min(HEARTBEAT_EVERY_S, self.ttl_s / 4), f"lease {redact_uri(self.uri)}",
                                     now=False)
         self._heartbeat.__enter__()
         try:
