@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo lint bench bench-scale bench-quality bench-negatives bench-iceberg clean
+.PHONY: install test demo lint bench bench-scale bench-quality bench-negatives bench-iceberg bench-decode-memory clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench-quality: $(STAMP)
 
 bench-negatives: $(STAMP)
 	$(PY) benchmarks/bench_negatives.py
+
+bench-decode-memory: $(STAMP)
+	$(PY) benchmarks/bench_decode_memory.py
 
 bench-iceberg: $(STAMP)
 	$(PY) -m pip install --quiet pyiceberg-core  # Ray's write_iceberg (the upsert compared) needs it
