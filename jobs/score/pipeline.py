@@ -204,6 +204,7 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                     negatives_id=setup.negatives_id, negatives_count=len(setup.negatives or ()),
                     classes=list(setup.classes), templates=list(setup.templates), inputs_listed=listed,
                     skipped_already_scored=skipped, excluded_by_watermark=excluded, since=since.after,
+                    left_out=inputs.listing.left_out() if inputs.listing else {},
                     since_from_run=since.source.run_id if since.source else None,
                     since_overlap_nights=list(since.overlap), watermark=watermark,
                     decision=cfg.decision.model_dump(mode="json"), calibration_id=calibration_id,
