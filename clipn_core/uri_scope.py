@@ -128,8 +128,8 @@ class UriScope:
         """Raise :class:`InvalidUriError` naming the line (redacted) and the reason unless it may be fetched."""
         reason = self.problem(value)
         if reason is not None:
-            shown = redact_uri(value) if isinstance(value, str) else repr(value)
-            raise InvalidUriError(f"manifest line {shown!r} not fetched: {reason}")
+            shown = repr(redact_uri(value)) if isinstance(value, str) else "(null)" if value is None else repr(value)
+            raise InvalidUriError(f"manifest line {shown} not fetched: {reason}")
 
 
 def uri_text(value: object) -> str:
