@@ -49,6 +49,11 @@ class ScoreManifest(BaseModel):
                                                "scored ok, or because the night since came from holds them (None "
                                                "when the input count is not known)")
     excluded_by_watermark: int = Field(0, description="objects left out because they were not modified after since")
+    left_out: dict[str, int] = Field(default_factory=dict, description="prefix inputs: listing entries left out, "
+                                     "by reason: extension (a name without one of input.extensions), watermark "
+                                     "(= excluded_by_watermark), unencodable_name (not UTF-8), unreadable_folder "
+                                     "(a folder that could not be listed), not_a_file (FIFOs, sockets, devices, "
+                                     "links to folders); empty for manifests and shards, which list nothing")
     since: dt.datetime | None = Field(None, description="the watermark applied (input.since), UTC: with last_run, "
                                       "the previous night's watermark minus input.since_margin_s")
     since_from_run: str | None = Field(None, description="run id whose watermark was applied (since: last_run)")

@@ -11,7 +11,9 @@ from typing import Literal
 
 from pydantic import Field, PositiveFloat, field_validator, model_validator
 
+from clipn_core.errors import redact_uri
 from clipn_core.named_sets import CLASS_SETS
+from clipn_core.uri_scope import prefix_problem
 from clipn_core.scores import SCORES
 from schemas.common import (
     PRETRAINED_CONFIG_HELP,
@@ -30,6 +32,10 @@ class InputConfig(StrictModel):
     )
     uri: str = Field(..., description="prefix URI, manifest file URI, or folder/prefix of .tar shards")
     uri_column: str = Field("uri", description="manifest column holding image URIs")
+    allowed_uri_prefixes: list[str] = Field(
+        default_factory=list, description="manifest inputs: folders outside the manifest's own store that its lines "
+        "may name (e.g. s3://other-bucket/images/); by default a line must be in the manifest's store (its protocol "
+        "and bucket; the local filesystem for a local manifest), and any other line gets an invalid_uri row, unfetched")
     extensions: FileExtensions = Field(default_factory=lambda: list(IMAGE_EXTENSIONS), description="image file extensions (prefix and tar inputs)")
     since: Literal["last_run"] | dt.datetime | None = Field(
         None, description="prefix inputs: only objects modified after this time (UTC when no zone is given), or after "
@@ -39,8 +45,19 @@ class InputConfig(StrictModel):
                                   "clock offsets and uploads in progress are not missed; objects in that overlap "
                                   "that the previous night already holds are not scored again")
 
+    @field_validator("allowed_uri_prefixes")
+    @classmethod
+    def _absolute_prefixes(cls, v: list[str]) -> list[str]:
+        for prefix in v:
+            reason = prefix_problem(prefix)
+            if reason is not None:
+                raise ValueError(f"input.allowed_uri_prefixes: {redact_uri(prefix)!r} is {reason}")
+        return v
+
     @model_validator(mode="after")
     def _since_needs_a_listing(self):
+        if self.allowed_uri_prefixes and self.kind != "manifest":
+            raise ValueError("input.allowed_uri_prefixes needs kind: manifest (listed inputs never leave their prefix)")
         if self.since is not None and self.kind != "prefix":
             raise ValueError("input.since needs kind: prefix (a listing carries the objects' modification times)")
         if isinstance(self.since, dt.datetime) and self.since.tzinfo is None:

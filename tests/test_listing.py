@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
 import time
 
 import fsspec
@@ -11,7 +16,7 @@ import pytest
 from clipn_core.errors import InputError
 from clipn_core.storage import Storage
 from jobs.inputs import list_objects
-from jobs.score.listing import KeyRange, ObjectListing, start_after, successor
+from jobs.score.listing import Folder, KeyRange, LeftOut, ObjectListing, start_after, successor, walk_generic, walk_local
 
 EXTS = [".jpg", ".png"]
 KEYS = ([f"img_{i:04d}.jpg" for i in range(150)] + [f"d{j}/sub/x{i}.png" for j in range(3) for i in range(25)]
@@ -106,3 +111,163 @@ def test_missing_and_empty_prefixes_fail_while_planning(s3_bucket, tmp_path, ray
         ObjectListing("s3://no-such-bucket-for-clipn/x/", EXTS, Storage(opts))
     with pytest.raises(InputError, match="does not exist"):
         ObjectListing(str(tmp_path / "nope"), EXTS, Storage({}))
+
+
+# ------------------------------------------------------------------ entries the listing cannot use
+
+def _dangling(root):
+    (root / "gone.jpg").symlink_to(root / "nowhere" / "gone.jpg")
+    return {"gone.jpg"}, {}
+
+
+def _loop(root):
+    (root / "loop.jpg").symlink_to(root / "loop.jpg")
+    return {"loop.jpg"}, {}
+
+
+def _vanished_files(root):
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (root / name).write_bytes(b"x")
+    return {"a.jpg", "b.jpg", "c.jpg"}, {}
+
+
+def _vanished_folder(root):
+    for sub in ("a", "b"):
+        (root / sub).mkdir()
+        (root / sub / f"{sub}.jpg").write_bytes(b"x")
+    return set(), {"unreadable_folder": 2}  # ok.jpg is listed first (the top folder's files come first)
+
+
+def _unencodable_file(root):
+    open(os.path.join(os.fsencode(root), b"caf\xe9.jpg"), "wb").close()  # Latin-1, not UTF-8
+    return set(), {"unencodable_name": 1}
+
+
+def _unencodable_folder(root):
+    sub = os.path.join(os.fsencode(root), b"d\xff")
+    os.mkdir(sub)
+    open(os.path.join(sub, b"x.jpg"), "wb").close()
+    return set(), {"unencodable_name": 1}
+
+
+def _locked_folder(root):
+    (root / "locked").mkdir()
+    (root / "locked" / "x.jpg").write_bytes(b"x")
+    (root / "locked").chmod(0)
+    return set(), {"unreadable_folder": 1}
+
+
+def _locked_file(root):
+    (root / "secret.jpg").write_bytes(b"x")
+    (root / "secret.jpg").chmod(0)
+    return {"secret.jpg"}, {}  # listed: its fetch fails, so its row is read_error
+
+
+def _fifo(root):
+    os.mkfifo(root / "pipe.jpg")
+    return set(), {"not_a_file": 1}
+
+
+def _link_to_folder(root):
+    (root / "dir").mkdir()
+    (root / "dir.jpg").symlink_to(root / "dir")
+    return set(), {"not_a_file": 1}
+
+
+def _other_extension(root):
+    (root / "notes.txt").write_bytes(b"x")
+    (root / "README").write_bytes(b"x")
+    return set(), {"extension": 2}
+
+
+ENTRY_KINDS = {
+    "dangling_link": _dangling, "link_loop": _loop, "vanished_file": _vanished_files,
+    "vanished_folder": _vanished_folder, "unencodable_file": _unencodable_file,
+    "unencodable_folder": _unencodable_folder, "permission_denied_folder": _locked_folder,
+    "permission_denied_file": _locked_file, "fifo": _fifo, "link_to_folder": _link_to_folder,
+    "other_extension": _other_extension,
+}
+_WALK = """
+import json, sys
+from jobs.score.listing import Folder, LeftOut, walk_local
+left_out = LeftOut()
+listed = [o.key for o in walk_local(Folder(sys.argv[1], recursive=True), (".jpg",), left_out)]
+print(json.dumps({"listed": listed, "left_out": dict(left_out.counts)}))
+"""
+
+
+def _walk_without_privileges(root) -> tuple[list[str], dict]:
+    """The walk in a process that permissions apply to: as root, one without CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH (setpriv drops them from the bounding set), so a mode-000 entry is unreadable."""
+    cmd = [sys.executable, "-c", _WALK, str(root)]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: root reads mode-000 entries, no permission error to list")
+        cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *cmd]
+    out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    return out["listed"], out["left_out"]
+
+
+@pytest.mark.parametrize("kind", list(ENTRY_KINDS))
+def test_no_entry_stops_a_local_listing(tmp_path, kind):
+    """Every entry the listing cannot use gets its row (listed; the fetch records read_error) or is left out and
+    counted by reason; the good image is always listed and nothing is raised."""
+    root = tmp_path / "lake"
+    root.mkdir()
+    (root / "ok.jpg").write_bytes(b"x")
+    want, want_left_out = ENTRY_KINDS[kind](root)
+    if kind.startswith("permission_denied"):
+        try:
+            listed, left_out = _walk_without_privileges(root)
+        finally:
+            for path in root.iterdir():
+                path.chmod(0o755)
+    else:
+        left = LeftOut()
+        walk = walk_local(Folder(str(root), recursive=True), (".jpg",), left)
+        listed = [next(walk).key]
+        if kind.startswith("vanished"):  # entries and folders removed while the listing runs
+            for path in root.iterdir():
+                if str(path) != listed[0]:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        listed += [o.key for o in walk]
+        left_out = dict(left.counts)
+    names = {os.path.relpath(k, root) for k in listed}
+    assert len(names) == len(listed) and names == want | {"ok.jpg"}
+    assert {k: v for k, v in left_out.items() if v} == want_left_out
+
+
+def test_vanished_files_are_listed_with_unknown_times(tmp_path):
+    """A file gone between the folder's listing and its stat keeps its row (the fetch says it is gone)."""
+    root = tmp_path / "lake"
+    root.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (root / name).write_bytes(b"x")
+    walk = walk_local(Folder(str(root), recursive=False), (".jpg",), LeftOut())
+    first = next(walk)
+    for path in root.iterdir():
+        if str(path) != first.key:
+            path.unlink()
+    rest = list(walk)
+    assert first.modified is not None and len(rest) == 2
+    assert all(o.modified is None and o.size == 0 for o in rest)
+
+
+def test_a_generic_store_counts_folders_it_cannot_list(tmp_path):
+    """fsspec's walk skips a folder it cannot list unless asked: the generic listing counts it."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class Locked(MemoryFileSystem):
+        def ls(self, path, detail=True, **kwargs):
+            if path.rstrip("/").endswith("locked"):
+                raise PermissionError(13, "Permission denied", path)
+            return super().ls(path, detail=detail, **kwargs)
+
+    fs = Locked(skip_instance_cache=True)
+    fs.store, fs.pseudo_dirs = {}, [""]
+    for key in ("lake/ok.jpg", "lake/notes.txt", "lake/locked/x.jpg", "lake/sub/y.jpg"):
+        fs.pipe_file(key, b"x")
+    left = LeftOut()
+    listed = sorted(o.key for o in walk_generic(fs, Folder("/lake", recursive=True), (".jpg",), left))
+    assert listed == ["/lake/ok.jpg", "/lake/sub/y.jpg"]
+    assert {k: v for k, v in left.counts.items() if v} == {"extension": 1, "unreadable_folder": 1}

@@ -272,3 +272,73 @@ def test_bad_config_fails_before_any_work(lake, tmp_path, capsys):
         cli_main(["score", "--help"])
     assert "--runtime.batch_size" in capsys.readouterr().out
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ odd lakes and odd manifests
+
+def _tiny_cfg(input_cfg: dict, out: str, endpoint: str | None = None) -> ScoreJobConfig:
+    """A job over a randomly initialised clipn-tiny without negatives: the fastest full run."""
+    return ScoreJobConfig.model_validate({
+        "input": input_cfg, "output": {"uri": out, "run_date": str(DAY)},
+        "model": {"architecture": "clipn-tiny"}, "classes": {"names": CLASSES},
+        "negatives": {"enabled": False}, "storage": {"endpoint_url": endpoint},
+        "runtime": {"batch_size": 8, "decode_batch_size": 8},
+    })
+
+
+def test_a_local_lake_with_entries_the_listing_cannot_use(ray_local, tmp_path):
+    """The broken-symlink case and its siblings: the good images are scored, a dangling link gets its read_error
+    row, what cannot be listed is counted by reason in the manifest, and no staging is left behind."""
+    import os
+
+    root = tmp_path / "lake"
+    (root / "sub").mkdir(parents=True)
+    (root / "ok.jpg").write_bytes(GOOD_JPEG)
+    (root / "sub" / "ok2.jpg").write_bytes(GOOD_JPEG)
+    (root / "gone.jpg").symlink_to(tmp_path / "nowhere" / "gone.jpg")
+    open(os.path.join(os.fsencode(root), b"caf\xe9.jpg"), "wb").close()  # a Latin-1 name: not UTF-8
+    os.mkfifo(root / "pipe.jpg")  # its read would block forever
+    (root / "notes.txt").write_text("x")
+    out = tmp_path / "out"
+    manifest = run(_tiny_cfg({"kind": "prefix", "uri": str(root)}, str(out)))
+    table = pq.read_table(out / f"run_date={DAY}")
+    status = dict(zip(table.column("uri").to_pylist(), table.column("status").to_pylist()))
+    assert status == {str(root / "ok.jpg"): "ok", str(root / "sub" / "ok2.jpg"): "ok",
+                      str(root / "gone.jpg"): "read_error"}
+    assert manifest.inputs_listed == 3 and manifest.rows == 3
+    assert manifest.left_out == {"extension": 1, "watermark": 0, "unencodable_name": 1, "unreadable_folder": 0,
+                                 "not_a_file": 1}
+    assert not (out / "_staging").exists()
+
+
+def test_malformed_and_foreign_manifest_lines_get_typed_rows_and_no_fetch(ray_local, s3_bucket, tmp_path):
+    """One row per manifest line, the line's value kept (null as ""), status invalid_uri with the reason, and no
+    request for any of them (observed at a loopback HTTP server and at a proxy in front of S3)."""
+    from tests.fault_proxy import FaultProxy
+    from tests.test_uri_scope import recording_http_server
+
+    bucket, opts = s3_bucket
+    fsspec.filesystem("s3", **opts).pipe_file(f"{bucket}/a.jpg", GOOD_JPEG)
+    image = tmp_path / "a.jpg"
+    image.write_bytes(GOOD_JPEG)
+    proxy = FaultProxy(opts["client_kwargs"]["endpoint_url"], rate=0.0)
+    endpoint = proxy.start()
+    try:
+        with recording_http_server() as (base, seen):
+            lines = [None, "", "   ", "a.jpg", "./a.jpg", f"{base}/latest/meta-data/a.jpg", f"s3://{bucket}/a.jpg",
+                     f"file://host{image}", f"simplecache::{image}", "http://[::1/a.jpg", str(image), str(image)]
+            pq.write_table(pa.table({"uri": pa.array(lines, pa.string())}), tmp_path / "manifest.parquet")
+            manifest = run(_tiny_cfg({"kind": "manifest", "uri": str(tmp_path / "manifest.parquet")},
+                                     str(tmp_path / "out"), endpoint))
+    finally:
+        proxy.stop()
+    table = pq.read_table(tmp_path / "out" / f"run_date={DAY}").sort_by("uri")
+    rows = sorted(zip(table.column("uri").to_pylist(), table.column("status").to_pylist(),
+                      table.column("error").to_pylist()))
+    assert len(rows) == len(lines) == manifest.rows
+    assert sorted(r[0] for r in rows) == sorted("" if v is None else v for v in lines)
+    assert [r[1] for r in rows].count("ok") == 2 and manifest.by_status == {"ok": 2, "invalid_uri": len(lines) - 2}
+    errors = {r[0]: r[2] for r in rows if r[1] == "invalid_uri"}
+    assert "null uri" in " ".join(errors.values()) and "relative" in errors["a.jpg"]
+    assert "outside the input's store" in errors[f"s3://{bucket}/a.jpg"]
+    assert seen == [] and not [k for k in proxy.seen if k[1].endswith("/a.jpg")]

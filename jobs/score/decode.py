@@ -19,7 +19,8 @@ from clipn_core.images import DecodeError, split_preprocessor
 from clipn_core.storage import Storage
 from jobs import failpoints
 from jobs.inputs import tar_members
-from jobs.score.read import start_fetch
+from jobs.score.read import read_status, start_fetch
+from clipn_core.uri_scope import UriScope, uri_text
 from schemas.status import STATUS_OK, STATUS_READ_ERROR
 
 
@@ -85,12 +86,15 @@ class _Rows:
         return out
 
 
-def read_decode_batch(batch: dict, storage: Storage, settings: DecodeSettings, concurrency: int) -> dict:
+def read_decode_batch(batch: dict, storage: Storage, settings: DecodeSettings, concurrency: int,
+                      scope: UriScope | None = None) -> dict:
     """CPU step for prefix/manifest inputs: fetch every URI's bytes concurrently and decode each as soon as it
-    arrives (so a batch waits for its first object only); one row per URI, in input order."""
+    arrives (so a batch waits for its first object only); one row per URI, in input order. A URI ``scope``
+    refuses is never fetched: its row is ``invalid_uri``."""
     failpoints.hit("score.decode.batch")
-    uris = [str(u) for u in batch["uri"]]
-    futures = start_fetch(uris, storage, concurrency)
+    values = list(batch["uri"])
+    uris = [uri_text(u) for u in values]
+    futures = start_fetch(values, storage, concurrency, scope)
     slot = {id(f): i for i, f in enumerate(futures)}
     done: list[tuple | None] = [None] * len(uris)
     decoder = _Rows(settings)
@@ -99,7 +103,7 @@ def read_decode_batch(batch: dict, storage: Storage, settings: DecodeSettings, c
         try:
             data = future.result()
         except Exception as e:  # noqa: BLE001 - recorded in the row, never dropped
-            done[i] = (uris[i], -1, STATUS_READ_ERROR, f"{type(e).__name__}: {e}", None)
+            done[i] = (uris[i], -1, read_status(e), f"{type(e).__name__}: {e}", None)
             continue
         done[i] = (uris[i], len(data), *decoder.decode(data))
     for row in done:

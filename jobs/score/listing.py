@@ -26,7 +26,27 @@ range.
 **Local folders** split by sub-folder (each listed recursively in its own task) plus one
 range for the files at the top. Other fsspec stores are listed by one task.
 
-Each task counts what it listed and what the ``since`` watermark excluded per range;
+**Entries the listing cannot use never stop it.** One rule per kind, the same in every
+store (an S3 listing only meets the first two: its keys are UTF-8 and it has no links):
+
+- a name without one of ``input.extensions``: left out, counted as ``extension``;
+- not modified after the ``since`` watermark: left out, counted as ``watermark``;
+- a name that is not UTF-8 (``os.scandir`` gives it surrogate-escaped; Arrow strings and
+  Parquet cannot hold it, and any other spelling would not be the object's name): left out,
+  counted as ``unencodable_name`` (a folder so named counts once, unlisted), and logged;
+- a folder that cannot be listed (permission denied, vanished during the listing, I/O
+  error): left out, counted as ``unreadable_folder`` (its objects are unknown), and logged;
+- an entry that is not a regular file once links are followed (a FIFO, socket or device,
+  whose read could block forever, or a link to a folder, which is never followed so that
+  link cycles cannot loop): left out, counted as ``not_a_file``;
+- a file that cannot be examined (a dangling link, a link loop, a file that vanished
+  between the folder's listing and its ``stat``): listed, so it gets its row, ``read_error``
+  from the fetch; its modification time is the link's own, or unknown (then ``since`` keeps it).
+
+A file that can be examined but not read (permission denied) is listed and gets its
+``read_error`` row from the fetch.
+
+Each task counts what it listed and what it left out, by reason, per range;
 :class:`ListingCounts` (a small actor, keyed by range so a retried task does not count
 twice) hands the totals to the driver for the manifest and the row check.
 """
@@ -35,7 +55,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import os
+import stat
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -54,6 +77,11 @@ PAGE_SIZE = 1000  # keys per ListObjectsV2 request (S3's maximum)
 _MAX_CHAR = "\U0010ffff"  # the greatest code point: sorts after every other character in UTF-8 order
 _MAX_PROBES = 2000  # planning requests at most
 _PROBES_IN_FLIGHT = 32
+LEFT_OUT_REASONS = ("extension", "watermark", "unencodable_name", "unreadable_folder", "not_a_file")
+"""Why the listing left an entry out: the keys of :meth:`ObjectListing.left_out` (module docstring)."""
+_LOGGED_PER_REASON = 5  # a task logs the first few entries it leaves out for each reason, then only counts
+
+log = logging.getLogger("clipn.score.listing")
 
 
 @dataclass(frozen=True)
@@ -95,11 +123,11 @@ def start_after(lower: str) -> str:
 
 @dataclass(frozen=True)
 class Listed:
-    """One listed object: its key, size in bytes and last-modified time (UTC)."""
+    """One listed object: its key, size in bytes and last-modified time (UTC; None when unknown)."""
 
     key: str
     size: int
-    modified: dt.datetime
+    modified: dt.datetime | None
 
 
 # ------------------------------------------------------------------ S3
@@ -239,26 +267,131 @@ def _pages(items: Iterator[Listed], page_size: int) -> Iterator[list[Listed]]:
         yield page
 
 
-def _walk_local(folder: Folder) -> Iterator[Listed]:
+class LeftOut:
+    """What one listing task left out: counts by reason (:data:`LEFT_OUT_REASONS`), the first few logged."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+
+    def add(self, reason: str, what: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        if self.counts[reason] <= _LOGGED_PER_REASON:
+            # ascii(): a name that is not UTF-8 is shown escaped instead of failing the log line
+            log.warning("listing left out %s (%s)%s", ascii(what), reason, f": {detail}" if detail else "")
+
+
+def wanted(name: str, extensions: tuple[str, ...], left_out: LeftOut) -> bool:
+    """Whether an object called ``name`` has one of ``extensions`` (counted in ``left_out`` if not)."""
+    if name.lower().endswith(extensions):
+        return True
+    left_out.counts["extension"] += 1  # not logged: expected in any lake
+    return False
+
+
+def _encodable(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # surrogate-escaped bytes from os.scandir
+        return False
+    return True
+
+
+def _when(st: os.stat_result) -> dt.datetime:
+    return dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc)
+
+
+def _examine(entry: os.DirEntry, left_out: LeftOut) -> Listed | None:
+    """A file entry (name already wanted) as :class:`Listed`, or None when left out (module docstring)."""
+    try:
+        st = entry.stat()  # follows links
+    except OSError:  # dangling link, link loop, vanished: listed, so its row records the read error
+        try:
+            own = _when(entry.stat(follow_symlinks=False))
+        except OSError:
+            own = None
+        return Listed(entry.path, 0, own)
+    if not stat.S_ISREG(st.st_mode):
+        left_out.add("not_a_file", entry.path, stat.filemode(st.st_mode))
+        return None
+    return Listed(entry.path, st.st_size, _when(st))
+
+
+def walk_local(folder: Folder, extensions: tuple[str, ...], left_out: LeftOut) -> Iterator[Listed]:
+    """The files of ``folder`` with one of ``extensions``, as :class:`Listed`; every entry it cannot use is
+    counted in ``left_out`` by reason (module docstring), never raised."""
+    if not _encodable(folder.path):
+        left_out.add("unencodable_name", folder.path)
+        return
     stack = [folder.path]
     while stack:
-        with os.scandir(stack.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    if folder.recursive:
-                        stack.append(entry.path)
-                    continue
-                st = entry.stat()
-                yield Listed(entry.path, st.st_size, dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc))
+        current = stack.pop()
+        try:
+            with os.scandir(current) as entries:
+                for entry in entries:  # the iteration itself may fail mid-folder (EIO): counted below
+                    try:
+                        is_dir = entry.is_dir(follow_symlinks=False)
+                    except OSError:
+                        is_dir = False  # then examined as a file: stat tells
+                    if is_dir:
+                        if not folder.recursive:
+                            continue  # a range of its own (plan_local)
+                        if _encodable(entry.path):
+                            stack.append(entry.path)
+                        else:
+                            left_out.add("unencodable_name", entry.path)
+                        continue
+                    if not wanted(entry.name, extensions, left_out):
+                        continue
+                    if not _encodable(entry.path):
+                        left_out.add("unencodable_name", entry.path)
+                        continue
+                    found = _examine(entry, left_out)
+                    if found is not None:
+                        yield found
+        except OSError as e:
+            left_out.add("unreadable_folder", current, f"{type(e).__name__}: {e.strerror or e}")
 
 
-def _walk_generic(fs, folder: Folder) -> Iterator[Listed]:
-    for parent, _, files in fs.walk(folder.path, detail=True):
-        for name, info in files.items():
-            mtime = info.get("LastModified") or info.get("mtime") or info.get("updated") or 0
-            if not isinstance(mtime, dt.datetime):
-                mtime = dt.datetime.fromtimestamp(float(mtime or 0), dt.timezone.utc)
-            yield Listed(f"{parent.rstrip('/')}/{name}", int(info.get("size") or 0), mtime)
+def walk_generic(fs, folder: Folder, extensions: tuple[str, ...], left_out: LeftOut) -> Iterator[Listed]:
+    """:func:`walk_local` for other fsspec stores, folder by folder with ``fs.ls``: a folder that cannot be listed
+    is counted (``fs.walk`` drops it silently below the top folder, whatever its ``on_error``), and only entries
+    of type ``file`` are listed."""
+    stack = [folder.path]
+    while stack:
+        current = stack.pop()
+        try:
+            entries = fs.ls(current, detail=True)
+        except OSError as e:
+            left_out.add("unreadable_folder", current, f"{type(e).__name__}: {e}")
+            continue
+        for info in entries:
+            key = info["name"].rstrip("/")
+            if info.get("type") == "directory":
+                if key != current.rstrip("/") and folder.recursive:
+                    stack.append(key)
+                continue
+            name = key.rsplit("/", 1)[-1]
+            if not wanted(name, extensions, left_out):
+                continue
+            if not _encodable(key):
+                left_out.add("unencodable_name", key)
+                continue
+            if info.get("type", "file") != "file":
+                left_out.add("not_a_file", key, str(info.get("type")))
+                continue
+            yield Listed(key, int(info.get("size") or 0), _info_time(info))
+
+
+def _info_time(info: dict) -> dt.datetime | None:
+    """An fsspec entry's modification time (UTC), None when the store gives none (``since`` then keeps it)."""
+    mtime = info.get("LastModified") or info.get("mtime") or info.get("updated")
+    if mtime is None or isinstance(mtime, dt.datetime):
+        return mtime
+    try:
+        return dt.datetime.fromtimestamp(float(mtime), dt.timezone.utc)
+    except (TypeError, ValueError):
+        when = dt.datetime.fromisoformat(str(mtime).replace("Z", "+00:00"))  # gcsfs' "updated"
+        return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
 
 
 # ------------------------------------------------------------------ the datasource
@@ -266,18 +399,26 @@ def _walk_generic(fs, folder: Folder) -> Iterator[Listed]:
 
 @ray.remote(num_cpus=0)
 class ListingCounts:
-    """Per-range (listed, excluded by the watermark) counts reported by the listing tasks; totals on demand."""
+    """Per-range counts reported by the listing tasks (objects listed, entries left out by reason); totals on
+    demand."""
 
     def __init__(self):
-        self.by_range: dict[int, tuple[int, int]] = {}
+        self.by_range: dict[int, tuple[int, dict[str, int]]] = {}
 
-    def report(self, range_id: int, listed: int, excluded: int) -> None:
-        self.by_range[range_id] = (listed, excluded)
+    def report(self, range_id: int, listed: int, left_out: dict[str, int]) -> None:
+        self.by_range[range_id] = (listed, left_out)
 
     def totals(self) -> tuple[int, int, int]:
         """(objects listed, objects the watermark excluded, ranges reported)."""
-        return (sum(v[0] for v in self.by_range.values()), sum(v[1] for v in self.by_range.values()),
-                len(self.by_range))
+        left_out = self.left_out()
+        return sum(v[0] for v in self.by_range.values()), left_out.get("watermark", 0), len(self.by_range)
+
+    def left_out(self) -> dict[str, int]:
+        """Entries left out, by reason (:data:`LEFT_OUT_REASONS`), every reason present (0 when none)."""
+        total = Counter({reason: 0 for reason in LEFT_OUT_REASONS})
+        for _, counts in self.by_range.values():
+            total.update(counts)
+        return dict(total)
 
 
 @dataclass(frozen=True)
@@ -300,31 +441,37 @@ def _uri(spec: ListingSpec, key: str) -> str:
     return key
 
 
+def _s3_wanted(pages: Iterator[list[Listed]], extensions: tuple[str, ...], left_out: LeftOut):
+    for page in pages:
+        yield [obj for obj in page if wanted(obj.key, extensions, left_out)]
+
+
 def _list_ranges(ranges: list[tuple[int, KeyRange | Folder]], spec: ListingSpec, storage: Storage, root: str,
                  counts) -> Iterator[pa.Table]:
-    """A listing task: each range's matching objects as ``uri`` blocks, one per page; counts reported per range."""
+    """A listing task: each range's matching objects as ``uri`` blocks, one per page; counts reported per range.
+    No entry stops it (module docstring): what it cannot use is counted by reason."""
     fs = storage.fs(root)[0] if spec.kind != "local" else None
     for range_id, rng in ranges:
-        listed = excluded = 0
+        listed = 0
+        left_out = LeftOut()
         if spec.kind == "s3":
-            pages = _list_s3(fs, spec.bucket, rng, spec.page_size)
+            pages = _s3_wanted(_list_s3(fs, spec.bucket, rng, spec.page_size), spec.extensions, left_out)
         elif spec.kind == "local":
-            pages = _pages(_walk_local(rng), spec.page_size)
+            pages = _pages(walk_local(rng, spec.extensions, left_out), spec.page_size)
         else:
-            pages = _pages(_walk_generic(fs, rng), spec.page_size)
+            pages = _pages(walk_generic(fs, rng, spec.extensions, left_out), spec.page_size)
         for page in pages:
             uris = []
             for obj in page:
-                if not obj.key.lower().endswith(spec.extensions):
-                    continue
-                if spec.since is not None and obj.modified <= spec.since:
-                    excluded += 1
+                # an unknown modification time (a dangling link's target) is kept: never silently dropped
+                if spec.since is not None and obj.modified is not None and obj.modified <= spec.since:
+                    left_out.counts["watermark"] += 1
                     continue
                 uris.append(_uri(spec, obj.key))
             listed += len(uris)
             if uris:
                 yield pa.table({"uri": pa.array(uris, pa.string())})
-        ray.get(counts.report.remote(range_id, listed, excluded))
+        ray.get(counts.report.remote(range_id, listed, dict(left_out.counts)))
 
 
 class ObjectListing(Datasource):
@@ -389,3 +536,8 @@ class ObjectListing(Datasource):
         if reported != len(self.ranges):
             raise RuntimeError(f"{len(self.ranges) - reported} of {len(self.ranges)} listing ranges did not finish")
         return listed, excluded
+
+    def left_out(self) -> dict[str, int]:
+        """Entries the listing left out, by reason (:data:`LEFT_OUT_REASONS`, each present), once the dataset
+        has run."""
+        return ray.get(self.counts.left_out.remote())

@@ -25,6 +25,7 @@ from clipn_core.errors import InputError, redact_uri
 from clipn_core.images import split_preprocessor
 from clipn_core.lake_bank import bank_bytes
 from clipn_core.storage import Storage, is_remote
+from clipn_core.uri_scope import UriScope
 from jobs import failpoints
 from jobs.calibration import check_fits, check_threshold, load_calibration
 from jobs.score.decode import DecodeSettings, read_decode_batch, read_tar_batch
@@ -90,6 +91,9 @@ def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: ScoringSetup, s
     rt = cfg.runtime
     forward = failpoints.ray_remote_args()  # workers see the driver's failpoints (none in production)
     settings = DecodeSettings(setup.preprocess_cfg, rt.preprocess, rt.decode, rt.max_pixels)
+    # a manifest's lines are data: each is checked against the input's store before it may be fetched
+    scope = (UriScope.for_manifest(cfg.input.uri, cfg.input.allowed_uri_prefixes)
+             if cfg.input.kind == "manifest" else None)
     if rt.decode == "device" and not DeviceDecoder(split_preprocessor(setup.preprocess_cfg, mode=rt.preprocess),
                                                    "cpu").decodes_on_device:
         log.warning("runtime.decode: device decodes JPEGs on the device only with runtime.preprocess: fast and a "
@@ -101,10 +105,11 @@ def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: ScoringSetup, s
                             fn_kwargs={"storage": storage, "settings": settings, "extensions": cfg.input.extensions})
     elif rt.decode == "cpu":
         ds = ds.map_batches(read_decode_batch, batch_size=rt.decode_batch_size, num_cpus=rt.decode_cpus, **forward,
-                            fn_kwargs={"storage": storage, "settings": settings, "concurrency": rt.fetch_concurrency})
+                            fn_kwargs={"storage": storage, "settings": settings, "concurrency": rt.fetch_concurrency,
+                                       "scope": scope})
     else:  # the scorer decodes: the tasks only read
         ds = ds.map_batches(fetch_batch, batch_size=rt.decode_batch_size, num_cpus=rt.decode_cpus, **forward,
-                            fn_kwargs={"storage": storage, "concurrency": rt.fetch_concurrency})
+                            fn_kwargs={"storage": storage, "concurrency": rt.fetch_concurrency, "scope": scope})
     return ds.map_batches(
         ScorerActor,
         fn_constructor_kwargs={
@@ -204,6 +209,7 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                     negatives_id=setup.negatives_id, negatives_count=len(setup.negatives or ()),
                     classes=list(setup.classes), templates=list(setup.templates), inputs_listed=listed,
                     skipped_already_scored=skipped, excluded_by_watermark=excluded, since=since.after,
+                    left_out=inputs.listing.left_out() if inputs.listing else {},
                     since_from_run=since.source.run_id if since.source else None,
                     since_overlap_nights=list(since.overlap), watermark=watermark,
                     decision=cfg.decision.model_dump(mode="json"), calibration_id=calibration_id,

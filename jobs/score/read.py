@@ -26,7 +26,8 @@ from clipn_core.errors import InputError, redact_uri
 from clipn_core.storage import Storage
 from jobs.inputs import list_objects
 from jobs.score.listing import ObjectListing
-from schemas.status import STATUS_OK, STATUS_READ_ERROR
+from clipn_core.uri_scope import InvalidUriError, UriScope, uri_text
+from schemas.status import STATUS_INVALID_URI, STATUS_OK, STATUS_READ_ERROR
 
 if TYPE_CHECKING:  # the config (and the score registry behind it) is only needed on the driver
     from schemas.score_config import InputConfig
@@ -103,9 +104,12 @@ async def _new_semaphore(concurrency: int) -> asyncio.Semaphore:
     return asyncio.Semaphore(concurrency)
 
 
-def start_fetch(uris: list[str], storage: Storage, concurrency: int) -> list[Future]:
+def start_fetch(uris: list, storage: Storage, concurrency: int, scope: UriScope | None = None) -> list[Future]:
     """Start reading every URI; one future per URI, in input order, resolving to its bytes or raising its read
     error. Up to ``concurrency`` reads are in flight per filesystem (one GET per S3 object, no HEAD).
+
+    With a ``scope`` (manifest inputs: :mod:`clipn_core.uri_scope`), a value it refuses (null, relative, another
+    store, ...) is never opened: its future raises :class:`~clipn_core.uri_scope.InvalidUriError`.
 
     Async filesystems (s3fs, gcsfs) read on their own event loop, the cheapest on CPU; the others in
     a thread pool. URIs are taken literally: no glob expansion, so keys holding ``?``, ``*``, ``[``
@@ -114,6 +118,8 @@ def start_fetch(uris: list[str], storage: Storage, concurrency: int) -> list[Fut
     futures: list[Future] = []
     for uri in uris:
         try:
+            if scope is not None:
+                scope.check(uri)
             fs, path = storage.object_reader(uri)
         except Exception as e:  # noqa: BLE001 - an unusable URI is that row's read error
             failed: Future = Future()
@@ -127,10 +133,15 @@ def start_fetch(uris: list[str], storage: Storage, concurrency: int) -> list[Fut
     return futures
 
 
-def fetch(uris: list[str], storage: Storage, concurrency: int) -> list[bytes | Exception]:
+def read_status(error: Exception) -> str:
+    """The row status of a URI whose fetch raised ``error``: ``invalid_uri`` when it was refused unfetched."""
+    return STATUS_INVALID_URI if isinstance(error, InvalidUriError) else STATUS_READ_ERROR
+
+
+def fetch(uris: list, storage: Storage, concurrency: int, scope: UriScope | None = None) -> list[bytes | Exception]:
     """Bytes of every URI, or the exception that stopped its read, in input order (:func:`start_fetch`)."""
     out: list[bytes | Exception] = []
-    for future in start_fetch(uris, storage, concurrency):
+    for future in start_fetch(uris, storage, concurrency, scope):
         try:
             out.append(future.result())
         except Exception as e:  # noqa: BLE001 - recorded in the row, never dropped
@@ -138,15 +149,17 @@ def fetch(uris: list[str], storage: Storage, concurrency: int) -> list[bytes | E
     return out
 
 
-def fetch_batch(batch: dict, storage: Storage, concurrency: int) -> dict[str, np.ndarray]:
-    """I/O step: one row per URI: ``uri``, ``byte_size`` (-1 when unread), ``status`` (``ok`` or
-    ``read_error``), ``error`` and ``data`` (the object's bytes; empty when unread)."""
-    uris = [str(u) for u in batch["uri"]]
+def fetch_batch(batch: dict, storage: Storage, concurrency: int, scope: UriScope | None = None) -> dict[str, np.ndarray]:
+    """I/O step: one row per URI: ``uri``, ``byte_size`` (-1 when unread), ``status`` (``ok``, ``read_error``
+    or ``invalid_uri``: refused by ``scope``, never fetched), ``error`` and ``data`` (the object's bytes; empty
+    when unread)."""
+    values = list(batch["uri"])
+    uris = [uri_text(u) for u in values]
     size, status, error, data = [], [], [], []
-    for got in fetch(uris, storage, concurrency):
+    for got in fetch(values, storage, concurrency, scope):
         if isinstance(got, Exception):
             size.append(-1)
-            status.append(STATUS_READ_ERROR)
+            status.append(read_status(got))
             error.append(f"{type(got).__name__}: {got}")
             data.append(b"")
         else:
