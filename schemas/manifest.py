@@ -43,11 +43,17 @@ class ScoreManifest(BaseModel):
     templates: list[str]
     decision: dict | None = Field(None, description="the decision that filled is_ood")
     calibration_id: str | None = Field(None, description="id of the calibration the decision's threshold comes from")
-    inputs_listed: int | None = Field(None, description="objects listed with a matching extension and not excluded "
-                                      "by the watermark (prefix inputs; None for manifests and shards)")
+    inputs_listed: int | None = Field(None, description="inputs listed, each counted where it was read: prefix: "
+                                      "objects with a matching extension not excluded by the watermark; manifest: "
+                                      "lines; tar: members with a matching extension (a torn or unreadable shard's "
+                                      "rest: one). rows + skipped_already_scored + inputs_left_out = inputs_listed "
+                                      "(None in manifests written before manifests and shards were counted)")
     skipped_already_scored: int | None = Field(0, description="listed inputs left out because skip_scored found them "
-                                               "scored ok, or because the night since came from holds them (None "
-                                               "when the input count is not known)")
+                                               "scored ok, or because the night since came from holds them; counted "
+                                               "as what the skip join removed (tar: members not read)")
+    inputs_left_out: dict[str, int] = Field(default_factory=dict, description="listed inputs given no row, by "
+                                            "reason: duplicate_member (a tar member whose name an earlier member "
+                                            "of its shard has)")
     excluded_by_watermark: int = Field(0, description="objects left out because they were not modified after since")
     since: dt.datetime | None = Field(None, description="the watermark applied (input.since), UTC: with last_run, "
                                       "the previous night's watermark minus input.since_margin_s")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
+import pyarrow as pa
 import ray
 from ray.data.expressions import col
 
@@ -78,6 +79,34 @@ def night_uris(root: str, nights: list[dt.date], storage: Storage) -> ray.data.D
 def drop_scored(inputs: ray.data.Dataset, scored: ray.data.Dataset) -> ray.data.Dataset:
     """``inputs`` (a ``uri`` column) without the URIs in ``scored``: a hash-partitioned left anti-join."""
     return inputs.join(scored, join_type="left_anti", num_partitions=JOIN_PARTITIONS, on=("uri",))
+
+
+def attach_member_skips(shards: ray.data.Dataset, scored: ray.data.Dataset) -> ray.data.Dataset:
+    """Tar inputs: ``shards`` (a ``uri`` column of shard URIs) with a ``skip`` column, per shard the member
+    names whose URI ``<shard>#<member>`` is in ``scored`` (None when there is none), for the read task to
+    leave out without decoding them. Grouped by shard and joined in Ray (hash-partitioned); the driver
+    never holds the scored set."""
+    members = scored.map_batches(_shard_and_member, batch_format="pyarrow", batch_size=None)
+    by_shard = members.groupby("uri").map_groups(_member_list, batch_format="pyarrow")
+    return shards.join(by_shard, join_type="left_outer", num_partitions=JOIN_PARTITIONS, on=("uri",))
+
+
+def _shard_and_member(batch: pa.Table) -> pa.Table:
+    """``<shard>#<member>`` URIs as (``uri`` = shard, ``member``). Shard keys end in ``.tar`` and either part
+    may hold ``#``, so the split is at the first ``.tar#``; other URIs name no member and are dropped."""
+    shards, members = [], []
+    for uri in batch.column("uri").to_pylist():
+        cut = (uri or "").lower().find(".tar#")
+        if cut >= 0:
+            shards.append(uri[:cut + 4])
+            members.append(uri[cut + 5:])
+    return pa.table({"uri": pa.array(shards, pa.string()), "member": pa.array(members, pa.string())})
+
+
+def _member_list(group: pa.Table) -> pa.Table:
+    uri = group.column("uri")[0].as_py()
+    members = sorted(set(group.column("member").to_pylist()))
+    return pa.table({"uri": pa.array([uri], pa.string()), "skip": pa.array([members], pa.list_(pa.string()))})
 
 
 def bank_path(root: str, model_id: str, class_set_hash: str, run_id: str) -> str:
