@@ -87,7 +87,7 @@ def tar_entries(shard: str, storage: Storage) -> Iterator[tuple[TarEntry, Callab
 
     The shard is read front to back through one file object (``fs.open``, ``tarfile`` stream mode):
     memory holds one member's bytes and a read-ahead of :data:`TAR_BLOCK_SIZE`, whatever the shard's
-    size. ``read()`` returns a ``file`` member's bytes (b"" for the others) and is valid only until the
+    size (tarfile also keeps each member's header: a few hundred bytes per member). ``read()`` returns a ``file`` member's bytes (b"" for the others) and is valid only until the
     next entry; a member that is not read is skipped over without being held. Reading or parsing errors
     (missing object, torn archive, a member cut short) propagate to the caller, possibly after some
     entries were yielded.

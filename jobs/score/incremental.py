@@ -84,11 +84,25 @@ def drop_scored(inputs: ray.data.Dataset, scored: ray.data.Dataset) -> ray.data.
 def attach_member_skips(shards: ray.data.Dataset, scored: ray.data.Dataset) -> ray.data.Dataset:
     """Tar inputs: ``shards`` (a ``uri`` column of shard URIs) with a ``skip`` column, per shard the member
     names whose URI ``<shard>#<member>`` is in ``scored`` (None when there is none), for the read task to
-    leave out without decoding them. Grouped by shard and joined in Ray (hash-partitioned); the driver
-    never holds the scored set."""
+    leave out without decoding them.
+
+    The shards and the scored members are grouped by shard in one hash shuffle in Ray (the driver never
+    holds the scored set); each listed shard carries itself into its group, so every listed shard comes out
+    once, and shards that are not listed tonight come out not at all, even when ``scored`` is empty.
+    """
+    listed = shards.map_batches(_listed_shard, batch_format="pyarrow", batch_size=None)
     members = scored.map_batches(_shard_and_member, batch_format="pyarrow", batch_size=None)
-    by_shard = members.groupby("uri").map_groups(_member_list, batch_format="pyarrow")
-    return shards.join(by_shard, join_type="left_outer", num_partitions=JOIN_PARTITIONS, on=("uri",))
+    return listed.union(members).groupby("uri", num_partitions=JOIN_PARTITIONS).map_groups(
+        _member_list, batch_format="pyarrow")
+
+
+_MEMBERS = pa.schema([pa.field("uri", pa.string()), pa.field("member", pa.string()), pa.field("listed", pa.bool_())])
+
+
+def _listed_shard(batch: pa.Table) -> pa.Table:
+    n = batch.num_rows
+    return pa.table([batch.column("uri").cast(pa.string()), pa.nulls(n, pa.string()), pa.array([True] * n)],
+                    schema=_MEMBERS)
 
 
 def _shard_and_member(batch: pa.Table) -> pa.Table:
@@ -100,13 +114,18 @@ def _shard_and_member(batch: pa.Table) -> pa.Table:
         if cut >= 0:
             shards.append(uri[:cut + 4])
             members.append(uri[cut + 5:])
-    return pa.table({"uri": pa.array(shards, pa.string()), "member": pa.array(members, pa.string())})
+    return pa.table([pa.array(shards, pa.string()), pa.array(members, pa.string()),
+                     pa.array([False] * len(shards))], schema=_MEMBERS)
 
 
 def _member_list(group: pa.Table) -> pa.Table:
-    uri = group.column("uri")[0].as_py()
-    members = sorted(set(group.column("member").to_pylist()))
-    return pa.table({"uri": pa.array([uri], pa.string()), "skip": pa.array([members], pa.list_(pa.string()))})
+    """One shard's group -> one row (``uri``, ``skip``) when the shard is listed, else none."""
+    schema = pa.schema([pa.field("uri", pa.string()), pa.field("skip", pa.list_(pa.string()))])
+    if not any(group.column("listed").to_pylist()):
+        return schema.empty_table()
+    members = sorted({m for m in group.column("member").to_pylist() if m is not None})
+    return pa.table([pa.array([group.column("uri")[0].as_py()], pa.string()),
+                     pa.array([members or None], pa.list_(pa.string()))], schema=schema)
 
 
 def bank_path(root: str, model_id: str, class_set_hash: str, run_id: str) -> str:

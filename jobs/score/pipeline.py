@@ -27,10 +27,10 @@ from clipn_core.lake_bank import bank_bytes
 from clipn_core.storage import Storage, is_remote
 from jobs import failpoints
 from jobs.calibration import check_fits, check_threshold, load_calibration
-from jobs.score.decode import DecodeSettings, read_decode_batch, read_tar_batch
-from jobs.score.iceberg import to_table_rows
 from jobs.score.counts import KEPT, LISTED, SKIPPED, InputCounts, count_rows
 from jobs.score.counts import totals as count_totals
+from jobs.score.decode import DecodeSettings, read_decode_batch, read_tar_batch
+from jobs.score.iceberg import to_table_rows
 from jobs.score.incremental import attach_member_skips, bank_path, build_lake_bank, drop_scored
 from jobs.score.publish import PartFilenames, staged_stats
 from jobs.score.read import Inputs, fetch_batch, input_dataset
