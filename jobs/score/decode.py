@@ -5,7 +5,8 @@ error kind), ``error`` and either ``pixels`` (uint8 [3, H, W], zeros when status
 ok; ``runtime.decode: cpu``) or ``data`` (the encoded bytes, empty unless ok;
 ``runtime.decode: device``, where the scorer decodes and this step does not run). A read
 failure stays the ``read_error`` row of the fetch step, a decode failure becomes the
-decoder's kind.
+decoder's kind. Tar shards follow :func:`read_tar_batch`'s rules (a later member with a name
+already seen, and members ``skip_scored`` leaves out, get no row and are counted instead).
 """
 
 from __future__ import annotations
