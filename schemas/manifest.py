@@ -43,17 +43,22 @@ class ScoreManifest(BaseModel):
     templates: list[str]
     decision: dict | None = Field(None, description="the decision that filled is_ood")
     calibration_id: str | None = Field(None, description="id of the calibration the decision's threshold comes from")
-    inputs_listed: int | None = Field(None, description="objects listed with a matching extension and not excluded "
-                                      "by the watermark (prefix inputs; None for manifests and shards)")
+    inputs_listed: int | None = Field(None, description="inputs listed, each counted where it was read: prefix: "
+                                      "objects with a matching extension not excluded by the watermark; manifest: "
+                                      "lines; tar: members with a matching extension (a torn or unreadable shard's "
+                                      "rest: one). rows + skipped_already_scored = inputs_listed "
+                                      "(None in manifests written before manifests and shards were counted)")
     skipped_already_scored: int | None = Field(0, description="listed inputs left out because skip_scored found them "
-                                               "scored ok, or because the night since came from holds them (None "
-                                               "when the input count is not known)")
+                                               "scored ok, or because the night since came from holds them; counted "
+                                               "as what the skip join removed (tar: members not read)")
     excluded_by_watermark: int = Field(0, description="objects left out because they were not modified after since")
-    left_out: dict[str, int] = Field(default_factory=dict, description="prefix inputs: listing entries left out, "
-                                     "by reason: extension (a name without one of input.extensions), watermark "
-                                     "(= excluded_by_watermark), unencodable_name (not UTF-8), unreadable_folder "
-                                     "(a folder that could not be listed), not_a_file (FIFOs, sockets, devices, "
-                                     "links to folders); empty for manifests and shards, which list nothing")
+    left_out: dict[str, int] = Field(default_factory=dict, description="what was met but is not an input, by "
+                                     "reason: extension (a name without one of input.extensions: objects under a "
+                                     "prefix, tar members), watermark (= excluded_by_watermark), unencodable_name "
+                                     "(not UTF-8), unreadable_folder (a folder that could not be listed), not_a_file "
+                                     "(FIFOs, sockets, devices, links to folders), duplicate_member (a tar member "
+                                     "whose name an earlier member of its shard has); a manifest's lines are all "
+                                     "inputs")
     since: dt.datetime | None = Field(None, description="the watermark applied (input.since), UTC: with last_run, "
                                       "the previous night's watermark minus input.since_margin_s")
     since_from_run: str | None = Field(None, description="run id whose watermark was applied (since: last_run)")

@@ -13,3 +13,9 @@ STATUS_OK = "ok"
 STATUS_READ_ERROR = "read_error"
 STATUS_INVALID_URI = "invalid_uri"
 STATUSES: tuple[str, ...] = (STATUS_OK, STATUS_READ_ERROR, STATUS_INVALID_URI, *(k.value for k in DecodeErrorKind))
+
+LEFT_OUT_DUPLICATE_MEMBER = "duplicate_member"
+LEFT_OUT_REASONS: tuple[str, ...] = ("extension", "watermark", "unencodable_name", "unreadable_folder", "not_a_file",
+                                     LEFT_OUT_DUPLICATE_MEMBER)
+"""Why something met on the way is not an input: the keys of the run manifest's ``left_out`` (a prefix listing's
+entries, a tar shard's members)."""

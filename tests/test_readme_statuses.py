@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.score.listing import LEFT_OUT_REASONS
-from schemas.status import STATUSES
+from schemas.status import LEFT_OUT_REASONS, STATUSES
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

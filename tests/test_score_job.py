@@ -307,7 +307,7 @@ def test_a_local_lake_with_entries_the_listing_cannot_use(ray_local, tmp_path):
                       str(root / "gone.jpg"): "read_error"}
     assert manifest.inputs_listed == 3 and manifest.rows == 3
     assert manifest.left_out == {"extension": 1, "watermark": 0, "unencodable_name": 1, "unreadable_folder": 0,
-                                 "not_a_file": 1}
+                                 "not_a_file": 1, "duplicate_member": 0}
     assert not (out / "_staging").exists()
 
 

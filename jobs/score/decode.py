@@ -5,23 +5,27 @@ error kind), ``error`` and either ``pixels`` (uint8 [3, H, W], zeros when status
 ok; ``runtime.decode: cpu``) or ``data`` (the encoded bytes, empty unless ok;
 ``runtime.decode: device``, where the scorer decodes and this step does not run). A read
 failure stays the ``read_error`` row of the fetch step, a decode failure becomes the
-decoder's kind.
+decoder's kind. Tar shards follow :func:`read_tar_batch`'s rules (a later member with a name
+already seen, and members ``skip_scored`` leaves out, get no row and are counted instead).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import as_completed
 from dataclasses import dataclass
 
 import numpy as np
+import ray
 
 from clipn_core.images import DecodeError, split_preprocessor
 from clipn_core.storage import Storage
 from jobs import failpoints
-from jobs.inputs import tar_members
-from jobs.score.read import read_status, start_fetch
 from clipn_core.uri_scope import UriScope, uri_text
-from schemas.status import STATUS_OK, STATUS_READ_ERROR
+from jobs.inputs import tar_entries
+from jobs.score.counts import InputCounts
+from jobs.score.read import read_status, start_fetch
+from schemas.status import LEFT_OUT_DUPLICATE_MEMBER, STATUS_OK, STATUS_READ_ERROR
 
 
 @dataclass(frozen=True)
@@ -66,10 +70,6 @@ class _Rows:
     def add_image(self, uri: str, data: bytes) -> None:
         self.add(uri, len(data), *self.decode(data))
 
-    def drop_from(self, start: int) -> None:
-        for column in (self.uri, self.size, self.status, self.error, self.payload):
-            del column[start:]
-
     def columns(self) -> dict[str, np.ndarray]:
         out = {
             "uri": np.array(self.uri, dtype=object),
@@ -111,21 +111,71 @@ def read_decode_batch(batch: dict, storage: Storage, settings: DecodeSettings, c
     return decoder.columns()
 
 
-def read_tar_batch(batch: dict, storage: Storage, settings: DecodeSettings, extensions: list[str]) -> dict:
-    """CPU step for WebDataset shards: one row per image member (``<shard>#<member>``).
 
-    A shard that cannot be read or parsed yields one ``read_error`` row named by the shard.
+
+def read_tar_batch(batch: dict, storage: Storage, settings: DecodeSettings, extensions: list[str],
+                   rows_per_batch: int, counts: InputCounts | None) -> Iterator[dict]:
+    """CPU step for WebDataset shards: one row per image member (``<shard>#<member>``), streamed.
+
+    ``batch``: one shard per call in practice: ``uri`` (shard URIs) and optionally ``skip`` (per shard,
+    the member names ``skip_scored`` leaves out, or None). Each shard is read member by member
+    (:func:`~jobs.inputs.tar_entries`) and rows are yielded in batches of at most ``rows_per_batch``,
+    so memory does not grow with the shard. The rules, per shard (members whose name has none of
+    ``extensions`` are not inputs):
+
+    * a regular file: decoded, one row;
+    * a name without one of ``extensions``: not an input, counted as left out (``extension``);
+    * a name seen before in the shard: the first keeps the URI; later ones are not read, not inputs, and
+      counted as left out (``duplicate_member``);
+    * a name in ``skip``: not read, not decoded, no row, counted as skipped;
+    * a symbolic or hard link (or another special member): a ``read_error`` row saying so; links
+      are not followed (a stream cannot go back to the target);
+    * a shard that cannot be opened, or is torn: the rows of the members read before the fault stay,
+      and one ``read_error`` row named by the shard URI stands for the unreadable rest (counted as
+      one listed input).
+
+    Each shard's counts (``listed``, ``skipped``, ``left_out:<reason>``) are reported to ``counts`` keyed
+    by the shard URI, so a retried task replaces its first report.
     """
     exts = tuple(extensions)
+    skips = batch.get("skip")
     rows = _Rows(settings)
-    for shard in batch["uri"]:
+    for i, shard in enumerate(batch["uri"]):
         shard = str(shard)
-        start = len(rows.uri)
+        skip = set(skips[i]) if skips is not None and skips[i] is not None else set()
+        seen: set[str] = set()
+        numbers = {"listed": 0, "skipped": 0}
         try:
-            for name, data in tar_members(shard, storage):
-                if name.lower().endswith(exts):
-                    rows.add_image(f"{shard}#{name}", data)
-        except Exception as e:  # noqa: BLE001
-            rows.drop_from(start)  # a torn shard: record the shard, not a partial member list
-            rows.add(shard, -1, STATUS_READ_ERROR, f"unreadable tar shard: {type(e).__name__}: {e}")
-    return rows.columns()
+            for entry, read in tar_entries(shard, storage):
+                if not entry.name.lower().endswith(exts):
+                    numbers["left_out:extension"] = numbers.get("left_out:extension", 0) + 1
+                    continue
+                if entry.name in seen:
+                    key = f"left_out:{LEFT_OUT_DUPLICATE_MEMBER}"
+                    numbers[key] = numbers.get(key, 0) + 1
+                    continue
+                seen.add(entry.name)
+                if entry.name in skip:
+                    numbers["listed"] += 1
+                    numbers["skipped"] += 1
+                    continue
+                uri = f"{shard}#{entry.name}"
+                if entry.kind == "file":
+                    data = read()  # a member cut short raises here: it is part of the unreadable rest
+                    numbers["listed"] += 1
+                    rows.add_image(uri, data)
+                else:
+                    numbers["listed"] += 1
+                    rows.add(uri, -1, STATUS_READ_ERROR, f"tar member is a {entry.detail}: links and special "
+                                                         "members are not followed")
+                if len(rows.uri) >= rows_per_batch:
+                    yield rows.columns()
+                    rows = _Rows(settings)
+        except Exception as e:  # noqa: BLE001 - recorded in a row, never dropped
+            numbers["listed"] += 1
+            rows.add(shard, -1, STATUS_READ_ERROR, f"unreadable tar shard (rows before this point are kept): "
+                                                   f"{type(e).__name__}: {e}")
+        if counts is not None:
+            ray.get(counts.report.remote(f"tar:{shard}", numbers))
+    if rows.uri:
+        yield rows.columns()

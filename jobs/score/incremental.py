@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
+import pyarrow as pa
 import ray
 from ray.data.expressions import col
 
@@ -78,6 +79,53 @@ def night_uris(root: str, nights: list[dt.date], storage: Storage) -> ray.data.D
 def drop_scored(inputs: ray.data.Dataset, scored: ray.data.Dataset) -> ray.data.Dataset:
     """``inputs`` (a ``uri`` column) without the URIs in ``scored``: a hash-partitioned left anti-join."""
     return inputs.join(scored, join_type="left_anti", num_partitions=JOIN_PARTITIONS, on=("uri",))
+
+
+def attach_member_skips(shards: ray.data.Dataset, scored: ray.data.Dataset) -> ray.data.Dataset:
+    """Tar inputs: ``shards`` (a ``uri`` column of shard URIs) with a ``skip`` column, per shard the member
+    names whose URI ``<shard>#<member>`` is in ``scored`` (None when there is none), for the read task to
+    leave out without decoding them.
+
+    The shards and the scored members are grouped by shard in one hash shuffle in Ray (the driver never
+    holds the scored set); each listed shard carries itself into its group, so every listed shard comes out
+    once, and shards that are not listed tonight come out not at all, even when ``scored`` is empty.
+    """
+    listed = shards.map_batches(_listed_shard, batch_format="pyarrow", batch_size=None)
+    members = scored.map_batches(_shard_and_member, batch_format="pyarrow", batch_size=None)
+    return listed.union(members).groupby("uri", num_partitions=JOIN_PARTITIONS).map_groups(
+        _member_list, batch_format="pyarrow")
+
+
+_MEMBERS = pa.schema([pa.field("uri", pa.string()), pa.field("member", pa.string()), pa.field("listed", pa.bool_())])
+
+
+def _listed_shard(batch: pa.Table) -> pa.Table:
+    n = batch.num_rows
+    return pa.table([batch.column("uri").cast(pa.string()), pa.nulls(n, pa.string()), pa.array([True] * n)],
+                    schema=_MEMBERS)
+
+
+def _shard_and_member(batch: pa.Table) -> pa.Table:
+    """``<shard>#<member>`` URIs as (``uri`` = shard, ``member``). Shard keys end in ``.tar`` and either part
+    may hold ``#``, so the split is at the first ``.tar#``; other URIs name no member and are dropped."""
+    shards, members = [], []
+    for uri in batch.column("uri").to_pylist():
+        cut = (uri or "").lower().find(".tar#")
+        if cut >= 0:
+            shards.append(uri[:cut + 4])
+            members.append(uri[cut + 5:])
+    return pa.table([pa.array(shards, pa.string()), pa.array(members, pa.string()),
+                     pa.array([False] * len(shards))], schema=_MEMBERS)
+
+
+def _member_list(group: pa.Table) -> pa.Table:
+    """One shard's group -> one row (``uri``, ``skip``) when the shard is listed, else none."""
+    schema = pa.schema([pa.field("uri", pa.string()), pa.field("skip", pa.list_(pa.string()))])
+    if not any(group.column("listed").to_pylist()):
+        return schema.empty_table()
+    members = sorted({m for m in group.column("member").to_pylist() if m is not None})
+    return pa.table([pa.array([group.column("uri")[0].as_py()], pa.string()),
+                     pa.array([members or None], pa.list_(pa.string()))], schema=schema)
 
 
 def bank_path(root: str, model_id: str, class_set_hash: str, run_id: str) -> str:

@@ -72,13 +72,12 @@ from ray.data.datasource import Datasource, ReadTask
 from clipn_core.errors import InputError, redact_uri
 from clipn_core.storage import Storage
 from jobs.score.store import store_now
+from schemas.status import LEFT_OUT_REASONS
 
 PAGE_SIZE = 1000  # keys per ListObjectsV2 request (S3's maximum)
 _MAX_CHAR = "\U0010ffff"  # the greatest code point: sorts after every other character in UTF-8 order
 _MAX_PROBES = 2000  # planning requests at most
 _PROBES_IN_FLIGHT = 32
-LEFT_OUT_REASONS = ("extension", "watermark", "unencodable_name", "unreadable_folder", "not_a_file")
-"""Why the listing left an entry out: the keys of :meth:`ObjectListing.left_out` (module docstring)."""
 _LOGGED_PER_REASON = 5  # a task logs the first few entries it leaves out for each reason, then only counts
 
 log = logging.getLogger("clipn.score.listing")

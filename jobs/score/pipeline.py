@@ -28,11 +28,13 @@ from clipn_core.storage import Storage, is_remote
 from clipn_core.uri_scope import UriScope
 from jobs import failpoints
 from jobs.calibration import check_fits, check_threshold, load_calibration
+from jobs.score.counts import KEPT, LISTED, SKIPPED, InputCounts, count_rows
+from jobs.score.counts import totals as count_totals
 from jobs.score.decode import DecodeSettings, read_decode_batch, read_tar_batch
 from jobs.score.iceberg import to_table_rows
-from jobs.score.incremental import bank_path, build_lake_bank, drop_scored
+from jobs.score.incremental import attach_member_skips, bank_path, build_lake_bank, drop_scored
 from jobs.score.publish import PartFilenames, staged_stats
-from jobs.score.read import fetch_batch, input_dataset
+from jobs.score.read import Inputs, fetch_batch, input_dataset
 from jobs.score.scorer import ScorerActor
 from jobs.score.targets import OutputTarget, abandon_quietly, output_target, publish_or_abandon
 from jobs.scoring_setup import ScoringSetup, prepare
@@ -86,7 +88,7 @@ def resolve_since(cfg: ScoreJobConfig, target: OutputTarget, run_date: dt.date) 
 
 
 def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: ScoringSetup, storage: Storage,
-               run_id: str) -> ray.data.Dataset:
+               run_id: str, counts: InputCounts) -> ray.data.Dataset:
     """URIs -> output rows: read + decode tasks (or fetch only, when the scorer decodes), then the actor pool."""
     rt = cfg.runtime
     forward = failpoints.ray_remote_args()  # workers see the driver's failpoints (none in production)
@@ -102,7 +104,8 @@ def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: ScoringSetup, s
                     {k: setup.preprocess_cfg.get(k) for k in ("size", "resize_mode", "interpolation")})
     if cfg.input.kind == "tar":
         ds = ds.map_batches(read_tar_batch, batch_size=1, num_cpus=rt.decode_cpus, **forward,
-                            fn_kwargs={"storage": storage, "settings": settings, "extensions": cfg.input.extensions})
+                            fn_kwargs={"storage": storage, "settings": settings, "extensions": cfg.input.extensions,
+                                       "rows_per_batch": rt.decode_batch_size, "counts": counts})
     elif rt.decode == "cpu":
         ds = ds.map_batches(read_decode_batch, batch_size=rt.decode_batch_size, num_cpus=rt.decode_cpus, **forward,
                             fn_kwargs={"storage": storage, "settings": settings, "concurrency": rt.fetch_concurrency,
@@ -141,6 +144,35 @@ def skip_sets(cfg: ScoreJobConfig, target: OutputTarget, setup: ScoringSetup, ru
     return sets[0].union(*sets[1:])
 
 
+def row_check(cfg: ScoreJobConfig, inputs: Inputs, counts: InputCounts, skipping: bool,
+              rows: int) -> tuple[int, int, int, dict[str, int]]:
+    """(inputs listed, excluded by the watermark, skipped, left out by reason) once the rows are staged, after
+    checking that rows written + skipped + left out = listed, each counted where it happens (:mod:`counts`):
+    objects by the listing, manifest lines by a pass-through stage, tar members by their read tasks, skips by
+    counting what the skip join kept (prefix, manifest) or the members the read tasks left unread (tar).
+
+    Raises :class:`InputError` when a prefix lists nothing, and RuntimeError naming the counts when they do
+    not add up (lost or duplicated rows): the caller abandons the staged rows and publishes nothing.
+    """
+    found, left_out = count_totals(counts)
+    if inputs.listing is not None:
+        listed, excluded = inputs.listing.totals()
+        left_out = {**inputs.listing.left_out(), **left_out}
+        if listed == 0 and not excluded:
+            raise InputError(f"no {'/'.join(cfg.input.extensions)} objects under {redact_uri(cfg.input.uri)}")
+    else:
+        listed, excluded = found.get(LISTED, 0), 0
+    if cfg.input.kind == "tar":
+        skipped = found.get(SKIPPED, 0)
+    else:
+        skipped = listed - found.get(KEPT, 0) if skipping else 0
+    expected = listed - skipped
+    if rows != expected or skipped < 0:
+        raise RuntimeError(f"row check failed: wrote {rows} rows, expected {expected} = {listed} inputs listed - "
+                           f"{skipped} skipped; not publishing")
+    return listed, excluded, skipped, left_out
+
+
 def run(cfg: ScoreJobConfig) -> ScoreManifest:
     """Run the job; returns the published manifest. Raises before any Ray work or write on a setup error, and
     :class:`~clipn_core.errors.LeaseHeldError` (writing nothing) when another live run holds the night."""
@@ -168,10 +200,17 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
     # the next night's since: when this listing began, on the store's clock
     watermark = inputs.listing.started_at if inputs.listing else dt.datetime.now(dt.timezone.utc)
     with target.lease(run_date, run_id, cfg.output.lease_ttl_s, cfg.output.take_over_lease) as lease:
+        counts = InputCounts.remote()
         ds = inputs.dataset
+        if cfg.input.kind == "manifest":  # prefixes are counted by their listing, shards by their read tasks
+            ds = ds.map_batches(count_rows, batch_size=None, num_cpus=WRITE_CPUS,
+                                fn_kwargs={"counts": counts, "stage": LISTED})
         skip = skip_sets(cfg, target, setup, run_date, since)
-        if skip is not None:
-            ds = drop_scored(ds, skip)
+        if skip is not None and cfg.input.kind == "tar":  # members are skipped in the read task, unread
+            ds = attach_member_skips(ds, skip)
+        elif skip is not None:
+            ds = drop_scored(ds, skip).map_batches(count_rows, batch_size=None, num_cpus=WRITE_CPUS,
+                                                   fn_kwargs={"counts": counts, "stage": KEPT})
         target.sweep(dt.timedelta(hours=cfg.output.staging_max_age_h), run_id)
         staged = target.staged(run_id, run_date)
         t_setup = time.perf_counter() - t0
@@ -180,7 +219,7 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                 out_fs, staged_p = storage.arrow(staged)
                 # Object stores have no directories; asking Ray to create one makes it delete a
                 # non-existent one (FileNotFoundError) when every input was skipped.
-                rows = score_rows(ds, cfg, setup, storage, run_id)
+                rows = score_rows(ds, cfg, setup, storage, run_id, counts)
                 if cfg.output.iceberg is not None:  # the table's rows: + run_date, embeddings as float32
                     rows = rows.map_batches(to_table_rows, batch_format="pyarrow", fn_kwargs={"run_date": run_date},
                                             num_cpus=WRITE_CPUS)
@@ -188,14 +227,7 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                                    try_create_dir=not is_remote(staged), ray_remote_args={"num_cpus": WRITE_CPUS})
                 t_score = time.perf_counter() - t0 - t_setup
                 stats = staged_stats(staged, storage)
-                listed, excluded = inputs.listing.totals() if inputs.listing else (None, 0)
-                if listed == 0 and not excluded:
-                    raise InputError(f"no {'/'.join(cfg.input.extensions)} objects under {redact_uri(cfg.input.uri)}")
-                skipped = 0
-                if skip is not None:
-                    skipped = listed - stats["rows"] if listed is not None else None
-                elif listed is not None and stats["rows"] != listed:
-                    raise RuntimeError(f"wrote {stats['rows']} rows for {listed} listed inputs; not publishing")
+                listed, excluded, skipped, left_out = row_check(cfg, inputs, counts, skip is not None, stats["rows"])
                 bank_built = None
                 if cfg.output.lake_bank:
                     bank_built = bank_path(target.bank_root, setup.model_id, setup.heads.class_set_hash, run_id)
@@ -209,7 +241,7 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                     negatives_id=setup.negatives_id, negatives_count=len(setup.negatives or ()),
                     classes=list(setup.classes), templates=list(setup.templates), inputs_listed=listed,
                     skipped_already_scored=skipped, excluded_by_watermark=excluded, since=since.after,
-                    left_out=inputs.listing.left_out() if inputs.listing else {},
+                    left_out=left_out,
                     since_from_run=since.source.run_id if since.source else None,
                     since_overlap_nights=list(since.overlap), watermark=watermark,
                     decision=cfg.decision.model_dump(mode="json"), calibration_id=calibration_id,
