@@ -13,8 +13,8 @@ from pydantic import Field, PositiveFloat, field_validator, model_validator
 
 from clipn_core.errors import redact_uri
 from clipn_core.named_sets import CLASS_SETS
-from clipn_core.uri_scope import prefix_problem
 from clipn_core.scores import SCORES
+from clipn_core.uri_scope import prefix_problem
 from schemas.common import (
     PRETRAINED_CONFIG_HELP,
     TEMPLATES_HELP,

@@ -16,7 +16,16 @@ import pytest
 from clipn_core.errors import InputError
 from clipn_core.storage import Storage
 from jobs.inputs import list_objects
-from jobs.score.listing import Folder, KeyRange, LeftOut, ObjectListing, start_after, successor, walk_generic, walk_local
+from jobs.score.listing import (
+    Folder,
+    KeyRange,
+    LeftOut,
+    ObjectListing,
+    start_after,
+    successor,
+    walk_generic,
+    walk_local,
+)
 
 EXTS = [".jpg", ".png"]
 KEYS = ([f"img_{i:04d}.jpg" for i in range(150)] + [f"d{j}/sub/x{i}.png" for j in range(3) for i in range(25)]

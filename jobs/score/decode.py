@@ -20,8 +20,8 @@ import ray
 
 from clipn_core.images import DecodeError, split_preprocessor
 from clipn_core.storage import Storage
-from jobs import failpoints
 from clipn_core.uri_scope import UriScope, uri_text
+from jobs import failpoints
 from jobs.inputs import tar_entries
 from jobs.score.counts import InputCounts
 from jobs.score.read import read_status, start_fetch

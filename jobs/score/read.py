@@ -24,9 +24,9 @@ import ray
 
 from clipn_core.errors import InputError, redact_uri
 from clipn_core.storage import Storage
+from clipn_core.uri_scope import InvalidUriError, UriScope, uri_text
 from jobs.inputs import list_objects
 from jobs.score.listing import ObjectListing
-from clipn_core.uri_scope import InvalidUriError, UriScope, uri_text
 from schemas.status import STATUS_INVALID_URI, STATUS_OK, STATUS_READ_ERROR
 
 if TYPE_CHECKING:  # the config (and the score registry behind it) is only needed on the driver
