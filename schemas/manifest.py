@@ -49,7 +49,7 @@ class ScoreManifest(BaseModel):
                                       "rest: one). rows + skipped_already_scored = inputs_listed "
                                       "(None in manifests written before manifests and shards were counted)")
     skipped_already_scored: int | None = Field(0, description="listed inputs left out because skip_scored found them "
-                                               "scored ok, or because the night since came from holds them; counted "
+                                               "scored ok, or because an overlap night of since holds them unmodified since its listing; counted "
                                                "as what the skip join removed (tar: members not read)")
     excluded_by_watermark: int = Field(0, description="objects left out because they were not modified after since")
     left_out: dict[str, int] = Field(default_factory=dict, description="what was met but is not an input, by "

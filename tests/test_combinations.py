@@ -242,14 +242,16 @@ class Expected:
 
 def expected_second_night(combo: dict, lake: Lake) -> Expected:
     """Night 2 as the README describes it. ``since: last_run`` lists only what was modified after night 1's
-    listing began (the new objects and the overwritten one) and leaves out what night 1 holds (the overwritten
-    object's URI); ``skip_scored`` leaves out what earlier nights scored ok (a non-ok row is retried);
-    otherwise every input gets its row again."""
+    listing began (the new objects and the overwritten one) and scores them all: night 1 holds the overwritten
+    object's URI, but an older version of it; ``skip_scored`` leaves out what earlier nights scored ok (a non-ok
+    row is retried, the overwritten object too: skip_scored goes by URI); otherwise every input gets its row
+    again."""
     everything = lake.inputs[NIGHT_2]
     new = frozenset(everything) - frozenset(lake.inputs[DAY])
     if combo["since"]:
         listed = new | {lake.url(f"lake/{UPDATED}")}
-        return Expected(new, len(listed), skipped=len(listed - new), excluded=len(everything) - len(listed))
+        rows = new if combo["skip_scored"] else listed
+        return Expected(rows, len(listed), skipped=len(listed - rows), excluded=len(everything) - len(listed))
     if combo["skip_scored"]:
         rows = new | {u for u in everything if u.endswith(BROKEN)}
         return Expected(rows, len(everything), skipped=len(everything) - len(rows))

@@ -130,6 +130,21 @@ def test_since_last_run_excludes_old_objects_and_scores_each_recent_one_once(tmp
     assert again.since == first.watermark - hour and _uris(again.partition) == _uris(second.partition)
 
 
+def test_since_last_run_scores_again_an_object_rewritten_after_the_night_that_holds_it(tmp_path, checkpoints,
+                                                                                      ray_local):
+    """The overlap night holds the object's URI but an older version: a rewrite after its listing began is scored
+    again; an unchanged object in the margin is not (it was scored in that very version)."""
+    lake, out = tmp_path / "lake", tmp_path / "out"
+    _lake(lake, ["kept.jpg", "rewritten.jpg"])
+    _backdate([lake / "kept.jpg", lake / "rewritten.jpg"], 600)  # inside the margin: listed again on night 2
+    first = run(_cfg(lake, out, checkpoints[1], DAY, input__since="last_run"))
+    assert first.rows == 2
+    _lake(lake, ["rewritten.jpg", "new.jpg"])  # written again after the first night's listing began
+    second = run(_cfg(lake, out, checkpoints[1], DAY + dt.timedelta(days=1), input__since="last_run"))
+    assert _uris(second.partition) == sorted([str(lake / "new.jpg"), str(lake / "rewritten.jpg")])
+    assert (second.inputs_listed, second.skipped_already_scored, second.since_overlap_nights) == (3, 1, [DAY])
+
+
 def test_a_driver_clock_hours_ahead_of_the_store_misses_no_object(tmp_path, checkpoints, ray_local, s3_bucket,
                                                                   monkeypatch):
     """The watermark is the store's clock when the listing began (the Date of its first request), so a
@@ -210,6 +225,10 @@ def test_a_failed_run_leaves_no_staging_lease_or_partition_behind(tmp_path, chec
     with pytest.raises(failpoints.FailpointError):
         run(_cfg(lake, out, checkpoints[1], DAY))
     assert list(out.iterdir()) == []
+    fresh = tmp_path / "fresh" / "out"  # folders the failed run made for its lease are gone too
+    with pytest.raises(failpoints.FailpointError):
+        run(_cfg(lake, fresh, checkpoints[1], DAY))
+    assert not fresh.parent.exists()
 
 
 def test_the_lake_bank_does_not_depend_on_row_order():

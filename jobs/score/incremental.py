@@ -11,9 +11,8 @@
   the latest watermark of the published nights of this output before this one (a
   ``_manifest.json`` ``watermark``: when its listing began, on the store's clock) minus
   ``input.since_margin_s``, and leaves out the objects that the nights listed since then
-  already hold (the overlap the margin lists again, and objects written while a listing
-  ran), so consecutive nights score each object once, and a rerun of a night sees what
-  that night saw.
+  already hold as they were when their listing began (the overlap the margin lists again);
+  an object modified after that is scored again. A rerun of a night sees what that night saw.
 """
 
 from __future__ import annotations

@@ -88,6 +88,7 @@ class NightLease:
         self._version: store.Version | None = None
         self._heartbeat: Heartbeat | None = None
         self._beat_ok = time.monotonic()  # when the lease was last confirmed ours (acquire, a successful refresh)
+        self._made: list[str] = []  # local folders above the lease that did not exist before it, deepest first
 
     def _record(self) -> bytes:
         return json.dumps({"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
@@ -105,6 +106,7 @@ class NightLease:
 
     def acquire(self) -> None:
         """Take the lease, breaking a dead holder's; :class:`LeaseHeldError` naming the live holder otherwise."""
+        self._made = _missing_folders(self.storage, self.uri)
         for _ in range(_ACQUIRE_ROUNDS):
             # look before creating: on a store that ignores If-None-Match a create would silently replace a live
             # holder's lease (the holder then finds it lost at its next heartbeat, but this run must not take it)
@@ -180,6 +182,8 @@ class NightLease:
                 log.warning("the lease %s was no longer run %s's at release", redact_uri(self.uri), self.run_id)
         fs, path = self.storage.fs(self.uri)
         remove_empty_folder(fs, path.rsplit("/", 1)[0])
+        for folder in self._made:  # the output folders this run's lease created, if nothing else filled them
+            remove_empty_folder(fs, folder)
 
     def __enter__(self) -> NightLease:
         self.acquire()
@@ -198,6 +202,20 @@ class NightLease:
             self._heartbeat.__exit__(*exc)
         finally:
             self.release()
+
+
+def _missing_folders(storage: Storage, uri: str) -> list[str]:
+    """The local folders above ``uri``'s folder that do not exist yet, deepest first (none on object stores)."""
+    fs, path = storage.fs(uri)
+    protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
+    if protocol not in ("file", "local"):
+        return []
+    missing = []
+    folder = os.path.dirname(os.path.dirname(path))
+    while folder and not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
 
 
 def remove_empty_folder(fs, path: str) -> None:

@@ -1,4 +1,5 @@
-"""List: the objects under a prefix as a stream of ``uri`` blocks, listed in Ray tasks, never held on the driver.
+"""List: the objects under a prefix as a stream of ``uri`` / ``modified`` blocks, listed in Ray tasks, never held on
+the driver.
 
 **Object stores (S3, MinIO).** ListObjectsV2 returns keys in order, 1,000 per request, so
 one lister takes 10,000 sequential requests for 10 million keys. The key space under the
@@ -75,6 +76,7 @@ from jobs.score.store import store_now
 from schemas.status import LEFT_OUT_REASONS
 
 PAGE_SIZE = 1000  # keys per ListObjectsV2 request (S3's maximum)
+MODIFIED = pa.timestamp("us", tz="UTC")  # the listing's ``modified`` column: the object's LastModified (null: unknown)
 _MAX_CHAR = "\U0010ffff"  # the greatest code point: sorts after every other character in UTF-8 order
 _MAX_PROBES = 2000  # planning requests at most
 _PROBES_IN_FLIGHT = 32
@@ -447,7 +449,8 @@ def _s3_wanted(pages: Iterator[list[Listed]], extensions: tuple[str, ...], left_
 
 def _list_ranges(ranges: list[tuple[int, KeyRange | Folder]], spec: ListingSpec, storage: Storage, root: str,
                  counts) -> Iterator[pa.Table]:
-    """A listing task: each range's matching objects as ``uri`` blocks, one per page; counts reported per range.
+    """A listing task: each range's matching objects as ``uri`` / ``modified`` blocks, one per page; counts reported
+    per range.
     No entry stops it (module docstring): what it cannot use is counted by reason."""
     fs = storage.fs(root)[0] if spec.kind != "local" else None
     for range_id, rng in ranges:
@@ -460,21 +463,23 @@ def _list_ranges(ranges: list[tuple[int, KeyRange | Folder]], spec: ListingSpec,
         else:
             pages = _pages(walk_generic(fs, rng, spec.extensions, left_out), spec.page_size)
         for page in pages:
-            uris = []
+            uris, modified = [], []
             for obj in page:
                 # an unknown modification time (a dangling link's target) is kept: never silently dropped
                 if spec.since is not None and obj.modified is not None and obj.modified <= spec.since:
                     left_out.counts["watermark"] += 1
                     continue
                 uris.append(_uri(spec, obj.key))
+                modified.append(obj.modified)
             listed += len(uris)
             if uris:
-                yield pa.table({"uri": pa.array(uris, pa.string())})
+                yield pa.table({"uri": pa.array(uris, pa.string()), "modified": pa.array(modified, MODIFIED)})
         ray.get(counts.report.remote(range_id, listed, dict(left_out.counts)))
 
 
 class ObjectListing(Datasource):
-    """A Ray Data source of the ``uri`` of every object under a prefix with one of ``extensions``, modified
+    """A Ray Data source of the ``uri`` (and ``modified``: LastModified, UTC, null when unknown) of every object under
+    a prefix with one of ``extensions``, modified
     after ``since`` when given (module docstring). Planning happens here, on the driver, before any Ray work:
     a missing bucket, no access or an empty prefix raise :class:`InputError` naming the URI. ``started_at``:
     the store's clock when the planning began (the watermark of a night)."""
@@ -525,7 +530,7 @@ class ObjectListing(Datasource):
         groups = [numbered[i::n_tasks] for i in range(n_tasks)]
         meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
         return [ReadTask(partial(_list_ranges, group, self.spec, self.storage, self.uri, self.counts), meta,
-                         schema=pa.schema([pa.field("uri", pa.string())]))
+                         schema=pa.schema([pa.field("uri", pa.string()), pa.field("modified", MODIFIED)]))
                 for group in groups]
 
     def totals(self) -> tuple[int, int]:

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 
 import ray
+from ray.data.expressions import col
 
 from clipn_core.device_decode import DeviceDecoder
 from clipn_core.errors import InputError, redact_uri
@@ -63,11 +64,16 @@ def check_decision(cfg: ScoreJobConfig, setup: ScoringSetup, storage: Storage) -
 @dataclass(frozen=True)
 class Since:
     """What ``input.since`` resolved to: list objects modified after ``after``; with ``last_run`` also the
-    watermark it comes from and the nights whose rows must not be scored again (``overlap``)."""
+    watermark it comes from and the nights whose rows must not be scored again (``overlap_marks``: their
+    watermarks, ``overlap``: their dates)."""
 
     after: dt.datetime | None = None
     source: Watermark | None = None
-    overlap: tuple[dt.date, ...] = ()
+    overlap_marks: tuple[Watermark, ...] = ()
+
+    @property
+    def overlap(self) -> tuple[dt.date, ...]:
+        return tuple(sorted(w.run_date for w in self.overlap_marks))
 
 
 def resolve_since(cfg: ScoreJobConfig, target: OutputTarget, run_date: dt.date) -> Since:
@@ -84,7 +90,7 @@ def resolve_since(cfg: ScoreJobConfig, target: OutputTarget, run_date: dt.date) 
     source = max(earlier, key=lambda w: w.at)
     margin = dt.timedelta(seconds=cfg.input.since_margin_s)
     after = source.at - margin
-    return Since(after, source, tuple(sorted(w.run_date for w in marks if w.at >= after - margin)))
+    return Since(after, source, tuple(sorted((w for w in marks if w.at >= after - margin), key=lambda w: w.run_date)))
 
 
 def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: ScoringSetup, storage: Storage,
@@ -132,16 +138,28 @@ def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: ScoringSetup, s
 def skip_sets(cfg: ScoreJobConfig, target: OutputTarget, setup: ScoringSetup, run_date: dt.date,
               since: Since) -> ray.data.Dataset | None:
     """The URIs this night must not score, as one Ray dataset (or None): those already scored ``ok`` with this
-    model and class set (``skip_scored``), and every URI of the ``since`` overlap's nights."""
-    sets = []
-    if cfg.output.skip_scored:
-        sets.append(target.scored_uris(run_date, setup.model_id, setup.heads.class_set_hash))
-    if since.overlap:
-        sets.append(target.night_uris(list(since.overlap)))
-    sets = [s for s in sets if s is not None]
-    if len(sets) < 2:
-        return sets[0] if sets else None
-    return sets[0].union(*sets[1:])
+    model and class set (``skip_scored``). The ``since`` overlap is :func:`drop_overlap`'s."""
+    if not cfg.output.skip_scored:
+        return None
+    return target.scored_uris(run_date, setup.model_id, setup.heads.class_set_hash)
+
+
+def drop_overlap(ds: ray.data.Dataset, since: Since, target: OutputTarget) -> tuple[ray.data.Dataset, bool]:
+    """(``ds`` without the objects an overlap night already scored, whether anything could be dropped).
+
+    A night whose listing began at ``W`` saw every object as it was at ``W``: an object it holds that is not
+    modified after ``W`` is dropped; one modified after ``W`` (rewritten since, or written while that listing
+    ran) is scored again, since the night may hold an older version. Objects of unknown modification time are
+    kept. Needs the listing's ``modified`` column."""
+    dropped = False
+    for mark in since.overlap_marks:
+        held = target.night_uris([mark.run_date])
+        if held is None:
+            continue
+        seen = ds.filter(expr=col("modified") <= mark.at)
+        later = ds.filter(expr=(col("modified") > mark.at) | col("modified").is_null())
+        ds, dropped = later.union(drop_scored(seen, held)), True
+    return ds, dropped
 
 
 def row_check(cfg: ScoreJobConfig, inputs: Inputs, counts: InputCounts, skipping: bool,
@@ -206,11 +224,17 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
             ds = ds.map_batches(count_rows, batch_size=None, num_cpus=WRITE_CPUS,
                                 fn_kwargs={"counts": counts, "stage": LISTED})
         skip = skip_sets(cfg, target, setup, run_date, since)
+        skipping = skip is not None
         if skip is not None and cfg.input.kind == "tar":  # members are skipped in the read task, unread
             ds = attach_member_skips(ds, skip)
-        elif skip is not None:
-            ds = drop_scored(ds, skip).map_batches(count_rows, batch_size=None, num_cpus=WRITE_CPUS,
-                                                   fn_kwargs={"counts": counts, "stage": KEPT})
+        else:
+            if skip is not None:
+                ds = drop_scored(ds, skip)
+            ds, overlapping = drop_overlap(ds, since, target)
+            skipping = skipping or overlapping
+            if skipping:  # what the skips kept, counted: the rest was skipped
+                ds = ds.map_batches(count_rows, batch_size=None, num_cpus=WRITE_CPUS,
+                                    fn_kwargs={"counts": counts, "stage": KEPT})
         target.sweep(dt.timedelta(hours=cfg.output.staging_max_age_h), run_id)
         staged = target.staged(run_id, run_date)
         t_setup = time.perf_counter() - t0
@@ -227,7 +251,7 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                                    try_create_dir=not is_remote(staged), ray_remote_args={"num_cpus": WRITE_CPUS})
                 t_score = time.perf_counter() - t0 - t_setup
                 stats = staged_stats(staged, storage)
-                listed, excluded, skipped, left_out = row_check(cfg, inputs, counts, skip is not None, stats["rows"])
+                listed, excluded, skipped, left_out = row_check(cfg, inputs, counts, skipping, stats["rows"])
                 bank_built = None
                 if cfg.output.lake_bank:
                     bank_built = bank_path(target.bank_root, setup.model_id, setup.heads.class_set_hash, run_id)
