@@ -165,7 +165,8 @@ def drop_overlap(ds: ray.data.Dataset, since: Since, target: OutputTarget) -> tu
 def row_check(cfg: ScoreJobConfig, inputs: Inputs, counts: InputCounts, skipping: bool,
               rows: int) -> tuple[int, int, int, dict[str, int]]:
     """(inputs listed, excluded by the watermark, skipped, left out by reason) once the rows are staged, after
-    checking that rows written + skipped + left out = listed, each counted where it happens (:mod:`counts`):
+    checking that rows written + skipped = listed, each counted where it happens (:mod:`counts`; what is met
+    but is not an input is in ``left out``, by reason):
     objects by the listing, manifest lines by a pass-through stage, tar members by their read tasks, skips by
     counting what the skip join kept (prefix, manifest) or the members the read tasks left unread (tar).
 
