@@ -87,7 +87,13 @@ def load_lexicon(uri: str | None = None, storage_options: dict | None = None) ->
         text = read_text(uri, storage_options)
     except StorageError as e:
         raise TemplateError(f"cannot read lexicon {redact_uri(uri)}: {e}") from e
-    words = tuple(dict.fromkeys(w.strip() for w in text.splitlines() if w.strip() and not w.startswith("#")))
+    # duplicates as the tokenizer sees them (case, runs of spaces) are one word: the first spelling is kept
+    first: dict[str, str] = {}
+    for line in text.splitlines():
+        word = line.strip()
+        if word and not word.startswith("#"):
+            first.setdefault(" ".join(word.casefold().split()), word)
+    words = tuple(first.values())
     if not words:
         raise TemplateError(f"lexicon {redact_uri(uri)} holds no word")
     return words

@@ -15,7 +15,7 @@ turned into a path or fetched. Malformed lines:
 
 The scope is the manifest's own store: for a local manifest the local filesystem
 (absolute paths and ``file:///`` URIs); for a remote one its protocol and bucket (or
-container, or host: the first component after ``://``), ``s3a://`` counting as ``s3://``.
+container, or host: the first component after ``://``), ``s3a://`` counting as ``s3://`` and ``gcs://`` as ``gs://``.
 ``input.allowed_uri_prefixes`` adds folders (``s3://other-bucket/images/``,
 ``/mnt/lake/``); a local path is compared after normalising its dot segments.
 """
@@ -31,7 +31,7 @@ from .errors import InputError, redact_uri
 
 _PROTOCOL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _LOCAL = ("file", "local")
-_ALIASES = {"s3a": "s3"}
+_ALIASES = {"s3a": "s3", "gcs": "gs"}  # fsspec's other names for one store
 
 
 class InvalidUriError(InputError):

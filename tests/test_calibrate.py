@@ -119,11 +119,14 @@ def test_the_scoring_job_records_a_fitting_calibration_and_refuses_another(setup
 
     capsys.readouterr()
     other = tmp_path / "never"
+    # other negative labels matter to a decision whose score reads them (the atd decision above does not)
+    neg = json.loads((cal_dir / "calibration.json").read_text())["thresholds"]["clipn_neg"][0]["threshold"]
     for extra, needle in ((["--model.checkpoint", setup["ckpt"][2]], "model id"),
                           (["--classes.names", '["circle", "square"]'], "class set"),
                           (["--runtime.logit_scale", "7.5"], "logit scale"),
                           (["--decision.threshold", "0.123"], "is not one of"),
-                          (["--negatives.count", "5"], "negative labels")):
+                          (["--negatives.count", "5", "--decision.score", "clipn_neg", "--decision.threshold",
+                            repr(neg)], "negative labels")):
         code = cli_main(["score", "--config", str(cfg), "--output.uri", str(other), *extra])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 1 and len(err) == 1 and needle in err[0], err

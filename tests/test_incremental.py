@@ -95,6 +95,54 @@ def test_skip_scored_equals_the_driver_side_set(tmp_path, checkpoints, ray_local
     assert manifest.rows == len(everything) - len(expected_skip)
 
 
+def test_the_skip_join_counts_what_it_keeps_and_what_it_skips(ray_local):
+    """skip_scored URIs are skipped whatever their time; an overlap night's URIs only when not modified after its
+    listing began; an unknown time is kept; both sides are counted where the join marks them."""
+    import pyarrow as pa
+    import ray
+
+    from jobs.score.counts import InputCounts
+    from jobs.score.counts import totals as count_totals
+    from jobs.score.incremental import skip_table, split_skipped
+
+    w = dt.datetime(2026, 11, 20, tzinfo=dt.timezone.utc)
+    at = [w - dt.timedelta(hours=2), w - dt.timedelta(seconds=1), w, w + dt.timedelta(seconds=1), None, w, w]
+    inputs = ray.data.from_arrow(pa.table({"uri": ["scored", "seen", "at", "rewritten", "unknown", "new", "both"],
+                                           "modified": pa.array(at, pa.timestamp("us", tz="UTC"))}))
+    scored = ray.data.from_arrow(pa.table({"uri": ["scored", "both", "elsewhere"]}))
+    held = ray.data.from_arrow(pa.table({"uri": ["seen", "at", "rewritten", "unknown", "both"]}))
+    counts = InputCounts.remote()
+    kept = split_skipped(inputs, skip_table(scored, [(held, w.timestamp())]), counts)
+    assert sorted(r["uri"] for r in kept.take_all()) == ["new", "rewritten", "unknown"]
+    assert kept.schema().names == ["uri", "modified"]
+    found, _ = count_totals(counts)
+    assert (found["kept"], found["skipped"]) == (3, 4)
+
+
+@pytest.mark.slow
+def test_a_row_the_skip_join_loses_is_refused_not_published_as_skipped(tmp_path, checkpoints, ray_local,
+                                                                       monkeypatch):
+    """The skip count is counted where the join marks rows, not inferred from the rows left: a join that loses a
+    row fails the row check and publishes nothing."""
+    import ray
+    from ray.data.expressions import col
+
+    lake, out = tmp_path / "lake", tmp_path / "out"
+    _lake(lake, ["a.jpg", "b.jpg", "c.jpg"])
+    run(_cfg(lake, out, checkpoints[1], DAY))
+    _lake(lake, ["a.jpg", "b.jpg", "c.jpg", "new.jpg"])
+    join = ray.data.Dataset.join
+
+    def lossy(self, *args, **kwargs):
+        return join(self, *args, **kwargs).filter(expr=col("uri") != str(lake / "new.jpg"))
+
+    monkeypatch.setattr(ray.data.Dataset, "join", lossy)
+    night = DAY + dt.timedelta(days=1)
+    with pytest.raises(RuntimeError, match="the skip join kept 0 and skipped 3 of 4"):
+        run(_cfg(lake, out, checkpoints[1], night, output__skip_scored=True))
+    assert not (out / f"run_date={night}").exists()
+
+
 def _backdate(paths: list[Path], seconds: float) -> None:
     then = time.time() - seconds
     for path in paths:

@@ -342,3 +342,15 @@ def test_malformed_and_foreign_manifest_lines_get_typed_rows_and_no_fetch(ray_lo
     assert "null uri" in " ".join(errors.values()) and "relative" in errors["a.jpg"]
     assert "outside the input's store" in errors[f"s3://{bucket}/a.jpg"]
     assert seen == [] and not [k for k in proxy.seen if k[1].endswith("/a.jpg")]
+
+
+@pytest.mark.parametrize("lines, by_status", [
+    (b"\xef\xbb\xbfuri\r\n{image}\r\n\r\n{image}\r\n", {"ok": 2, "invalid_uri": 1}),  # BOM, CRLF, a blank line
+    (b"uri\n", {}),  # a header and no line: an empty night
+])
+def test_a_csv_manifest_gives_one_row_per_line_blank_or_not(ray_local, tmp_path, lines, by_status):
+    image = tmp_path / "a.jpg"
+    image.write_bytes(GOOD_JPEG)
+    (tmp_path / "m.csv").write_bytes(lines.replace(b"{image}", str(image).encode()))
+    manifest = run(_tiny_cfg({"kind": "manifest", "uri": str(tmp_path / "m.csv")}, str(tmp_path / "out")))
+    assert manifest.by_status == by_status and manifest.rows == manifest.inputs_listed == sum(by_status.values())

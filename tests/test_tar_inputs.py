@@ -264,3 +264,30 @@ def test_row_count_mismatch_refuses_to_publish(tmp_path, ckpt, ray_local, monkey
     part = out / f"run_date={DAY}"
     assert not (part / "_manifest.json").exists() and not (part / "_SUCCESS").exists()
     assert not list(out.rglob("*.parquet"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, lost", [("manifest", "wrote 5 rows, expected 6"), ("tar", "1 of 2 shards")])
+def test_an_input_lost_before_it_is_counted_refuses_the_night(tmp_path, ckpt, ray_local, monkeypatch, kind, lost):
+    """What the driver knows must be accounted for (a Parquet manifest's lines from its metadata, the shards it
+    listed) is checked against what the read tasks counted: a shard or a manifest block lost on the way is caught,
+    not published as a smaller night."""
+    from dataclasses import replace
+
+    from ray.data.expressions import col
+
+    import jobs.score.pipeline as pipeline
+
+    uri = _lake(tmp_path / "lake")[kind]
+    out = tmp_path / "out"
+    real = pipeline.input_dataset
+
+    def lossy(*a, **kw):
+        inputs = real(*a, **kw)
+        first = sorted(r["uri"] for r in inputs.dataset.take_all())[0]
+        return replace(inputs, dataset=inputs.dataset.filter(expr=col("uri") != first))
+
+    monkeypatch.setattr(pipeline, "input_dataset", lossy)
+    with pytest.raises(RuntimeError, match=f"row check failed: {lost}"):
+        run(_cfg(uri, kind, out, ckpt, DAY))
+    assert not list(out.rglob("*.parquet")) and not list(out.rglob("_manifest.json"))

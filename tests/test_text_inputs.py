@@ -98,3 +98,9 @@ def test_short_prompts_pass_untouched(tiny, caplog):
         tokens = tokenize_prompts(tok, ["square", "circle"], ["a {}.", "the {}"])
     assert tokens.shape == (2, 2, 32) and not caplog.records
     assert (tokens[0, 1] == tok(["the square"])[0]).all()
+
+
+def test_a_lexicon_keeps_one_spelling_of_words_the_tokenizer_sees_alike(tmp_path):
+    path = tmp_path / "lexicon.txt"
+    path.write_text("Apple\napple\nbig  cat\nbig cat\nriver\n")
+    assert load_lexicon(str(path)) == ("Apple", "big  cat", "river")

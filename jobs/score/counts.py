@@ -1,16 +1,18 @@
 """Count: how many inputs each stage saw, reported by the Ray tasks themselves, for the row check.
 
-The row check (``run``) refuses to publish unless rows written + inputs skipped + inputs left
-out (by reason) = inputs listed, for every input kind. Nothing is inferred from the rows
-written: each number is counted where it happens and reported to :class:`InputCounts`, a
-small actor that keeps one report per key, so a task that Ray retries replaces its first
-report instead of adding to it:
+The row check (``run``) refuses to publish unless rows written + inputs skipped = inputs
+listed, for every input kind. Nothing is inferred from the rows written: each number is
+counted where it happens (a prefix's objects by its listing tasks, a manifest's lines on the
+driver) or reported to :class:`InputCounts`, a small actor that keeps one report per key, so
+a task that Ray retries replaces its first report instead of adding to it:
 
-* a tar shard's read task reports its shard (key: the shard URI);
-* a pass-through stage (:func:`count_rows`) reports each batch under a digest of the batch's
-  URIs: a retried task sees the same batch again, so the same key. Two batches holding
-  exactly the same URIs (only a manifest that repeats a whole batch of lines could) share a
-  key, so one is not counted and the check refuses the night rather than publish it.
+* a tar shard's read task reports its shard (key: the shard URI): members listed, skipped,
+  left out by reason;
+* the skip join's marking stage reports each batch (kept, skipped) under a digest of the
+  batch's URIs: a retried task sees the same batch again, so the same key. Rows of one URI
+  meet in one hash partition, so two batches hold the same URIs only if a partition is split
+  into identical blocks; one would then not be counted and the check refuses the night
+  rather than publish it.
 """
 
 from __future__ import annotations
@@ -18,12 +20,11 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 
-import numpy as np
 import ray
 
-LISTED = "listed"  # inputs listed: manifest lines, tar image members (a torn shard's unreadable rest: one)
-KEPT = "kept"  # inputs left after the skip join
-SKIPPED = "skipped"  # tar members the skip set left out
+LISTED = "listed"  # tar image members listed (a torn shard's unreadable rest: one)
+KEPT = "kept"  # inputs the skip join kept
+SKIPPED = "skipped"  # inputs the skip join removed, tar members the skip set left unread
 LEFT_OUT = "left_out:"  # prefix of the counts of inputs given no row, by reason
 
 
@@ -53,13 +54,6 @@ def batch_key(stage: str, uris) -> str:
         h.update(b"\0")
     return f"{stage}:{len(uris)}:{h.hexdigest()}"
 
-
-def count_rows(batch: dict[str, np.ndarray], counts: InputCounts, stage: str) -> dict[str, np.ndarray]:
-    """Pass-through stage: report the batch's row count as ``stage`` (:func:`batch_key`) and return it unchanged."""
-    uris = batch["uri"]
-    if len(uris):
-        ray.get(counts.report.remote(batch_key(stage, uris), {stage: len(uris)}))
-    return batch
 
 
 def totals(counts: InputCounts) -> tuple[dict[str, int], dict[str, int]]:

@@ -144,7 +144,7 @@ def read_tar_batch(batch: dict, storage: Storage, settings: DecodeSettings, exte
         shard = str(shard)
         skip = set(skips[i]) if skips is not None and skips[i] is not None else set()
         seen: set[str] = set()
-        numbers = {"listed": 0, "skipped": 0}
+        numbers = {"listed": 0, "skipped": 0, "shards": 1}  # the row check checks every listed shard reported
         try:
             for entry, read in tar_entries(shard, storage):
                 if not entry.name.lower().endswith(exts):

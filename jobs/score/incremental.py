@@ -21,6 +21,7 @@ import datetime as dt
 import logging
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.data.expressions import col
 
@@ -78,6 +79,56 @@ def night_uris(root: str, nights: list[dt.date], storage: Storage) -> ray.data.D
 def drop_scored(inputs: ray.data.Dataset, scored: ray.data.Dataset) -> ray.data.Dataset:
     """``inputs`` (a ``uri`` column) without the URIs in ``scored``: a hash-partitioned left anti-join."""
     return inputs.join(scored, join_type="left_anti", num_partitions=JOIN_PARTITIONS, on=("uri",))
+
+
+SKIP_UNTIL = "skip_until"  # the skip table's column: seconds since the epoch (inf: whatever the modification time)
+
+
+def skip_table(scored: ray.data.Dataset | None,
+               overlap: list[tuple[ray.data.Dataset, float]]) -> ray.data.Dataset | None:
+    """One row per URI the night may skip (``uri``, ``skip_until``), or None when there is none: the URIs
+    ``skip_scored`` found scored ok (``skip_until`` inf: skipped whatever their modification time) and, per
+    overlap night of ``since`` (its URIs, its watermark in epoch seconds), the URIs it holds, skipped only when
+    not modified after that night's listing began (it scored that very version). A URI from several sources
+    keeps the latest ``skip_until``: grouped in Ray (hash-partitioned), never on the driver."""
+    parts = [] if scored is None else [scored.map_batches(_until, batch_format="pyarrow", batch_size=None,
+                                                          fn_kwargs={"until": float("inf")})]
+    parts += [held.map_batches(_until, batch_format="pyarrow", batch_size=None, fn_kwargs={"until": at})
+              for held, at in overlap if held is not None]
+    if not parts:
+        return None
+    union = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    return (union.groupby("uri", num_partitions=JOIN_PARTITIONS).max(SKIP_UNTIL)
+            .rename_columns({f"max({SKIP_UNTIL})": SKIP_UNTIL}))
+
+
+def _until(batch: pa.Table, until: float) -> pa.Table:
+    return pa.table({"uri": batch.column("uri").cast(pa.string()),
+                     SKIP_UNTIL: pa.array([until] * batch.num_rows, pa.float64())})
+
+
+def split_skipped(inputs: ray.data.Dataset, table: ray.data.Dataset, counts) -> ray.data.Dataset:
+    """``inputs`` without what :func:`skip_table` says to skip: a hash-partitioned left outer join on ``uri`` that
+    marks each input, then a stage that counts what it keeps and what it removes (``kept``, ``skipped`` in
+    ``counts``, keyed by the batch's URIs) and drops the removed rows. Counting both sides lets the row check
+    find a row the join lost or duplicated (kept + skipped = listed), instead of inferring the skips."""
+    from jobs.score.counts import KEPT, SKIPPED, batch_key
+
+    def mark(batch: pa.Table) -> pa.Table:
+        until = batch.column(SKIP_UNTIL)
+        skip = pc.fill_null(pc.equal(until, float("inf")), False)
+        if "modified" in batch.column_names:  # a listing's LastModified: skip only what the night saw as it is
+            seconds = pc.divide(pc.cast(pc.cast(batch.column("modified"), pa.timestamp("us", tz="UTC")),
+                                        pa.int64()).cast(pa.float64()), 1e6)
+            skip = pc.or_(skip, pc.fill_null(pc.less_equal(seconds, until), False))
+        removed = int(pc.sum(skip).as_py() or 0)
+        if batch.num_rows:
+            ray.get(counts.report.remote(batch_key("skip", batch.column("uri").to_pylist()),
+                                         {KEPT: batch.num_rows - removed, SKIPPED: removed}))
+        return batch.filter(pc.invert(skip)).drop_columns([SKIP_UNTIL])
+
+    joined = inputs.join(table, join_type="left_outer", num_partitions=JOIN_PARTITIONS, on=("uri",))
+    return joined.map_batches(mark, batch_format="pyarrow", batch_size=None, num_cpus=0.1)
 
 
 def attach_member_skips(shards: ray.data.Dataset, scored: ray.data.Dataset) -> ray.data.Dataset:

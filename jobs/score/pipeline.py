@@ -19,7 +19,6 @@ import uuid
 from dataclasses import dataclass
 
 import ray
-from ray.data.expressions import col
 
 from clipn_core.device_decode import DeviceDecoder
 from clipn_core.errors import InputError, redact_uri
@@ -29,11 +28,17 @@ from clipn_core.storage import Storage, is_remote
 from clipn_core.uri_scope import UriScope
 from jobs import failpoints
 from jobs.calibration import check_fits, check_threshold, load_calibration
-from jobs.score.counts import KEPT, LISTED, SKIPPED, InputCounts, count_rows
+from jobs.score.counts import KEPT, LISTED, SKIPPED, InputCounts
 from jobs.score.counts import totals as count_totals
 from jobs.score.decode import DecodeSettings, read_decode_batch, read_tar_batch
 from jobs.score.iceberg import to_table_rows
-from jobs.score.incremental import attach_member_skips, bank_path, build_lake_bank, drop_scored
+from jobs.score.incremental import (
+    attach_member_skips,
+    bank_path,
+    build_lake_bank,
+    skip_table,
+    split_skipped,
+)
 from jobs.score.publish import PartFilenames, staged_stats
 from jobs.score.read import Inputs, fetch_batch, input_dataset
 from jobs.score.scorer import ScorerActor
@@ -42,6 +47,7 @@ from jobs.scoring_setup import ScoringSetup, prepare
 from schemas.manifest import ScoreManifest, Watermark
 from schemas.output import OUTPUT_SCHEMA_VERSION
 from schemas.score_config import ScoreJobConfig
+from schemas.status import LEFT_OUT_REASONS
 
 log = logging.getLogger("clipn.score")
 # Parquet writes of score rows are light; Ray's default of one whole CPU per write task
@@ -144,30 +150,12 @@ def skip_sets(cfg: ScoreJobConfig, target: OutputTarget, setup: ScoringSetup, ru
     return target.scored_uris(run_date, setup.model_id, setup.heads.class_set_hash)
 
 
-def drop_overlap(ds: ray.data.Dataset, since: Since, target: OutputTarget) -> tuple[ray.data.Dataset, bool]:
-    """(``ds`` without the objects an overlap night already scored, whether anything could be dropped).
-
-    A night whose listing began at ``W`` saw every object as it was at ``W``: an object it holds that is not
-    modified after ``W`` is dropped; one modified after ``W`` (rewritten since, or written while that listing
-    ran) is scored again, since the night may hold an older version. Objects of unknown modification time are
-    kept. Needs the listing's ``modified`` column."""
-    dropped = False
-    for mark in since.overlap_marks:
-        held = target.night_uris([mark.run_date])
-        if held is None:
-            continue
-        seen = ds.filter(expr=col("modified") <= mark.at)
-        later = ds.filter(expr=(col("modified") > mark.at) | col("modified").is_null())
-        ds, dropped = later.union(drop_scored(seen, held)), True
-    return ds, dropped
-
-
 def row_check(cfg: ScoreJobConfig, inputs: Inputs, counts: InputCounts, skipping: bool,
               rows: int) -> tuple[int, int, int, dict[str, int]]:
     """(inputs listed, excluded by the watermark, skipped, left out by reason) once the rows are staged, after
     checking that rows written + skipped = listed, each counted where it happens (:mod:`counts`; what is met
     but is not an input is in ``left out``, by reason):
-    objects by the listing, manifest lines by a pass-through stage, tar members by their read tasks, skips by
+    objects by the listing, manifest lines on the driver, tar members by their read tasks, skips by
     counting what the skip join kept (prefix, manifest) or the members the read tasks left unread (tar).
 
     Raises :class:`InputError` when a prefix lists nothing, and RuntimeError naming the counts when they do
@@ -179,12 +167,18 @@ def row_check(cfg: ScoreJobConfig, inputs: Inputs, counts: InputCounts, skipping
         left_out = {**inputs.listing.left_out(), **left_out}
         if listed == 0 and not excluded:
             raise InputError(f"no {'/'.join(cfg.input.extensions)} objects under {redact_uri(cfg.input.uri)}")
-    else:
+    elif cfg.input.kind == "manifest":  # its lines, counted on the driver (a duplicated line is a line)
+        listed, excluded = inputs.expected, 0
+    else:  # tar members, counted by the read tasks, each of which must have reported its shard
         listed, excluded = found.get(LISTED, 0), 0
-    if cfg.input.kind == "tar":
-        skipped = found.get(SKIPPED, 0)
-    else:
-        skipped = listed - found.get(KEPT, 0) if skipping else 0
+        if found.get("shards", 0) != inputs.expected:
+            raise RuntimeError(f"row check failed: {found.get('shards', 0)} of {inputs.expected} shards were read; "
+                               "not publishing")
+    skipped = found.get(SKIPPED, 0) if cfg.input.kind == "tar" or skipping else 0
+    if skipping and found.get(KEPT, 0) + skipped != listed:
+        raise RuntimeError(f"row check failed: the skip join kept {found.get(KEPT, 0)} and skipped {skipped} of "
+                           f"{listed} inputs listed; not publishing")
+    left_out = {reason: left_out.get(reason, 0) for reason in LEFT_OUT_REASONS}  # every reason, every kind
     expected = listed - skipped
     if rows != expected or skipped < 0:
         raise RuntimeError(f"row check failed: wrote {rows} rows, expected {expected} = {listed} inputs listed - "
@@ -221,21 +215,15 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
     with target.lease(run_date, run_id, cfg.output.lease_ttl_s, cfg.output.take_over_lease) as lease:
         counts = InputCounts.remote()
         ds = inputs.dataset
-        if cfg.input.kind == "manifest":  # prefixes are counted by their listing, shards by their read tasks
-            ds = ds.map_batches(count_rows, batch_size=None, num_cpus=WRITE_CPUS,
-                                fn_kwargs={"counts": counts, "stage": LISTED})
         skip = skip_sets(cfg, target, setup, run_date, since)
-        skipping = skip is not None
+        skipping = False
         if skip is not None and cfg.input.kind == "tar":  # members are skipped in the read task, unread
             ds = attach_member_skips(ds, skip)
         else:
-            if skip is not None:
-                ds = drop_scored(ds, skip)
-            ds, overlapping = drop_overlap(ds, since, target)
-            skipping = skipping or overlapping
-            if skipping:  # what the skips kept, counted: the rest was skipped
-                ds = ds.map_batches(count_rows, batch_size=None, num_cpus=WRITE_CPUS,
-                                    fn_kwargs={"counts": counts, "stage": KEPT})
+            table = skip_table(skip, [(target.night_uris([m.run_date]), m.at.timestamp())
+                                      for m in since.overlap_marks])
+            if table is not None:  # one join marks what to skip; both sides are counted
+                ds, skipping = split_skipped(ds, table, counts), True
         target.sweep(dt.timedelta(hours=cfg.output.staging_max_age_h), run_id)
         staged = target.staged(run_id, run_date)
         t_setup = time.perf_counter() - t0

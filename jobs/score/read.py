@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import fsspec.asyn
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.dataset as pads
 import ray
 
 from clipn_core.errors import InputError, redact_uri
@@ -38,10 +40,13 @@ _pools: dict[int, ThreadPoolExecutor] = {}
 
 @dataclass
 class Inputs:
-    """The run's input rows (a ``uri`` column) and, for prefix inputs, the listing that counts them."""
+    """The run's input rows (a ``uri`` column) and, for prefix inputs, the listing that counts them. ``expected``:
+    what the driver knows the read tasks must account for: a manifest's lines (a Parquet manifest's from its
+    metadata, a CSV one's counted in a stream) or the tar shards; None for prefixes (their listing tasks count)."""
 
     dataset: ray.data.Dataset
     listing: ObjectListing | None = None
+    expected: int | None = None
 
 
 def input_dataset(cfg: InputConfig, storage: Storage, since: dt.datetime | None = None,
@@ -60,18 +65,27 @@ def input_dataset(cfg: InputConfig, storage: Storage, since: dt.datetime | None 
         arrow_fs, path = storage.arrow(cfg.uri)
         if not storage.exists(cfg.uri):
             raise InputError(f"manifest does not exist: {redact_uri(cfg.uri)}")
-        reader = ray.data.read_csv if path.endswith(".csv") else ray.data.read_parquet
-        ds = reader(path, filesystem=arrow_fs)
-        if cfg.uri_column not in ds.schema().names:
+        if path.endswith(".csv"):  # a blank line is a line: it gets its invalid_uri row (pyarrow would drop it)
+            options = pa_csv.ParseOptions(ignore_empty_lines=False)
+            ds = ray.data.read_csv(path, filesystem=arrow_fs, parse_options=options)
+            with arrow_fs.open_input_stream(path) as stream:  # counted in a stream, never held
+                lines = sum(b.num_rows for b in pa_csv.open_csv(stream, parse_options=options))
+        else:
+            ds = ray.data.read_parquet(path, filesystem=arrow_fs)
+            lines = pads.dataset(path, filesystem=arrow_fs, format="parquet").count_rows()  # footers only
+        schema = ds.schema()
+        if schema is None:  # a CSV with a header and no line: an empty night, as a Parquet manifest without rows
+            return Inputs(ray.data.from_arrow(pa.table({"uri": pa.array([], pa.string())})), expected=0)
+        if cfg.uri_column not in schema.names:
             raise InputError(f"manifest {redact_uri(cfg.uri)} has no column {cfg.uri_column!r} (input.uri_column)")
         ds = ds.select_columns([cfg.uri_column])
         if cfg.uri_column != "uri":
             ds = ds.rename_columns({cfg.uri_column: "uri"})
-        return Inputs(ds)
+        return Inputs(ds, expected=lines)
     shards = list_objects(cfg.uri, [".tar"], storage)
     if not shards:
         raise InputError(f"no .tar objects under {redact_uri(cfg.uri)}")
-    return Inputs(ray.data.from_arrow(pa.table({"uri": shards})).repartition(len(shards)))
+    return Inputs(ray.data.from_arrow(pa.table({"uri": shards})).repartition(len(shards)), expected=len(shards))
 
 
 def _executor(concurrency: int) -> ThreadPoolExecutor:
