@@ -115,6 +115,8 @@ def split_skipped(inputs: ray.data.Dataset, table: ray.data.Dataset, counts) -> 
     from jobs.score.counts import KEPT, SKIPPED, batch_key
 
     def mark(batch: pa.Table) -> pa.Table:
+        if SKIP_UNTIL not in batch.column_names:  # a join partition whose skip side was empty: nothing matched
+            batch = batch.append_column(SKIP_UNTIL, pa.nulls(batch.num_rows, pa.float64()))
         until = batch.column(SKIP_UNTIL)
         skip = pc.fill_null(pc.equal(until, float("inf")), False)
         if "modified" in batch.column_names:  # a listing's LastModified: skip only what the night saw as it is
