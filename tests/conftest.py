@@ -26,6 +26,17 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    """A saved clipn-tiny checkpoint (seed 1) for end-to-end jobs, written once per session."""
+    import clipn_core as cc
+
+    model, spec = cc.build_clipn(TINY, seed=1)
+    path = str(tmp_path_factory.mktemp("ckpt") / "m.safetensors")
+    cc.save_checkpoint(model, spec, path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1 at a free port; yields its endpoint URL; stops at session end."""
     from jobs.demo import start_moto

@@ -22,14 +22,6 @@ DAY = dt.date(2026, 11, 20)
 CLASSES = ["circle", "square", "triangle"]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    model, spec = cc.build_clipn("clipn-tiny", seed=1)
-    path = str(tmp_path_factory.mktemp("m") / "m.safetensors")
-    cc.save_checkpoint(model, spec, path)
-    return path
-
-
 def _lake(root, n: int, start: int = 0, broken: bool = True) -> None:
     root.mkdir(parents=True, exist_ok=True)
     for i in range(start, start + n):

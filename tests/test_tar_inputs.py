@@ -16,7 +16,6 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-import clipn_core as cc
 from clipn_core import world
 from clipn_core.storage import Storage
 from jobs.score import run
@@ -188,14 +187,6 @@ def test_member_skips_attach_to_their_shards(ray_local, scored):
 
 
 # ---------------------------------------------------------------- the job: skip_scored on members, the row check
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    model, spec = cc.build_clipn("clipn-tiny", seed=1)
-    path = str(tmp_path_factory.mktemp("models") / "m.safetensors")
-    cc.save_checkpoint(model, spec, path)
-    return path
 
 
 def _lake(root: Path) -> dict[str, str]:
