@@ -1,4 +1,4 @@
-"""Incremental nights: skip_scored by anti-join, the since watermark, empty nights and the staging sweep."""
+"""Incremental nights: skip_scored by a skip join, the since watermark, empty nights and the staging sweep."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def _uris(partition: str) -> list[str]:
 
 
 def scored_set_oracle(out: Path, day: dt.date, model_id: str, class_set_hash: str) -> set[str]:
-    """The driver-side set the job used to build (the behaviour the anti-join must reproduce exactly), over the
+    """The driver-side set the job used to build (the behaviour the skip join must reproduce exactly), over the
     files each published night's manifest names."""
     done = set()
     for part in sorted(out.glob("run_date=*")):

@@ -1,7 +1,7 @@
 """Incremental nights: what a run leaves out and why, without holding per-object state on the driver.
 
 * ``output.skip_scored``: URIs already scored ``ok`` with the same model id and class set in
-  another published partition of this output are dropped by a Ray Data left anti-join on
+  another published partition of this output are dropped by a Ray Data left outer join (:func:`split_skipped`) on
   ``uri`` (hash-partitioned across workers), before any object is fetched. The driver
   only lists the published partitions (one per night).
 * ``output.lake_bank``: after a night, the surest OOD and ID ``ok`` rows' embeddings become a
@@ -74,11 +74,6 @@ def night_uris(root: str, nights: list[dt.date], storage: Storage) -> ray.data.D
     if not files:
         return None
     return ray.data.read_parquet(files, filesystem=storage.arrow(root)[0], partitioning=None).select_columns(["uri"])
-
-
-def drop_scored(inputs: ray.data.Dataset, scored: ray.data.Dataset) -> ray.data.Dataset:
-    """``inputs`` (a ``uri`` column) without the URIs in ``scored``: a hash-partitioned left anti-join."""
-    return inputs.join(scored, join_type="left_anti", num_partitions=JOIN_PARTITIONS, on=("uri",))
 
 
 SKIP_UNTIL = "skip_until"  # the skip table's column: seconds since the epoch (inf: whatever the modification time)
