@@ -110,15 +110,19 @@ class DeviceDecoder:
         if header is None:
             return None
         w, h, _ = header
-        short, long = min(w, h), max(w, h)
-        return header if self.side * int(self.side * long / short) <= resized_limit(w, h, (self.side, self.side)) \
-            else None
+        new_w, new_h = self._resized(w, h)
+        return header if new_w * new_h <= resized_limit(w, h, (self.side, self.side)) else None
+
+    def _resized(self, w: int, h: int) -> tuple[int, int]:
+        """(width, height) of a ``w`` x ``h`` image with its shortest side resized to ``side`` (torchvision's)."""
+        side = self.side
+        return (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
 
     def _resize_crop(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [3, h, w] -> uint8 [3, side, side]: shortest side to ``side`` (antialiased), centre crop."""
         _, h, w = x.shape
         side = self.side
-        new_w, new_h = (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
+        new_w, new_h = self._resized(w, h)
         y = x[None].float()
         if (new_h, new_w) != (h, w):
             y = F.interpolate(y, size=(new_h, new_w), mode=self.mode, antialias=True, align_corners=False)
