@@ -175,8 +175,7 @@ def _demo(args) -> int:
 
 
 def _job_errors() -> tuple[type[Exception], ...]:
-    from jobs.train import TrainingError
-    from jobs.train_loop import TrainDataError
+    from jobs.train import TrainDataError, TrainingError
 
     return (TrainingError, TrainDataError)
 

@@ -156,7 +156,7 @@ def test_an_untrained_models_id_changes_with_how_it_is_built():
 
 
 def test_a_training_run_built_with_quickgelu_has_another_identity():
-    from jobs.train_stages import base_identity
+    from jobs.train.stages import base_identity
     from schemas.train_config import TrainJobConfig
 
     def identity(**model):

@@ -22,9 +22,9 @@ from ray.train.torch import TorchTrainer
 from clipn_core.errors import redact_uri
 from clipn_core.storage import is_remote
 from jobs import failpoints
-from jobs.train_data import decode_pairs_batch, pairs_dataset, resolve_source
-from jobs.train_loop import train_loop_per_worker
-from jobs.train_stages import STAGES
+from jobs.train.data import decode_pairs_batch, pairs_dataset, resolve_source
+from jobs.train.loop import train_loop_per_worker
+from jobs.train.stages import STAGES
 from schemas.train_config import TrainJobConfig
 
 log = logging.getLogger("clipn.train")

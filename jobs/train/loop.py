@@ -1,7 +1,7 @@
 """The per-worker training loop of ``clipn train`` (runs inside Ray Train's TorchTrainer workers).
 
 Each worker builds the same seeded model for the configured stage
-(:mod:`jobs.train_stages`: the CLIPN no tower, or a whole base CLIP), takes its shard
+(:mod:`jobs.train.stages`: the CLIPN no tower, or a whole base CLIP), takes its shard
 of the pair dataset (``get_dataset_shard``) and runs the stage's step. Every
 ``checkpoint_every`` steps rank 0 writes a Ray Train checkpoint: the trained weights,
 optimiser, scheduler (and fp16 scaler) state, the step, the data position (epoch,
@@ -32,7 +32,7 @@ from clipn_core.storage import write_bytes
 from clipn_core.training import warmup_cosine
 from clipn_core.weights import load_state_dict_strict
 from jobs import failpoints
-from jobs.train_stages import STAGES, base_identity
+from jobs.train.stages import STAGES, base_identity
 from schemas.train_config import TrainJobConfig
 
 log = logging.getLogger("clipn.train")

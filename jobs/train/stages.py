@@ -6,7 +6,7 @@ trained contrastively (both towers and the logit scale); the final output is bas
 weights that ``model.pretrained`` of a ``clipn`` run loads. The demo world uses
 ``clip`` to make its tiny base model, since no pretrained weights can be downloaded.
 
-The training loop (:mod:`jobs.train_loop`) is the same for both: it only sees
+The training loop (:mod:`jobs.train.loop`) is the same for both: it only sees
 ``module`` (what Ray Train wraps), ``trained`` (whose state goes into run checkpoints),
 ``params`` (clipped and counted), ``optimizer``, ``step`` and ``save_final``; the driver
 reads ``preprocess_cfg`` and ``context_length`` for the decode step.
