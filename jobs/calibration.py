@@ -2,7 +2,8 @@
 
 A threshold means something only for the model, class set and logit scale it was
 calibrated with: the scoring job and ``clipn evaluate`` refuse any other, naming what
-differs.
+differs. Both packages use it (:mod:`jobs.score`, :mod:`jobs.evaluation`), so it belongs to
+neither: the scoring job never imports the evaluation package.
 """
 
 from __future__ import annotations

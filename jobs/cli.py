@@ -127,7 +127,7 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from jobs.evaluate import run
+    from jobs.evaluation.evaluate import run
 
     cfg = build_config(EvalJobConfig, args)
     report = run(cfg)
@@ -138,7 +138,7 @@ def _evaluate(args) -> int:
 
 
 def _calibrate(args) -> int:
-    from jobs.calibrate import run
+    from jobs.evaluation.calibrate import run
 
     cfg = build_config(CalibrateJobConfig, args)
     report = run(cfg)

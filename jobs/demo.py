@@ -236,8 +236,8 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
     """
     import ray
 
-    from jobs.calibrate import run as run_calibrate
-    from jobs.evaluate import run as run_evaluate
+    from jobs.evaluation.calibrate import run as run_calibrate
+    from jobs.evaluation.evaluate import run as run_evaluate
     from jobs.score import run as run_score
     from jobs.train import run as run_train
 

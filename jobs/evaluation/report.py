@@ -1,7 +1,7 @@
 """Rendering of evaluations and calibrations: ROC curves and score histograms as PNG, reports as Markdown.
 
-Pure functions from arrays / reports to bytes or text; :mod:`jobs.evaluate` and
-:mod:`jobs.calibrate` compute and write. Plots use matplotlib's object API (no pyplot
+Pure functions from arrays / reports to bytes or text; :mod:`jobs.evaluation.evaluate` and
+:mod:`jobs.evaluation.calibrate` compute and write. Plots use matplotlib's object API (no pyplot
 state), so they are safe in any process.
 
 Scores that are probabilities (MSP, MCM, CTW, ATD: every value in [0, 1]) pile up at 0

@@ -2,7 +2,7 @@
 
 Reads a labelled-ID sample (a prefix, a manifest of URIs or the ID rows of an evaluation
 Parquet), scores it in this process with the scoring job's own setup, decode and scorer
-(:mod:`jobs.scoring_setup`, :mod:`jobs.local_scoring`), and writes to ``output.dir``:
+(:mod:`jobs.scoring_setup`, :mod:`jobs.evaluation.local_scoring`), and writes to ``output.dir``:
 
 * ``calibration.json`` (:class:`schemas.reports.CalibrationReport`, written last): for every
   registered score and target share, the threshold keeping that share of ID images
@@ -28,9 +28,9 @@ import yaml
 from clipn_core.calibration import bootstrap_interval, id_threshold
 from clipn_core.errors import InputError, redact_uri
 from clipn_core.storage import Storage
-from jobs.eval_report import calibration_markdown, calibration_png
+from jobs.evaluation.local_scoring import batch_scorer, score_images
+from jobs.evaluation.report import calibration_markdown, calibration_png
 from jobs.inputs import checked_parquet, list_objects
-from jobs.local_scoring import batch_scorer, score_images
 from jobs.score.read import fetch
 from jobs.scoring_setup import prepare
 from schemas.calibrate_config import CalibrateJobConfig, CalibrationSampleConfig

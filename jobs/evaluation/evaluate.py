@@ -24,9 +24,9 @@ from clipn_core.errors import InputError, redact_uri
 from clipn_core.metrics import ood_metrics, top1_accuracy
 from clipn_core.storage import Storage
 from jobs.calibration import check_fits, load_calibration
-from jobs.eval_report import histograms_png, markdown, roc_png
+from jobs.evaluation.local_scoring import LocalScores, batch_scorer, score_images
+from jobs.evaluation.report import histograms_png, markdown, roc_png
 from jobs.inputs import checked_parquet
-from jobs.local_scoring import LocalScores, batch_scorer, score_images
 from jobs.scoring_setup import prepare
 from schemas.eval_config import EvalDataConfig, EvalJobConfig
 from schemas.reports import (
