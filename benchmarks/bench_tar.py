@@ -35,7 +35,7 @@ PREPROCESS = {"size": (224, 224), "mode": "RGB", "mean": (0.48145466, 0.4578275,
 
 
 def make_shard(path: Path, samples: int) -> int:
-    from clipn_core import world
+    from jobs.demo import world
 
     jpegs = [world.encode(world.render(world.SHAPES[i % 8], "blue", i, 256)) for i in range(16)]
     with tarfile.open(path, "w") as tar:

@@ -14,8 +14,8 @@ import clipn_core as cc
 from clipn_core.calibration import bootstrap_interval, id_threshold, tail_size
 from clipn_core.images import split_preprocessor
 from clipn_core.storage import Storage
-from clipn_core.world import World
 from jobs.cli import main as cli_main
+from jobs.demo.world import World
 from jobs.scoring_setup import negative_labels
 from schemas.score_config import NegativesConfig
 

@@ -20,9 +20,8 @@ import tomllib
 import yaml
 
 import clipn_core as cc
-from clipn_core import world
 from jobs.cli import build_config, make_parser
-from jobs.demo import free_port
+from jobs.demo import free_port, world
 from schemas.score_config import ScoreJobConfig
 from schemas.train_config import TrainJobConfig
 

@@ -25,10 +25,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import clipn_core as cc
-from clipn_core import world
 from clipn_core.negatives import load_lexicon
 from clipn_core.storage import Storage
 from jobs.cli import main as cli_main
+from jobs.demo import world
 from jobs.score import run
 from jobs.score.iceberg import RUN_DATE, load_table
 from jobs.score.iceberg import night as midnight

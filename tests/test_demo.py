@@ -7,8 +7,8 @@ import json
 import pyarrow.dataset as pads
 import pytest
 
-from clipn_core.world import World
 from jobs.demo import FULL, SMALL, DemoSize, base_clip_path, run_demo
+from jobs.demo.world import World
 
 pytestmark = pytest.mark.slow
 

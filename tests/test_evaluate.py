@@ -16,8 +16,8 @@ import clipn_core as cc
 from clipn_core.images import load_rgb, split_preprocessor
 from clipn_core.metrics import ood_metrics, top1_accuracy
 from clipn_core.storage import filesystem
-from clipn_core.world import World
 from jobs.cli import main as cli_main
+from jobs.demo.world import World
 
 WORLD = World(seed=3)
 

@@ -7,8 +7,8 @@ import fsspec
 import numpy as np
 import pytest
 
-from clipn_core import world
 from clipn_core.storage import Storage
+from jobs.demo import world
 from jobs.score.decode import DecodeSettings, read_decode_batch
 from jobs.score.read import fetch, fetch_batch
 from tests.fault_proxy import FaultProxy

@@ -11,7 +11,7 @@ import pyarrow.dataset as pads
 import pytest
 
 import clipn_core as cc
-from clipn_core import world
+from jobs.demo import world
 from jobs.score import run
 from jobs.score.iceberg import RUN_DATE, iceberg_schema, load_table, night, table_schema
 from schemas.score_config import IcebergConfig, ScoreJobConfig

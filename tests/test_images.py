@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from clipn_core import world
 from clipn_core.images import (
     DecodedImage,
     DecodeError,
@@ -18,6 +17,7 @@ from clipn_core.images import (
     image_transform,
     load_rgb,
 )
+from jobs.demo import world
 
 CFG = {"size": (32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic", "resize_mode": "shortest"}
 TF = image_transform(CFG)

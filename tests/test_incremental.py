@@ -14,8 +14,8 @@ import pyarrow.dataset as pads
 import pytest
 
 import clipn_core as cc
-from clipn_core import world
 from clipn_core.storage import Storage
+from jobs.demo import world
 from jobs.score import run
 from jobs.score.publish import HEARTBEAT, Heartbeat, staging_path, sweep_staging
 from schemas.score_config import ScoreJobConfig

@@ -16,10 +16,10 @@ from open_clip.zero_shot_metadata import (
 )
 
 import clipn_core as cc
-from clipn_core import world
 from clipn_core.errors import ClassListError, TemplateError
 from clipn_core.named_sets import disambiguate
 from jobs.cli import main as cli_main
+from jobs.demo import world
 from schemas.score_config import ClassesConfig
 
 

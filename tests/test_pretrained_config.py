@@ -263,7 +263,7 @@ def test_a_legacy_gelu_checkpoint_of_quickgelu_weights_is_refused_then_upgraded(
     legacy = _legacy_copy(model, spec, folder)
     lake = tmp_path / "lake"
     lake.mkdir()
-    from clipn_core import world
+    from jobs.demo import world
 
     (lake / "a.jpg").write_bytes(world.encode(world.render("circle", "red", 0, 64)))
     out = tmp_path / "out"

@@ -25,8 +25,8 @@ from pyiceberg.exceptions import CommitStateUnknownException
 
 import clipn_core as cc
 from clipn_core.errors import CommitUnknownError
-from clipn_core.world import World
 from jobs import failpoints
+from jobs.demo.world import World
 from jobs.score import iceberg, publish
 from jobs.score.targets import output_target, publish_or_abandon
 from schemas.common import StorageConfig

@@ -27,8 +27,8 @@ import yaml
 
 import clipn_core as cc
 from clipn_core.storage import sha256_file
-from clipn_core.world import World
 from jobs.cli import main as cli_main
+from jobs.demo.world import World
 from jobs.failpoints import ENV as FAILPOINTS_ENV
 from jobs.failpoints import KILLED_EXIT
 from jobs.score import run

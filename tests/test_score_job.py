@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 
 import clipn_core as cc
-from clipn_core import world
 from clipn_core.images import split_preprocessor
 from clipn_core.storage import Storage
 from jobs.cli import main as cli_main
+from jobs.demo import world
 from jobs.score import run
 from jobs.scoring_setup import negative_labels
 from schemas.output import OUTPUT_SCHEMA

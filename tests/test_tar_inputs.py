@@ -16,8 +16,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from clipn_core import world
 from clipn_core.storage import Storage
+from jobs.demo import world
 from jobs.score import run
 from jobs.score.counts import InputCounts
 from jobs.score.counts import totals as count_totals

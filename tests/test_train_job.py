@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import clipn_core as cc
-from clipn_core import world
 from clipn_core.errors import InputError
 from jobs.cli import main as cli_main
+from jobs.demo import world
 from jobs.failpoints import ENV as FAILPOINTS_ENV
 from jobs.score import run as run_score
 from jobs.train import TrainingError, run

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import clipn_core as cc
-from clipn_core import world
 from clipn_core.images import SplitPreprocessor
 from clipn_core.training import (
     build_optimizer,
@@ -20,6 +19,7 @@ from clipn_core.training import (
     warmup_cosine,
 )
 from clipn_core.weights import create_base_clip
+from jobs.demo import world
 
 
 def test_warmup_then_cosine_to_zero():

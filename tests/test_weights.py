@@ -266,8 +266,8 @@ def test_import_original_through_the_cli_then_score_like_the_library(tiny, tmp_p
 
     import pyarrow.dataset as pads
 
-    from clipn_core import world
     from jobs.cli import main as cli_main
+    from jobs.demo import world
 
     model, _, _ = _trained_like(tiny, seed=9)
     with torch.no_grad():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 
 import clipn_core as cc
-from clipn_core import world
+from jobs.demo import world
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes():

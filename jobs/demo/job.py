@@ -1,7 +1,7 @@
 """``clipn demo`` (``make demo``): the whole product on a generated world, offline, on one machine.
 
 1. an S3-compatible server: moto's server on loopback, or an endpoint you give (MinIO);
-2. the world (:class:`clipn_core.world.World`): an image lake (with three broken files),
+2. the world (:class:`jobs.demo.world.World`): an image lake (with three broken files),
    training pairs and labelled ID / OOD evaluation images, written to the bucket;
 3. a tiny base CLIP trained by the training job's ``clip`` stage (cached locally, so a
    second run reuses it);
@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +35,8 @@ import pyarrow.dataset as pads
 import yaml
 
 from clipn_core.storage import write_bytes
-from clipn_core.world import World, encode, render
+from jobs.demo.s3 import MOTO_CREDENTIALS, ensure_bucket, start_moto
+from jobs.demo.world import World, encode, render
 from schemas.calibrate_config import CalibrateJobConfig
 from schemas.eval_config import EvalJobConfig
 from schemas.reports import CalibrationReport, EvalReport
@@ -47,7 +47,6 @@ log = logging.getLogger("clipn.demo")
 BUCKET = "clipn-demo"
 DEMO_NIGHT = dt.date(2026, 11, 24)
 ICEBERG_TABLE = "demo.ood_flags"
-_MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @dataclass(frozen=True)
@@ -68,38 +67,6 @@ FULL = DemoSize()
 # The reduced demo of the end-to-end test: the same training (fewer steps or pairs left the tiny CLIP
 # at chance level on held-out shapes), a small lake and evaluation set.
 SMALL = DemoSize(lake=40, eval_id=200, eval_ood=150, calib_id=300)
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for loopback servers of the demo and the tests)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_moto():
-    """moto's S3 server on 127.0.0.1 at a free port; returns (server, endpoint URL)."""
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError as e:
-        raise SystemExit("clipn demo needs moto's S3 server: pip install 'clipn-lake[demo]', "
-                         "or pass --endpoint of an S3-compatible server") from e
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    return server, f"http://127.0.0.1:{port}"
-
-
-def _ensure_bucket(endpoint: str, bucket: str) -> None:
-    import boto3
-    from botocore.exceptions import ClientError
-
-    s3 = boto3.client("s3", endpoint_url=endpoint)
-    try:
-        s3.head_bucket(Bucket=bucket)
-    except ClientError:
-        s3.create_bucket(Bucket=bucket)
 
 
 def _write_config(out: Path, name: str, cfg) -> None:
@@ -249,14 +216,14 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
     server = None
     t = _step(1, total, "object storage")
     if endpoint is None:
-        for k, v in _MOTO_CREDENTIALS.items():
+        for k, v in MOTO_CREDENTIALS.items():
             os.environ.setdefault(k, v)
         server, endpoint = start_moto()
         print(f"    moto S3 server on {endpoint} (in memory; stops with the demo)")
     else:
         print(f"    using {endpoint} (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
     try:
-        _ensure_bucket(endpoint, BUCKET)
+        ensure_bucket(endpoint, BUCKET)
         root = f"s3://{BUCKET}/world-{seed}"
         base_clip = base_clip_path(cache_dir, world, size)
         cfgs = demo_configs(out, root, endpoint, size, str(base_clip), world)

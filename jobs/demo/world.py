@@ -6,8 +6,10 @@ pixels. :class:`World` turns that into data sets: captioned training pairs (ever
 shape, as web data covers every concept), an image lake and labelled ID / OOD
 evaluation sets (OOD = the held-out shapes, never named as ID classes), written as
 Parquet or image objects to any fsspec URI. Caption styles come from
-``CAPTION_STYLES``; :func:`scoring_templates` derives the matching scoring templates
-(shipped as the ``world`` template set).
+``CAPTION_STYLES``; :func:`scoring_templates` derives the matching scoring templates,
+shipped as data in the model library (``clipn_core/templates/world.txt``, the ``world``
+template set; a test checks that the file matches), so ``templates: world`` works
+without importing the demo.
 """
 
 from __future__ import annotations
@@ -176,7 +178,7 @@ class World:
         """Write ``table`` as one Parquet object at ``uri`` (local path or s3://...); returns ``uri``."""
         import pyarrow.parquet as pq
 
-        from .storage import write_bytes
+        from clipn_core.storage import write_bytes
 
         buf = io.BytesIO()
         pq.write_table(table, buf)
@@ -188,7 +190,7 @@ class World:
         threads; returns {URI: its Sample} (the labels, for checking what a job made of the lake)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from .storage import write_bytes
+        from clipn_core.storage import write_bytes
 
         def put(item: tuple[int, Sample]) -> tuple[str, Sample]:
             i, sample = item
