@@ -20,7 +20,9 @@ class EvalDataConfig(StrictModel):
     uri: str = Field(..., description="Parquet file or folder (local or s3://) of the labelled ID and OOD images")
     image_column: str = Field("image", description="column of encoded image bytes")
     is_id_column: str = Field("is_id", description="boolean column: true for in-distribution images")
-    label_column: str | None = Field("shape", description="ID class name of each ID image, for ID accuracy (none: no accuracy)")
+    # No default column name: a set has whatever label column it has, and guessing one would fail sets without it.
+    label_column: str | None = Field(None, description="column of each ID image's class name, for ID accuracy "
+                                     "(unset: no accuracy)")
     max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb limit (width x height)")
 
 

@@ -43,7 +43,7 @@ def _eval_parquet(path, broken: bool = True, n_id: int = 30, n_ood: int = 18) ->
 def _args(data_uri: str, checkpoint: str, out: str, *extra: str) -> list[str]:
     return ["evaluate", "--data.uri", data_uri, "--model.checkpoint", checkpoint,
             "--classes.names", json.dumps(list(WORLD.id_shapes)), "--templates", "world", "--output.dir", out,
-            "--runtime.batch_size", "16", *extra]
+            "--runtime.batch_size", "16", "--data.label_column", "shape", *extra]
 
 
 def test_report_agrees_with_clipn_core_metrics_on_the_same_scores(tmp_path, checkpoint, s3_bucket):
