@@ -2,9 +2,11 @@
 
 For each class and template the text ``template.format(name)`` is encoded with the yes
 and the no tower and L2-normalised; the per-class mean over templates is normalised
-again (design.md). Classes are encoded in chunks, so thousands of classes fit in
-memory, and the model is put in eval mode, so the no tower uses the mean prompt and
-the heads are deterministic.
+again: ``W[c] = normalize(mean_t normalize(E(template_t(name_c))))``, CLIP's prompt
+ensembling (Radford et al., ICML 2021), for the yes tower (``W_yes``) and the no tower
+(``W_no``) alike. Classes are encoded in chunks, so thousands of classes fit in
+memory, through :func:`~clipn_core.model.encode_texts` (eval mode, so the no tower uses the
+mean prompt and the heads are deterministic).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ClassListError, StorageError, TemplateError, redact_uri
-from .model import CLIPN
+from .model import CLIPN, encode_texts
 from .named_sets import CLASS_SETS, TEMPLATE_SETS, template_set_names
 from .prompt_tokens import tokenize_prompts
 from .storage import read_text
@@ -171,21 +173,14 @@ def build_class_heads(
     if len(said) != len(names):
         raise ClassListError(f"{len(said)} prompt names for {len(names)} classes")
     all_tokens = tokenize_prompts(tokenizer, names, templates, "class", said)  # refuses names the cut makes equal
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     per_chunk = max(1, batch_size // len(templates))
     yes_parts, no_parts = [], []
-    try:
-        for start in range(0, len(names), per_chunk):
-            chunk = all_tokens[start : start + per_chunk]
-            tokens = chunk.reshape(-1, chunk.shape[-1]).to(device)
-            shape = (len(chunk), len(templates), -1)
-            # the tokens up to the longest text's end: the same features at a fraction of the 77-token cost
-            yes = model.encode_short_texts(tokens, "yes").float().reshape(shape).mean(dim=1)
-            no = model.encode_short_texts(tokens, "no").float().reshape(shape).mean(dim=1)
-            yes_parts.append(F.normalize(yes, dim=-1).cpu())
-            no_parts.append(F.normalize(no, dim=-1).cpu())
-    finally:
-        model.train(was_training)
+    # a chunk of classes (all their templates) per forward: only the per-class means outlive it
+    for start in range(0, len(names), per_chunk):
+        chunk = all_tokens[start : start + per_chunk]
+        tokens = chunk.reshape(-1, chunk.shape[-1])
+        shape = (len(chunk), len(templates), -1)
+        for tower, parts in (("yes", yes_parts), ("no", no_parts)):
+            mean = encode_texts(model, tokens, tower, len(tokens), device).reshape(shape).mean(dim=1)
+            parts.append(F.normalize(mean, dim=-1))
     return ClassHeads(names, templates, torch.cat(yes_parts), torch.cat(no_parts))

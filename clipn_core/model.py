@@ -202,6 +202,25 @@ class CLIPN(nn.Module):
         return f, g, self.encode_text_no(text, prompt_idx=prompt_idx)
 
 
+@torch.no_grad()
+def encode_texts(model: CLIPN, tokens: torch.Tensor, tower: str, batch_size: int,
+                 device: str | torch.device | None = None) -> torch.Tensor:
+    """L2-normalised float32 features [N, D] on the CPU of the ``yes`` or ``no`` tower for token ids
+    [N, context], ``batch_size`` texts per forward on ``device`` (default: the model's). The one path from
+    prompt tokens to text features, shared by class heads and negative labels so both see the same
+    features: eval mode for the call (the no tower's mean prompt, no dropout; the mode is restored after),
+    tokens trimmed to each batch's longest text (:meth:`CLIPN.encode_short_texts`)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        parts = [model.encode_short_texts(tokens[start:start + batch_size].to(device), tower).float().cpu()
+                 for start in range(0, len(tokens), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(parts) if parts else torch.zeros((0, model.clip.text_projection.shape[-1]))
+
+
 def get_tokenizer(model: CLIPN):
     """open_clip's CLIP BPE tokenizer at the model's context length: (list of str) -> int64 [N, context]."""
     return open_clip.SimpleTokenizer(context_length=model.context_length)

@@ -9,7 +9,8 @@ a file of one word per line (local or s3).
 
 Mining, for a model and a class set (:func:`mine_negatives`):
 
-1. encode every word with the yes tower (one template, batched on the model's device);
+1. encode every word with the yes tower (one template, batched on the model's device, through
+   :func:`~clipn_core.model.encode_texts` like the class heads);
 2. drop the ID class names themselves and near-synonyms, words whose cosine to some ID
    class exceeds ``synonym_bound`` (NegRefine, 2025: sub-categories of an ID class
    must not count against it);
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from .errors import StorageError, TemplateError, redact_uri
 from .heads import ClassHeads
-from .model import CLIPN
+from .model import CLIPN, encode_texts
 from .prompt_tokens import tokenize_prompts
 from .storage import read_text
 
@@ -104,14 +105,6 @@ def lexicon_hash(words: tuple[str, ...]) -> str:
 
 
 @torch.no_grad()
-def _encode(model: CLIPN, tokens: torch.Tensor, tower: str, batch_size: int, device) -> torch.Tensor:
-    out = []
-    for start in range(0, len(tokens), batch_size):
-        out.append(model.encode_short_texts(tokens[start:start + batch_size].to(device), tower).float().cpu())
-    return torch.cat(out) if out else torch.zeros((0, model.clip.text_projection.shape[-1]))
-
-
-@torch.no_grad()
 def mine_negatives(model: CLIPN, tokenizer, heads: ClassHeads, lexicon: tuple[str, ...],
                    count: int = DEFAULT_NEGATIVE_COUNT, synonym_bound: float = DEFAULT_SYNONYM_BOUND,
                    percentile: float = DEFAULT_PERCENTILE, template: str = DEFAULT_NEGATIVE_TEMPLATE,
@@ -121,27 +114,21 @@ def mine_negatives(model: CLIPN, tokenizer, heads: ClassHeads, lexicon: tuple[st
         raise ValueError(f"count must be >= 1, got {count}")
     if template.count("{}") != 1:
         raise TemplateError(f"negative template needs exactly one '{{}}': {template!r}")
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        names = {n.casefold() for n in heads.class_names}
-        candidates = [w for w in lexicon if w.casefold() not in names]
-        # refuses words the context length cuts to the same tokens
-        tokens = tokenize_prompts(tokenizer, candidates, (template,), "negative label")[:, 0]
-        emb = _encode(model, tokens, "yes", batch_size, device)
-        sims = emb @ F.normalize(heads.yes.float(), dim=-1).T  # [W, C]
-        keep = sims.max(dim=1).values <= synonym_bound
-        # NegLabel: the eta-percentile of the negated similarities; larger = farther from every ID class
-        distance = torch.quantile(-sims, percentile, dim=1, interpolation="lower") if sims.shape[1] > 1 else -sims[:, 0]
-        distance[~keep] = float("-inf")
-        order = torch.argsort(distance, descending=True, stable=True)[: min(count, int(keep.sum()))]
-        order = torch.sort(order).values  # lexicon order: the same words always come out in the same order
-        words = tuple(candidates[i] for i in order.tolist())
-        yes = emb[order]
-        no = _encode(model, tokens[order], "no", batch_size, device)
-    finally:
-        model.train(was_training)
+    names = {n.casefold() for n in heads.class_names}
+    candidates = [w for w in lexicon if w.casefold() not in names]
+    # refuses words the context length cuts to the same tokens
+    tokens = tokenize_prompts(tokenizer, candidates, (template,), "negative label")[:, 0]
+    emb = encode_texts(model, tokens, "yes", batch_size, device)
+    sims = emb @ F.normalize(heads.yes.float(), dim=-1).T  # [W, C]
+    keep = sims.max(dim=1).values <= synonym_bound
+    # NegLabel: the eta-percentile of the negated similarities; larger = farther from every ID class
+    distance = torch.quantile(-sims, percentile, dim=1, interpolation="lower") if sims.shape[1] > 1 else -sims[:, 0]
+    distance[~keep] = float("-inf")
+    order = torch.argsort(distance, descending=True, stable=True)[: min(count, int(keep.sum()))]
+    order = torch.sort(order).values  # lexicon order: the same words always come out in the same order
+    words = tuple(candidates[i] for i in order.tolist())
+    yes = emb[order]
+    no = encode_texts(model, tokens[order], "no", batch_size, device)
     settings = {"count": count, "synonym_bound": synonym_bound, "percentile": percentile, "template": template,
                 "lexicon": lexicon_hash(lexicon), "class_set": heads.class_set_hash,
                 "dropped_as_synonyms": int((~keep).sum())}
