@@ -2,21 +2,30 @@
 
 Every score maps a batch of L2-normalised image features and the class heads to an
 **ID score** (higher = more in-distribution) of shape ``[N]``. CTW and ATD also return
-their threshold-free OOD decision (``True`` = OOD). The formulas are those of
-``shared/design.md``:
+their threshold-free OOD decision (``True`` = OOD). CLIPN's own scores, ``p_no`` and the two
+threshold-free inference algorithms CTW (competing-to-win) and ATD (agent-to-discriminate), are
+those of the CLIPN paper (H. Wang, Y. Li, H. Yao, X. Li, "CLIPN for Zero-Shot OOD Detection:
+Teaching CLIP to Say No", ICCV 2023: its two threshold-free inference algorithms) and of its
+released code (github.com/xmed-lab/CLIPN); the others cite their own papers below. Written out:
 
-* ``logits_yes = s f W_yes^T``, ``logits_no = s f W_no^T`` (``s`` = logit scale: the base CLIP's
-  own learned ``logit_scale.exp()``, passed in; 100 for OpenAI's CLIP)
-* ``p = softmax(logits_yes)``; ``p_no[j] = e^l_no / (e^l_yes + e^l_no)`` (the original CLIPN code's
-  softmax over [yes, no]); its complement ``1 - p_no[j]`` is computed as
+* ``logits_yes = s f W_yes^T``, ``logits_no = s f W_no^T`` with ``f`` the image features and
+  ``W_yes`` / ``W_no`` the class heads (:mod:`clipn_core.heads`). ``s`` (the logit scale) is
+  passed in: :class:`~clipn_core.BatchScorer` and the jobs pass the base CLIP's own learned
+  ``logit_scale.exp()`` (:attr:`~clipn_core.CLIPN.logit_scale`, 100 for OpenAI's CLIP, whatever
+  the base model learned for others) unless ``runtime.logit_scale`` sets a number;
+  :data:`DEFAULT_LOGIT_SCALE` (100) is only :class:`ScoreInputs`' default when it is built by hand
+* ``p = softmax(logits_yes)`` over the ID classes; ``p_no[j] = e^l_no / (e^l_yes + e^l_no)``, the
+  probability that class ``j``'s "no" text matches, a softmax over [yes, no] per class as in the
+  original code; its complement ``1 - p_no[j]`` is computed as
   ``sigmoid(logits_yes[j] - logits_no[j])``, never as ``1 - sigmoid(...)``, which rounds to exactly 0
   once the no logit leads by about 17 in float32, so the most OOD images would all tie
 * CTW: ``k = argmax p``; ID score ``1 - p_no[k]``; OOD iff ``p_no[k] > 0.5``
 * ATD: ID score ``sum_j (1 - p_no[j]) p[j]``; OOD iff ``1 - ID > max_j (1 - p_no[j]) p[j]``
-* MSP ``max p``; MaxLogit ``max logits_yes``; Energy ``logsumexp(logits_yes)``;
-  MCM ``max softmax(cos / tau)``
-* with negative labels (:mod:`clipn_core.negatives`, text embeddings ``W_neg`` [M, D] split
-  into G groups ``N_g`` by ``j mod G``; ``l_neg = s f W_neg^T``):
+* baselines: MSP ``max p`` (Hendrycks & Gimpel, ICLR 2017); MaxLogit ``max logits_yes``
+  (Hendrycks et al., ICML 2022); Energy ``logsumexp(logits_yes)`` (Liu et al., NeurIPS 2020);
+  MCM ``max softmax(cos / tau)`` (Ming et al., NeurIPS 2022)
+* with negative labels (NegLabel, Jiang et al., ICLR 2024; :mod:`clipn_core.negatives`: text
+  embeddings ``W_neg`` [M, D] split into G groups ``N_g`` by ``j mod G``; ``l_neg = s f W_neg^T``):
   NegLabel ``mean_g sum_ID e^l_yes / (sum_ID e^l_yes + sum_{N_g} e^l_neg)``;
   CLIPN-Neg: ATD with the negatives in the softmax, ``p' = softmax([l_yes, l_neg])`` and
   ID score ``sum_j (1 - p_no[j]) p'[j]`` over the ID classes; with no negatives it is ATD.
@@ -38,7 +47,7 @@ from functools import cached_property
 
 import torch
 
-DEFAULT_LOGIT_SCALE = 100.0
+DEFAULT_LOGIT_SCALE = 100.0  # ScoreInputs built by hand only: OpenAI CLIP's learned scale; the jobs pass the model's
 DEFAULT_MCM_TEMPERATURE = 1.0
 DEFAULT_NEGATIVE_GROUPS = 100  # NegLabel's grouping: the score is averaged over this many groups of negatives
 

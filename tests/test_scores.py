@@ -1,4 +1,4 @@
-"""Scores against values worked out by hand on a 3-class example (design.md formulas)."""
+"""Scores against values worked out by hand on a 3-class example (the formulas of clipn_core.scores' docstring)."""
 
 import math
 
