@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo lint bench bench-scale bench-quality bench-negatives bench-iceberg bench-decode-memory clean
+.PHONY: install test test-fast demo lint bench bench-scale bench-quality bench-negatives bench-iceberg bench-decode-memory clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The 15 slowest tests are printed at the end of every run, so where the time goes stays in sight.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
+
+# For iteration: the tests that start neither Ray nor a server (tests/conftest.py marks those `slow`).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" --durations=15
 
 demo: $(STAMP)
 	$(VENV)/bin/clipn demo

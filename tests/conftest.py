@@ -56,9 +56,12 @@ def s3_server():
 
 
 @pytest.fixture()
-def s3_bucket(s3_server):
+def s3_bucket(s3_server, request):
     """(bucket name, storage_options) of a fresh bucket on the loopback S3 server."""
     import boto3
+
+    # a test that reaches the server through request.getfixturevalue escapes the collection-time marking
+    assert request.node.get_closest_marker("slow"), f"{request.node.nodeid} starts the S3 server: mark it slow"
 
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client(
@@ -82,6 +85,18 @@ def ray_local(s3_server):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+# Fixtures that start Ray or a server: a test using one (directly or through another fixture) is ``slow``, so
+# ``make test-fast`` (``-m "not slow"``) never starts them, whatever a test file remembers to mark.
+SLOW_FIXTURES = frozenset({"ray_local", "s3_server", "local_head"})
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test whose fixture closure starts Ray or a server as ``slow``."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker("slow")
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -22,7 +22,11 @@ DAY = dt.date(2026, 11, 24)
 TTL_S = 900.0
 
 
-@pytest.fixture(params=["local", "s3", "memory"])
+# the S3 case starts the session's loopback server: slow (make test-fast leaves it out)
+S3 = pytest.param("s3", marks=pytest.mark.slow)
+
+
+@pytest.fixture(params=["local", S3, "memory"])
 def where(request, tmp_path):
     """(lease root, storage) on each kind of store: a local folder, S3 (conditional requests), and fsspec's
     in-memory store, which offers none of the conditional operations we use there (the generic path)."""
@@ -66,7 +70,7 @@ def _take(lease: NightLease, name: str, start: threading.Barrier, results: dict)
         results[name] = str(e)
 
 
-@pytest.mark.parametrize("where", ["local", "s3"], indirect=True)
+@pytest.mark.parametrize("where", ["local", S3], indirect=True)
 def test_two_runs_taking_the_same_night_at_once_one_wins_and_the_other_is_told_who(where):
     for round_ in range(5):
         a, b = _lease(where, f"a{round_}"), _lease(where, f"b{round_}")
