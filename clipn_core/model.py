@@ -218,7 +218,10 @@ def encode_texts(model: CLIPN, tokens: torch.Tensor, tower: str, batch_size: int
                  for start in range(0, len(tokens), batch_size)]
     finally:
         model.train(was_training)
-    return torch.cat(parts) if parts else torch.zeros((0, model.clip.text_projection.shape[-1]))
+    if parts:
+        return torch.cat(parts)
+    proj = model.clip.text_projection  # a Parameter [width, dim] or, in some open_clip text towers, an nn.Linear
+    return torch.zeros((0, proj.out_features if isinstance(proj, nn.Linear) else proj.shape[-1]))
 
 
 def get_tokenizer(model: CLIPN):

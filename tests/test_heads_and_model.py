@@ -10,7 +10,7 @@ import torch
 import clipn_core as cc
 from clipn_core.errors import ClassListError, TemplateError
 from clipn_core.heads import parse_templates
-from clipn_core.model import CLIPN
+from clipn_core.model import CLIPN, encode_texts
 
 CLASSES = ["circle", "square", "triangle", "star", "ring"]
 TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "a {} shape.")
@@ -119,3 +119,18 @@ def test_scores_use_the_base_clips_own_logit_scale():
     assert scorer.logit_scale == pytest.approx(28.0)
     assert not np.allclose(scorer(images).scores["maxlogit"], fixed.scores["maxlogit"])
     assert cc.BatchScorer(model, heads, logit_scale=100.0).logit_scale == 100.0
+
+
+@pytest.mark.parametrize("projection", ["parameter", "linear"])
+def test_encoding_no_texts_gives_an_empty_matrix_of_the_embedding_width(projection):
+    """Negative mining can drop every candidate word: encoding no texts is [0, embed_dim] float32 for both kinds
+    of open_clip text projection (a Parameter [width, dim], or an nn.Linear in some text towers)."""
+    model, _ = cc.build_clipn("clipn-tiny", seed=0)
+    proj = model.clip.text_projection
+    dim = proj.shape[-1]
+    if projection == "linear":
+        del model.clip.text_projection  # a registered Parameter cannot be reassigned to a module
+        model.clip.text_projection = torch.nn.Linear(proj.shape[0], dim)
+    for tower in ("yes", "no"):
+        out = encode_texts(model, torch.zeros((0, 77), dtype=torch.long), tower, batch_size=8)
+        assert out.shape == (0, dim) and out.dtype == torch.float32
