@@ -5,7 +5,7 @@ Every score maps a batch of L2-normalised image features and the class heads to 
 their threshold-free OOD decision (``True`` = OOD). CLIPN's own scores, ``p_no`` and the two
 threshold-free inference algorithms CTW (competing-to-win) and ATD (agent-to-discriminate), are
 those of the CLIPN paper (H. Wang, Y. Li, H. Yao, X. Li, "CLIPN for Zero-Shot OOD Detection:
-Teaching CLIP to Say No", ICCV 2023: its two threshold-free inference algorithms) and of its
+Teaching CLIP to Say No", ICCV 2023) and of its
 released code (github.com/xmed-lab/CLIPN); the others cite their own papers below. Written out:
 
 * ``logits_yes = s f W_yes^T``, ``logits_no = s f W_no^T`` with ``f`` the image features and

@@ -56,12 +56,14 @@ def s3_server():
 
 
 @pytest.fixture()
-def s3_bucket(s3_server, request):
+def s3_bucket(request):
     """(bucket name, storage_options) of a fresh bucket on the loopback S3 server."""
     import boto3
 
-    # a test that reaches the server through request.getfixturevalue escapes the collection-time marking
+    # a test that reaches this fixture through request.getfixturevalue escapes the collection-time marking:
+    # refuse it before the server starts, so `make test-fast` never starts one
     assert request.node.get_closest_marker("slow"), f"{request.node.nodeid} starts the S3 server: mark it slow"
+    s3_server = request.getfixturevalue("s3_server")
 
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client(
@@ -89,7 +91,7 @@ def ray_local(s3_server):
 
 # Fixtures that start Ray or a server: a test using one (directly or through another fixture) is ``slow``, so
 # ``make test-fast`` (``-m "not slow"``) never starts them, whatever a test file remembers to mark.
-SLOW_FIXTURES = frozenset({"ray_local", "s3_server", "local_head"})
+SLOW_FIXTURES = frozenset({"ray_local", "s3_server", "s3_bucket", "local_head"})
 
 
 def pytest_collection_modifyitems(items):
