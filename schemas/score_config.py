@@ -214,6 +214,10 @@ class RuntimeConfig(ScoringOptions):
                                       "one per reserved CPU)")
     compile: bool = Field(False, description="torch.compile the image tower (pays off on long GPU runs)")
     max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb limit (width x height)")
+    skip_broadcast_max_rows: int = Field(
+        200_000, ge=0, description="skip_scored / since overlap: a skip set of at most this many URIs is broadcast to "
+        "the tasks that mark the inputs (each worker holds it, ~100 bytes a URI); a larger one is hash-joined (a "
+        "shuffle, seconds of start-up, any size)")
 
 
 class ScoreJobConfig(StrictModel):

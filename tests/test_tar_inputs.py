@@ -167,13 +167,16 @@ def test_torn_or_missing_shard_keeps_every_input_one_row(tmp_path, settings, ray
     assert found["listed"] == len(uris)
 
 
-@pytest.mark.parametrize("scored", [
-    ["/l/a.tar#1.jpg", "/l/a.tar#2.jpg", "/l/c#x.tar#d#e.jpg", "/l/images/x.jpg", "/l/b.TAR#z.jpg", "/l/a.tar#1.jpg"],
-    [],  # a scored set with nothing in it (every earlier row failed)
-])
-def test_member_skips_attach_to_their_shards(ray_local, scored):
+@pytest.mark.parametrize(("scored", "broadcast_max_rows"), [
+    (["/l/a.tar#1.jpg", "/l/a.tar#2.jpg", "/l/c#x.tar#d#e.jpg", "/l/images/x.jpg", "/l/b.TAR#z.jpg", "/l/a.tar#1.jpg"],
+     -1),  # hash join
+    (["/l/a.tar#1.jpg", "/l/a.tar#2.jpg", "/l/c#x.tar#d#e.jpg", "/l/images/x.jpg", "/l/b.TAR#z.jpg", "/l/a.tar#1.jpg"],
+     100),  # broadcast
+    ([], -1),  # a scored set with nothing in it (every earlier row failed): broadcast, nothing to shuffle
+], ids=["hash join", "broadcast", "nothing scored"])
+def test_member_skips_attach_to_their_shards(ray_local, scored, broadcast_max_rows):
     """The skip set's member URIs grouped by shard (split at the first ``.tar#``: keys may hold ``#``), joined
-    to every shard; a shard with nothing to skip gets None."""
+    to every shard; a shard with nothing to skip gets None; the same broadcast or hash-joined."""
     import ray
 
     from jobs.score.incremental import attach_member_skips
@@ -181,7 +184,7 @@ def test_member_skips_attach_to_their_shards(ray_local, scored):
     shards = ray.data.from_items([{"uri": u} for u in ("/l/a.tar", "/l/b.TAR", "/l/c#x.tar", "/l/d.tar")])
     scored_ds = ray.data.from_arrow(pa.table({"uri": pa.array(scored, pa.string())}))
     got = {r["uri"]: (sorted(r["skip"]) if r["skip"] is not None else None)
-           for r in attach_member_skips(shards, scored_ds).take_all()}
+           for r in attach_member_skips(shards, scored_ds, broadcast_max_rows).take_all()}
     want = {"/l/a.tar": ["1.jpg", "2.jpg"], "/l/b.TAR": ["z.jpg"], "/l/c#x.tar": ["d#e.jpg"], "/l/d.tar": None}
     assert got == (want if scored else dict.fromkeys(want))
 

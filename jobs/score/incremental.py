@@ -1,9 +1,11 @@
 """Incremental nights: what a run leaves out and why, without holding per-object state on the driver.
 
 * ``output.skip_scored``: URIs already scored ``ok`` with the same model id and class set in
-  another published partition of this output are dropped by a Ray Data left outer join (:func:`split_skipped`) on
-  ``uri`` (hash-partitioned across workers), before any object is fetched. The driver
-  only lists the published partitions (one per night).
+  another published partition of this output are dropped before any object is fetched
+  (:func:`split_skipped`): by a broadcast lookup when the skip set holds at most
+  ``runtime.skip_broadcast_max_rows`` URIs, else by a Ray Data left outer join on ``uri``
+  (hash-partitioned across workers). The driver only lists the published partitions (one per
+  night) and never holds the skip set.
 * ``output.lake_bank``: after a night, the surest OOD and ID ``ok`` rows' embeddings become a
   bank of image proxies (:mod:`clipn_core.lake_bank`) stored beside the output under the
   model id and class set; the next night scores ``clipn_neg_lake`` with the latest one.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -79,22 +82,68 @@ def night_uris(root: str, nights: list[dt.date], storage: Storage) -> ray.data.D
 SKIP_UNTIL = "skip_until"  # the skip table's column: seconds since the epoch (inf: whatever the modification time)
 
 
-def skip_table(scored: ray.data.Dataset | None,
-               overlap: list[tuple[ray.data.Dataset, float]]) -> ray.data.Dataset | None:
-    """One row per URI the night may skip (``uri``, ``skip_until``), or None when there is none: the URIs
-    ``skip_scored`` found scored ok (``skip_until`` inf: skipped whatever their modification time) and, per
-    overlap night of ``since`` (its URIs, its watermark in epoch seconds), the URIs it holds, skipped only when
-    not modified after that night's listing began (it scored that very version). A URI from several sources
-    keeps the latest ``skip_until``: grouped in Ray (hash-partitioned), never on the driver."""
+@dataclass(frozen=True)
+class SkipTable:
+    """What a night may skip: one ``(uri, skip_until)`` row per URI source row (a URI may repeat; the latest
+    ``skip_until`` wins), either as Arrow blocks in Ray's object store that every marking task looks up in
+    (``blocks``: a small set, broadcast) or as a dataset grouped to one row per URI for a hash join
+    (``grouped``: a large one). ``rows`` counts the source rows."""
+
+    rows: int
+    blocks: list | None = None  # ObjectRefs of pyarrow Tables
+    grouped: ray.data.Dataset | None = None
+
+
+def skip_table(scored: ray.data.Dataset | None, overlap: list[tuple[ray.data.Dataset, float]],
+               broadcast_max_rows: int) -> SkipTable | None:
+    """What the night may skip, or None when there is no source: the URIs ``skip_scored`` found scored ok
+    (``skip_until`` inf: skipped whatever their modification time) and, per overlap night of ``since`` (its
+    URIs, its watermark in epoch seconds), the URIs it holds, skipped only when not modified after that
+    night's listing began (it scored that very version).
+
+    The sources are read once by Ray into its object store (never onto the driver); their row count, known
+    from the blocks' metadata, picks the join: at most ``broadcast_max_rows`` rows (and always none) are
+    broadcast to the tasks
+    that mark the inputs (no shuffle: a hash shuffle starts aggregator actors, seconds per night on a small
+    cluster), more are grouped by URI, hash-partitioned, for :func:`split_skipped`'s join."""
     parts = [] if scored is None else [scored.map_batches(_until, batch_format="pyarrow", batch_size=None,
                                                           fn_kwargs={"until": float("inf")})]
     parts += [held.map_batches(_until, batch_format="pyarrow", batch_size=None, fn_kwargs={"until": at})
               for held, at in overlap if held is not None]
     if not parts:
         return None
-    union = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    return (union.groupby("uri", num_partitions=JOIN_PARTITIONS).max(SKIP_UNTIL)
-            .rename_columns({f"max({SKIP_UNTIL})": SKIP_UNTIL}))
+    union = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
+    rows = union.count()  # from the materialized blocks' metadata
+    if rows <= max(broadcast_max_rows, 0):  # an empty set has nothing to shuffle
+        return SkipTable(rows=rows, blocks=union.to_arrow_refs())
+    grouped = (union.groupby("uri", num_partitions=JOIN_PARTITIONS).max(SKIP_UNTIL)
+               .rename_columns({f"max({SKIP_UNTIL})": SKIP_UNTIL}))
+    return SkipTable(rows=rows, grouped=grouped)
+
+
+# A marking task's lookup of the broadcast skip set, built once per worker process and reused by the tasks it
+# runs next (keyed by the blocks' object ids; one entry, so a long-lived worker holds one night's set at most).
+_LOOKUP: dict[tuple[str, ...], dict] = {}
+
+
+def _broadcast_lookup(blocks: list, value) -> dict:
+    """{key: value(row)} of the broadcast blocks, cached per process; ``value`` folds a key's rows."""
+    key = tuple(ref.hex() for ref in blocks)
+    if key not in _LOOKUP:
+        _LOOKUP.clear()
+        _LOOKUP[key] = value(ray.get(blocks) if blocks else [])
+    return _LOOKUP[key]
+
+
+def _latest_until(tables: list[pa.Table]) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for table in tables:
+        if table.num_rows == 0:  # an empty block may come without the columns
+            continue
+        for uri, until in zip(table.column("uri").to_pylist(), table.column(SKIP_UNTIL).to_pylist()):
+            if until > found.get(uri, float("-inf")):
+                found[uri] = until
+    return found
 
 
 def _until(batch: pa.Table, until: float) -> pa.Table:
@@ -102,15 +151,20 @@ def _until(batch: pa.Table, until: float) -> pa.Table:
                      SKIP_UNTIL: pa.array([until] * batch.num_rows, pa.float64())})
 
 
-def split_skipped(inputs: ray.data.Dataset, table: ray.data.Dataset, counts) -> ray.data.Dataset:
-    """``inputs`` without what :func:`skip_table` says to skip: a hash-partitioned left outer join on ``uri`` that
-    marks each input, then a stage that counts what it keeps and what it removes (``kept``, ``skipped`` in
-    ``counts``, keyed by the batch's URIs) and drops the removed rows. Counting both sides lets the row check
-    find a row the join lost or duplicated (kept + skipped = listed), instead of inferring the skips."""
+def split_skipped(inputs: ray.data.Dataset, table: SkipTable, counts) -> ray.data.Dataset:
+    """``inputs`` without what :func:`skip_table` says to skip: each input is marked with its ``skip_until``
+    (looked up in the broadcast set, or by a hash-partitioned left outer join on ``uri``), then a stage counts
+    what it keeps and what it removes (``kept``, ``skipped`` in ``counts``, keyed by the batch's URIs) and drops
+    the removed rows. Counting both sides lets the row check find a row the join lost or duplicated (kept +
+    skipped = listed), instead of inferring the skips."""
     from jobs.score.counts import KEPT, SKIPPED, batch_key
 
-    def mark(batch: pa.Table) -> pa.Table:
-        if SKIP_UNTIL not in batch.column_names:  # a join partition whose skip side was empty: nothing matched
+    def mark(batch: pa.Table, blocks: list | None = None) -> pa.Table:
+        if blocks is not None:  # the broadcast set: look each input up
+            lookup = _broadcast_lookup(blocks, _latest_until)
+            batch = batch.append_column(SKIP_UNTIL, pa.array([lookup.get(u) for u in batch.column("uri").to_pylist()],
+                                                             pa.float64()))
+        elif SKIP_UNTIL not in batch.column_names:  # a join partition whose skip side was empty: nothing matched
             batch = batch.append_column(SKIP_UNTIL, pa.nulls(batch.num_rows, pa.float64()))
         until = batch.column(SKIP_UNTIL)
         skip = pc.fill_null(pc.equal(until, float("inf")), False)
@@ -124,23 +178,52 @@ def split_skipped(inputs: ray.data.Dataset, table: ray.data.Dataset, counts) -> 
                                          {KEPT: batch.num_rows - removed, SKIPPED: removed}))
         return batch.filter(pc.invert(skip)).drop_columns([SKIP_UNTIL])
 
-    joined = inputs.join(table, join_type="left_outer", num_partitions=JOIN_PARTITIONS, on=("uri",))
+    if table.blocks is not None:
+        return inputs.map_batches(mark, batch_format="pyarrow", batch_size=None, num_cpus=0.1,
+                                  fn_kwargs={"blocks": table.blocks})
+    joined = inputs.join(table.grouped, join_type="left_outer", num_partitions=JOIN_PARTITIONS, on=("uri",))
     return joined.map_batches(mark, batch_format="pyarrow", batch_size=None, num_cpus=0.1)
 
 
-def attach_member_skips(shards: ray.data.Dataset, scored: ray.data.Dataset) -> ray.data.Dataset:
+def attach_member_skips(shards: ray.data.Dataset, scored: ray.data.Dataset,
+                        broadcast_max_rows: int) -> ray.data.Dataset:
     """Tar inputs: ``shards`` (a ``uri`` column of shard URIs) with a ``skip`` column, per shard the member
     names whose URI ``<shard>#<member>`` is in ``scored`` (None when there is none), for the read task to
     leave out without decoding them.
 
-    The shards and the scored members are grouped by shard in one hash shuffle in Ray (the driver never
-    holds the scored set); each listed shard carries itself into its group, so every listed shard comes out
-    once, and shards that are not listed tonight come out not at all, even when ``scored`` is empty.
+    The scored members are read once by Ray into its object store (the driver never holds the scored set);
+    at most ``broadcast_max_rows`` of them are broadcast to the tasks that attach them to the listed shards,
+    more are grouped with the shards by shard in one hash shuffle, where each listed shard carries itself into
+    its group. Either way every listed shard comes out once, and shards that are not listed tonight come out
+    not at all, even when ``scored`` is empty.
     """
+    members = scored.map_batches(_shard_and_member, batch_format="pyarrow", batch_size=None).materialize()
+    if members.count() <= max(broadcast_max_rows, 0):  # an empty set has nothing to shuffle
+        return shards.map_batches(_attach_broadcast, batch_format="pyarrow", batch_size=None,
+                                  fn_kwargs={"blocks": members.to_arrow_refs()})
     listed = shards.map_batches(_listed_shard, batch_format="pyarrow", batch_size=None)
-    members = scored.map_batches(_shard_and_member, batch_format="pyarrow", batch_size=None)
     return listed.union(members).groupby("uri", num_partitions=JOIN_PARTITIONS).map_groups(
         _member_list, batch_format="pyarrow")
+
+
+_SKIPS = pa.schema([pa.field("uri", pa.string()), pa.field("skip", pa.list_(pa.string()))])
+
+
+def _members_by_shard(tables: list[pa.Table]) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for table in tables:
+        if table.num_rows == 0:  # an empty block may come without the columns
+            continue
+        for shard, member in zip(table.column("uri").to_pylist(), table.column("member").to_pylist()):
+            found.setdefault(shard, set()).add(member)
+    return found
+
+
+def _attach_broadcast(batch: pa.Table, blocks: list) -> pa.Table:
+    lookup = _broadcast_lookup(blocks, _members_by_shard)
+    uris = batch.column("uri").cast(pa.string()).to_pylist()
+    return pa.table([pa.array(uris, pa.string()), pa.array([sorted(lookup[u]) if u in lookup else None for u in uris],
+                                                          pa.list_(pa.string()))], schema=_SKIPS)
 
 
 _MEMBERS = pa.schema([pa.field("uri", pa.string()), pa.field("member", pa.string()), pa.field("listed", pa.bool_())])
@@ -167,12 +250,11 @@ def _shard_and_member(batch: pa.Table) -> pa.Table:
 
 def _member_list(group: pa.Table) -> pa.Table:
     """One shard's group -> one row (``uri``, ``skip``) when the shard is listed, else none."""
-    schema = pa.schema([pa.field("uri", pa.string()), pa.field("skip", pa.list_(pa.string()))])
     if not any(group.column("listed").to_pylist()):
-        return schema.empty_table()
+        return _SKIPS.empty_table()
     members = sorted({m for m in group.column("member").to_pylist() if m is not None})
     return pa.table([pa.array([group.column("uri")[0].as_py()], pa.string()),
-                     pa.array([members or None], pa.list_(pa.string()))], schema=schema)
+                     pa.array([members or None], pa.list_(pa.string()))], schema=_SKIPS)
 
 
 def bank_path(root: str, model_id: str, class_set_hash: str, run_id: str) -> str:

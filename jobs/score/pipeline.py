@@ -218,10 +218,10 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
         skip = skip_sets(cfg, target, setup, run_date, since)
         skipping = False
         if skip is not None and cfg.input.kind == "tar":  # members are skipped in the read task, unread
-            ds = attach_member_skips(ds, skip)
+            ds = attach_member_skips(ds, skip, cfg.runtime.skip_broadcast_max_rows)
         else:
             table = skip_table(skip, [(target.night_uris([m.run_date]), m.at.timestamp())
-                                      for m in since.overlap_marks])
+                                      for m in since.overlap_marks], cfg.runtime.skip_broadcast_max_rows)
             if table is not None:  # one join marks what to skip; both sides are counted
                 ds, skipping = split_skipped(ds, table, counts), True
         target.sweep(dt.timedelta(hours=cfg.output.staging_max_age_h), run_id)
