@@ -17,7 +17,6 @@ import time
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from clipn_core.errors import redact_uri
 from clipn_core.storage import is_remote
@@ -25,6 +24,7 @@ from jobs import failpoints
 from jobs.train.data import decode_pairs_batch, pairs_dataset, resolve_source
 from jobs.train.loop import train_loop_per_worker
 from jobs.train.stages import STAGES
+from jobs.train.trainer import Trainer
 from schemas.train_config import TrainJobConfig
 
 log = logging.getLogger("clipn.train")
@@ -78,7 +78,7 @@ def run(cfg: TrainJobConfig) -> dict:
     log.info("training stage %s of %s (%d trainable parameters) on %s with %d worker(s), global batch %d, %d steps",
              cfg.stage, cfg.model.architecture, n_trainable, redact_uri(cfg.data.uri), cfg.run.num_workers,
              cfg.loop.batch_size * cfg.run.num_workers, cfg.loop.steps)
-    trainer = TorchTrainer(
+    trainer = Trainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json")},
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
