@@ -192,10 +192,10 @@ def local_head(tmp_path):
         yield address, env
     finally:
         if proc.poll() is None:
-            proc.terminate()  # `ray start --block` stops the processes it started on SIGTERM
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+            try:  # SIGTERM to the session: each Ray process exits on its own instead of one after another
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=5)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the head's session
