@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast demo lint bench bench-scale bench-quality bench-negatives bench-iceberg bench-decode-memory clean
+.PHONY: install test test-fast demo lint bench bench-scale bench-quality bench-negatives bench-iceberg bench-decode-memory bench-skip clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ bench-quality: $(STAMP)
 
 bench-negatives: $(STAMP)
 	$(PY) benchmarks/bench_negatives.py
+
+bench-skip: $(STAMP)
+	$(PY) benchmarks/bench_skip.py
 
 bench-decode-memory: $(STAMP)
 	$(PY) benchmarks/bench_decode_memory.py
