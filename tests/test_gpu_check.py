@@ -1,0 +1,28 @@
+"""benchmarks/gpu_check.sh --dry-run: the GPU check's whole code path on the CPU, where Ray cannot be imported (the
+device machine has none), so the script cannot rot between the rare runs on a GPU."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow  # a subprocess job: spawns decode processes and runs pytest again
+def test_gpu_check_dry_run_runs_without_ray(tmp_path):
+    stub = tmp_path / "no_ray" / "ray"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text('raise ImportError("no Ray on the GPU machine (tests/test_gpu_check.py)")\n')
+    env = {**os.environ, "PYTHON": sys.executable,
+           "PYTHONPATH": os.pathsep.join([str(stub.parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for row in ("bare image-tower forward", "ScorerActor, cpu decode", "ScorerActor, device decode",
+                "no-tower training step"):
+        assert f"| {row}" in out.stdout, out.stdout
+    assert "gpu-marked tests: tests/test_images.py" in out.stdout
+    assert " skipped" in out.stdout or " passed" in out.stdout
