@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import unicodedata
+import uuid
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -206,13 +208,14 @@ def heads_cache_key(model_id: str, class_names, templates, prompt_names=None, ba
 
 def save_heads(heads: ClassHeads, path: str | Path, key: str) -> None:
     """Write ``heads`` to a local safetensors file: ``yes`` and ``no`` [C, D] float32, the class names,
-    templates and ``key`` (:func:`heads_cache_key`) in its metadata; through a temporary file renamed into
-    place, so a reader never sees half a file."""
+    templates and ``key`` (:func:`heads_cache_key`) in its metadata; through a temporary file of its own
+    renamed into place, so a reader never sees half a file."""
     import safetensors.torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
+    # a name of its own: two jobs starting together may write the same entry
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
     safetensors.torch.save_file({"yes": heads.yes.contiguous(), "no": heads.no.contiguous()}, str(tmp),
                                 metadata={"key": key, "class_names": json.dumps(list(heads.class_names)),
                                           "templates": json.dumps(list(heads.templates))})
