@@ -15,7 +15,7 @@ Images are generated on the spot (photo-like 640 x 480 JPEGs, each worker builds
 so nothing is read from disk or network. Weights are random (the cost of a forward does not depend on them).
 Heads: the 1,000 ImageNet classes with the 7 simple templates; 10,000 stand-in negative labels (random unit
 vectors: the score step costs what mined ones cost). Prints a Markdown table: images/s, the scorer's share of
-wall time spent waiting for its next input batch, and the GPU's mean utilisation (``nvidia-smi``) per row.
+wall time spent waiting for its next input batch, and the GPU's mean utilisation (NVML's) per row.
 
 ``--dry-run``: the same code path on the CPU with clipn-tiny and a few images (seconds), so it cannot rot.
 
@@ -102,30 +102,42 @@ def input_batch(start: int, size: int, decode: str) -> dict[str, np.ndarray]:
 
 
 class GpuSampler:
-    """``nvidia-smi`` utilisation samples (every 100 ms) in a thread; :meth:`mean` over a time window."""
+    """GPU utilisation (NVML's: the share of the last sample period with a kernel running) sampled every 200 ms in a
+    thread, through ``torch.cuda.utilization`` (needs pynvml) or else one ``nvidia-smi`` query per sample, each
+    stamped when taken; :meth:`mean` over a time window. Nothing on the CPU."""
 
-    def __init__(self):
+    def __init__(self, period_s: float = 0.2):
         self.samples: list[tuple[float, float]] = []
-        self.proc = None
-        if shutil.which("nvidia-smi") and torch.cuda.is_available():
-            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                          "-lms", "100", "-i", "0"], stdout=subprocess.PIPE, text=True)
-            threading.Thread(target=self._read, daemon=True).start()
+        self.stop = threading.Event()
+        self.read = self._pick() if torch.cuda.is_available() else None
+        if self.read is not None:
+            threading.Thread(target=self._loop, args=(period_s,), daemon=True).start()
 
-    def _read(self) -> None:
-        for line in self.proc.stdout:
+    @staticmethod
+    def _pick():
+        try:
+            torch.cuda.utilization(0)
+            return lambda: float(torch.cuda.utilization(0))
+        except Exception:  # noqa: BLE001 - no pynvml: ask nvidia-smi
+            if not shutil.which("nvidia-smi"):
+                return None
+            cmd = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"]
+            return lambda: float(subprocess.run(cmd, capture_output=True, text=True, timeout=5).stdout.strip())
+
+    def _loop(self, period_s: float) -> None:
+        while not self.stop.wait(period_s):
+            t = time.perf_counter()
             try:
-                self.samples.append((time.perf_counter(), float(line.strip())))
-            except ValueError:
+                self.samples.append((t, self.read()))
+            except Exception:  # noqa: BLE001 - a failed sample is a missing sample
                 continue
 
     def mean(self, t0: float, t1: float) -> str:
         values = [u for t, u in self.samples if t0 <= t <= t1]
-        return f"{np.mean(values):.0f}%" if values else "n/a"
+        return f"{np.mean(values):.0f}% ({len(values)} samples)" if values else "n/a"
 
     def close(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
+        self.stop.set()
 
 
 def _sync(device: torch.device) -> None:
