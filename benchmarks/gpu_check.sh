@@ -52,7 +52,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1
 
-"$PY" benchmarks/gpu_check.py "${DRY[@]}"
+"$PY" benchmarks/gpu_check.py ${DRY[@]+"${DRY[@]}"}  # (an empty array under set -u: bash < 4.4)
 mapfile -t gpu_tests < <(grep -l "pytest.mark.gpu" tests/test_*.py)
 echo
 echo "gpu-marked tests: ${gpu_tests[*]}"
