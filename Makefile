@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast demo lint bench bench-scale bench-quality bench-negatives bench-iceberg bench-decode-memory bench-skip clean
+.PHONY: install test test-fast demo lint bench bench-scale bench-quality bench-negatives bench-iceberg bench-decode-memory bench-skip bench-heads gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,19 @@ bench-negatives: $(STAMP)
 bench-skip: $(STAMP)
 	$(PY) benchmarks/bench_skip.py
 
+bench-heads: $(STAMP)
+	$(PY) benchmarks/bench_heads.py
+
+# What benchmarks/gpu_check.sh installs on the device machine (Python 3.12, x86_64, no registry): this venv's
+# versions of the packages it lacks, as wheels, without torch & co. (there already). The folder travels with the run.
+GPU_WHEELS := dist/gpu_wheels
+gpu-wheels: $(STAMP)
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--dest $(GPU_WHEELS) $$(PYTHON=$(PY) benchmarks/gpu_check.sh --requirements)
+	du -sh $(GPU_WHEELS)
+
 bench-decode-memory: $(STAMP)
 	$(PY) benchmarks/bench_decode_memory.py
 
@@ -52,4 +65,4 @@ bench-iceberg: $(STAMP)
 	$(PY) benchmarks/bench_iceberg.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache demo_out bench_quality_out
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache demo_out bench_quality_out

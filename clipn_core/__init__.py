@@ -12,7 +12,7 @@ from typing import Any
 
 # public name -> submodule that defines it
 _EXPORTS = {
-    **dict.fromkeys(("CalibrationError", "CheckpointKeyError", "ClassListError", "ClipnError", "CommitConflictError",
+    **dict.fromkeys(("CacheError", "CalibrationError", "CheckpointKeyError", "ClassListError", "ClipnError", "CommitConflictError",
                      "InputError",
                      "ModelConfigError", "StorageError", "TemplateError", "WeightsError"), "errors"),
     **dict.fromkeys(("ClassHeads", "build_class_heads", "class_set_hash", "load_class_names", "load_templates",

@@ -87,6 +87,10 @@ class CalibrationError(ClipnError):
     logit scale, or a threshold it does not hold)."""
 
 
+class CacheError(ClipnError):
+    """A local cache entry that cannot be read or does not hold what its key says (the jobs rebuild it)."""
+
+
 class CommitConflictError(ClipnError):
     """A table commit that kept losing to concurrent writers after every retry."""
 

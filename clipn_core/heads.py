@@ -13,20 +13,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import unicodedata
+import uuid
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .errors import ClassListError, StorageError, TemplateError, redact_uri
+from .errors import CacheError, ClassListError, StorageError, TemplateError, redact_uri
 from .model import CLIPN, encode_texts
 from .named_sets import CLASS_SETS, TEMPLATE_SETS, template_set_names
 from .prompt_tokens import tokenize_prompts
 from .storage import read_text
 
 DEFAULT_TEMPLATES_NAME = "default"
+DEFAULT_HEADS_BATCH = 256
+# The path from prompts to heads, as part of every heads cache key: bump it whenever a change to
+# build_class_heads or encode_texts can change a single bit of the heads, so no cached heads outlive it.
+HEADS_ENCODING = "short-tokens/chunked-template-mean/1"
 
 
 @dataclass(frozen=True)
@@ -153,7 +160,7 @@ def build_class_heads(
     tokenizer,
     class_names,
     templates,
-    batch_size: int = 256,
+    batch_size: int = DEFAULT_HEADS_BATCH,
     device: str | torch.device | None = None,
     prompt_names=None,
 ) -> ClassHeads:
@@ -184,3 +191,64 @@ def build_class_heads(
             mean = encode_texts(model, tokens, tower, len(tokens), device).reshape(shape).mean(dim=1)
             parts.append(F.normalize(mean, dim=-1))
     return ClassHeads(names, templates, torch.cat(yes_parts), torch.cat(no_parts))
+
+
+def heads_cache_key(model_id: str, class_names, templates, prompt_names=None, batch_size: int = DEFAULT_HEADS_BATCH,
+                    device: str | torch.device = "cpu") -> str:
+    """The identity of the heads :func:`build_class_heads` gives, as a JSON string: the model id, the class
+    set (:func:`class_set_hash`: names and templates in order), the names the prompts say, the encoding path
+    (:data:`HEADS_ENCODING`), the batch size (it sets which texts share a forward, and so the trimmed length),
+    the device type and the torch version (kernels may round differently), so that heads cached under it are
+    the bits a fresh encode gives."""
+    said = None if prompt_names is None else hashlib.sha256("\n".join(prompt_names).encode()).hexdigest()[:16]
+    return json.dumps({"model": model_id, "class_set": class_set_hash(class_names, templates), "prompts": said,
+                       "encoding": HEADS_ENCODING, "batch_size": batch_size, "device": torch.device(device).type,
+                       "torch": torch.__version__}, sort_keys=True)
+
+
+def save_heads(heads: ClassHeads, path: str | Path, key: str) -> None:
+    """Write ``heads`` to a local safetensors file: ``yes`` and ``no`` [C, D] float32, the class names,
+    templates and ``key`` (:func:`heads_cache_key`) in its metadata; through a temporary file of its own
+    renamed into place, so a reader never sees half a file."""
+    import safetensors.torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a name of its own: two jobs starting together may write the same entry
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
+    safetensors.torch.save_file({"yes": heads.yes.contiguous(), "no": heads.no.contiguous()}, str(tmp),
+                                metadata={"key": key, "class_names": json.dumps(list(heads.class_names)),
+                                          "templates": json.dumps(list(heads.templates))})
+    tmp.replace(path)
+
+
+def load_heads(path: str | Path, key: str, class_names, templates, dim: int) -> ClassHeads:
+    """Heads written by :func:`save_heads` under ``key`` for exactly ``class_names`` and ``templates``, [C, D=dim].
+
+    Raises :class:`CacheError` naming the file and what is wrong when it cannot be read, was written under
+    another key, holds other classes or templates, or holds tensors of another shape or dtype or non-finite
+    values: such an entry is never returned.
+    """
+    import safetensors
+
+    names, templates = tuple(class_names), tuple(templates)
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        stored = (meta.get("key"), tuple(json.loads(meta.get("class_names", "[]"))),
+                  tuple(json.loads(meta.get("templates", "[]"))))
+    except Exception as e:  # noqa: BLE001 - truncated, foreign or unparseable file: one line naming it
+        raise CacheError(f"heads cache {path} cannot be read: {type(e).__name__}: {e}") from e
+    if stored[0] != key:
+        raise CacheError(f"heads cache {path} was written under another key: {stored[0]} (expected {key})")
+    if stored[1:] != (names, templates):
+        raise CacheError(f"heads cache {path} holds other class names or templates than its key says")
+    if set(tensors) != {"yes", "no"}:
+        raise CacheError(f"heads cache {path} holds tensors {sorted(tensors)}, expected ['no', 'yes']")
+    for tower, t in tensors.items():
+        if t.dtype != torch.float32 or tuple(t.shape) != (len(names), dim) or not bool(torch.isfinite(t).all()):
+            raise CacheError(f"heads cache {path}: {tower} is {t.dtype} {tuple(t.shape)}, expected finite float32 "
+                             f"{(len(names), dim)}")
+    return ClassHeads(names, templates, tensors["yes"], tensors["no"])
+

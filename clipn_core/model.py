@@ -218,10 +218,13 @@ def encode_texts(model: CLIPN, tokens: torch.Tensor, tower: str, batch_size: int
                  for start in range(0, len(tokens), batch_size)]
     finally:
         model.train(was_training)
-    if parts:
-        return torch.cat(parts)
+    return torch.cat(parts) if parts else torch.zeros((0, text_embed_dim(model)))
+
+
+def text_embed_dim(model: CLIPN) -> int:
+    """D, the width of the text features (and of the class heads)."""
     proj = model.clip.text_projection  # a Parameter [width, dim] or, in some open_clip text towers, an nn.Linear
-    return torch.zeros((0, proj.out_features if isinstance(proj, nn.Linear) else proj.shape[-1]))
+    return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[-1])
 
 
 def get_tokenizer(model: CLIPN):

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import clipn_core as cc
 from clipn_core.errors import redact_uri
-from clipn_core.heads import class_set_prompts
+from clipn_core.heads import class_set_prompts, heads_cache_key, load_heads, save_heads
 from clipn_core.lake_bank import LakeBank, bank_from_bytes
+from clipn_core.model import text_embed_dim
 from clipn_core.negatives import (
     NegativeLabels,
     lexicon_hash,
@@ -75,6 +76,34 @@ def load_model(model_cfg: ModelConfig, storage: Storage, cache_dir: str | None) 
     return model, f"untrained:{ident['architecture']}:{weights}:{spec.structure_digest()[:12]}"
 
 
+def cache_path(cache_dir: str | None, kind: str, key: str) -> Path:
+    """The local cache file of a ``kind`` (``heads``, ``negatives``) entry under ``key`` (a JSON string)."""
+    return Path(cache_dir or DEFAULT_CACHE_DIR) / kind / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+
+
+def class_heads(model: cc.CLIPN, model_id: str, classes: tuple[str, ...], templates: tuple[str, ...],
+                prompt_names: tuple[str, ...] | None, cache_dir: str | None) -> cc.ClassHeads:
+    """The class heads of this model, class set and templates, from the local cache when it holds them (key:
+    :func:`~clipn_core.heads.heads_cache_key`), else encoded here and cached in ``<cache_dir>/heads/``. An
+    entry the cache refuses (stale, truncated, another shape: :class:`~clipn_core.CacheError`) is encoded
+    again and replaced, with a warning naming it."""
+    key = heads_cache_key(model_id, classes, templates, prompt_names, device=next(model.parameters()).device)
+    path = cache_path(cache_dir, "heads", key)
+    if path.exists():
+        try:
+            heads = load_heads(path, key, classes, templates, text_embed_dim(model))
+            log.info("class heads for %d classes x %d templates loaded from %s", len(classes), len(templates), path)
+            return heads
+        except cc.CacheError as e:
+            log.warning("%s; encoding the heads again", e)
+    t0 = time.perf_counter()
+    heads = cc.build_class_heads(model, cc.get_tokenizer(model), classes, templates, prompt_names=prompt_names)
+    save_heads(heads, path, key)
+    log.info("encoded class heads for %d classes x %d templates in %.1f s, cached in %s", len(classes),
+             len(templates), time.perf_counter() - t0, path)
+    return heads
+
+
 def negative_labels(model: cc.CLIPN, model_id: str, heads: cc.ClassHeads, cfg: NegativesConfig, storage: Storage,
                     cache_dir: str | None) -> NegativeLabels:
     """The mined negative labels for this model and class set, from the local cache when it holds them (key:
@@ -82,7 +111,7 @@ def negative_labels(model: cc.CLIPN, model_id: str, heads: cc.ClassHeads, cfg: N
     lexicon = load_lexicon(cfg.lexicon, storage.options)
     key = json.dumps({"model": model_id, "class_set": heads.class_set_hash, "lexicon": lexicon_hash(lexicon),
                       "count": cfg.count, "bound": cfg.synonym_bound, "template": cfg.template}, sort_keys=True)
-    path = Path(cache_dir or DEFAULT_CACHE_DIR) / "negatives" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+    path = cache_path(cache_dir, "negatives", key)
     if path.exists():
         return load_negatives(path)
     t0 = time.perf_counter()
@@ -100,8 +129,7 @@ def prepare(model_cfg: ModelConfig, classes_cfg: ClassesConfig, templates: str |
     classes = cc.load_class_names(classes_cfg.names, classes_cfg.file, storage.options, classes_cfg.set)
     template_set = cc.load_templates(templates, storage.options)
     model, model_id = load_model(model_cfg, storage, options.cache_dir)
-    heads = cc.build_class_heads(model, cc.get_tokenizer(model), classes, template_set,
-                                 prompt_names=class_set_prompts(classes_cfg.set))
+    heads = class_heads(model, model_id, classes, template_set, class_set_prompts(classes_cfg.set), options.cache_dir)
     mined = (negative_labels(model, model_id, heads, negatives, storage, options.cache_dir)
              if negatives is not None and negatives.enabled else None)
     bank = load_bank(negatives.bank, storage) if negatives is not None and negatives.bank else None

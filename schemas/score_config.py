@@ -196,7 +196,8 @@ class ScoringOptions(StrictModel):
         "model", description="logit scale s of the scores: model (the base CLIP's learned logit_scale.exp(): 100 for "
         "OpenAI's CLIP) or a number")
     mcm_temperature: float = Field(1.0, gt=0, description="MCM softmax temperature")
-    cache_dir: str | None = Field(None, description="local cache of downloaded weights")
+    cache_dir: str | None = Field(None, description="local cache of downloaded weights, class heads and mined "
+                                  "negative labels (default: $CLIPN_CACHE_DIR or ~/.cache/clipn_lake)")
 
 
 class RuntimeConfig(ScoringOptions):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 
 import pytest
@@ -12,6 +15,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# A fresh local cache (weights, class heads, negatives) per session: an entry a past run left under a key
+# that no longer says everything would otherwise let a test pass on stale heads.
+_CACHE = tempfile.mkdtemp(prefix="clipn-test-cache-")
+os.environ["CLIPN_CACHE_DIR"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 TINY = "clipn-tiny"
 
