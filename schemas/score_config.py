@@ -213,7 +213,7 @@ class RuntimeConfig(ScoringOptions):
     actor_concurrency: int | None = Field(
         None, ge=1, description="batches a scorer actor works on at once, each on its own CUDA stream: while one runs "
         "on the device the next is copied in and the last one's rows are built (Ray Data's "
-        "max_concurrent_calls_per_actor); none: 3 with a GPU, 1 without")
+        "max_concurrent_calls_per_actor); none: 3 with a GPU (1 with compile), 1 without")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per scorer actor (0 on CPU machines)")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per scorer actor")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads of a scorer on CPU (default: Ray's, "
@@ -230,10 +230,11 @@ class RuntimeConfig(ScoringOptions):
 
     def scorer_concurrency(self) -> int:
         """Batches a scorer actor works on at once: ``actor_concurrency``, by default 3 with a GPU (copy in,
-        forward, rows out) and 1 without (the calls would share the same cores)."""
+        forward, rows out) and 1 without (the calls would share the same cores) or with ``compile`` (calls that
+        compile at once in threads have not been tried)."""
         if self.actor_concurrency is not None:
             return self.actor_concurrency
-        return 3 if self.gpus_per_actor > 0 else 1
+        return 3 if self.gpus_per_actor > 0 and not self.compile else 1
 
 
 class ScoreJobConfig(StrictModel):

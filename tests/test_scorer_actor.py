@@ -185,3 +185,16 @@ def test_one_resize_per_group_equals_one_image_at_a_time():
     assert planned.rows == [0, 1, 2] and planned.on_device == 3 and not planned.errors
     for k, d in enumerate(datas):
         assert torch.equal(planned.pixels[k], decoder([d]).pixels[0])
+
+
+def test_actor_concurrency_defaults_and_pool_bounds():
+    from pydantic import ValidationError
+
+    from schemas.score_config import RuntimeConfig
+
+    assert RuntimeConfig().scorer_concurrency() == 1  # no GPU: calls would share the same cores
+    assert RuntimeConfig(gpus_per_actor=1).scorer_concurrency() == 3
+    assert RuntimeConfig(gpus_per_actor=1, compile=True).scorer_concurrency() == 1
+    assert RuntimeConfig(actor_concurrency=2).scorer_concurrency() == 2
+    with pytest.raises(ValidationError, match="pool_max_size"):
+        RuntimeConfig(pool_size=4, pool_max_size=2)
