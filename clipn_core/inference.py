@@ -43,7 +43,8 @@ class BatchScores:
 
 class BatchScorer:
     """Scores batches of images against fixed class heads: normalised float [N, 3, H, W]
-    (:meth:`__call__`) or the model's uint8 pixels [N, 3, H, W] (:meth:`score_pixels`).
+    (:meth:`__call__`) or the model's uint8 pixels [N, 3, H, W] (:meth:`score_pixels`, or
+    :meth:`device_scores` for every result packed into one buffer, copied to the host once).
 
     ``negatives``: negative-label text embeddings [M, D] (:mod:`clipn_core.negatives`) for the
     scores that use them, split into ``negative_groups`` groups; ``bank``: (ID, OOD) image

@@ -1,10 +1,12 @@
 """Score: a callable class run on a Ray actor pool; loads the model once per actor.
 
 Input batches are the rows of :mod:`jobs.score.decode`: uint8 ``pixels`` (decoded in
-CPU tasks) or encoded ``data`` (decoded here by :class:`~clipn_core.device_decode.DeviceDecoder`,
-nvJPEG on CUDA). Output batches are Arrow tables with exactly
-:data:`schemas.output.OUTPUT_SCHEMA`. Rows whose status is not ``ok`` pass through with
-null scores, so every input keeps its one row.
+CPU tasks) or ``data`` + ``header`` (plain JPEGs decoded here in batches by
+:class:`~clipn_core.device_decode.DeviceDecoder`, nvJPEG on CUDA, and pixels the read task
+decoded). Output batches are Arrow tables with exactly :data:`schemas.output.OUTPUT_SCHEMA`,
+built column by column from numpy arrays. Rows whose status is not ``ok`` pass through with
+null scores, so every input keeps its one row. Several calls may run at once on one actor
+(``runtime.actor_concurrency``): each keeps its own CUDA stream, and shares nothing it writes.
 """
 
 from __future__ import annotations
