@@ -79,6 +79,9 @@ class DeviceDecoder:
         self.max_pixels = max_pixels
         self.side = pre.size[0]
         self.mode = "bicubic" if pre.interpolation == "bicubic" else "bilinear"
+        # images per resize call: a GPU takes a whole group of equal sizes at once; on a CPU the float copy of a
+        # large group outgrows the caches (256 images of 320 x 240: 2.2 ms per image against 0.9 in groups of 8)
+        self.resize_group = 8 if self.device.type == "cpu" else 1 << 30
 
     def resize_crop(self, images: list[torch.Tensor]) -> torch.Tensor:
         """G images uint8 [3, h, w] of one size -> uint8 [G, 3, side, side]: shortest side to ``side``
@@ -129,7 +132,8 @@ class DeviceDecoder:
 
     def decode_planned(self, datas: list[bytes], headers: np.ndarray) -> DeviceBatch:
         """Decode JPEGs that :class:`~clipn_core.device_plan.DevicePlan` passed (``headers`` int [N, 3]: width,
-        height, EXIF orientation) on the device; images of one decoded size are resized in one call. One the
+        height, EXIF orientation) on the device; images of one decoded size are resized in one call (in chunks of
+        ``resize_group`` on a CPU). One the
         decoder refuses after all takes the CPU path, so it keeps the CPU decoder's status."""
         n = len(datas)
         decoded = self._decode_jpegs(datas, np.asarray(headers).reshape(n, 3)) if n else []
@@ -140,8 +144,10 @@ class DeviceDecoder:
                 fallback.append(i)
             else:
                 groups[tuple(x.shape[-2:])].append(i)
-        parts = [self.resize_crop([decoded[i] for i in rows]) for rows in groups.values()]
-        order = [i for rows in groups.values() for i in rows]
+        step = self.resize_group
+        chunks = [rows[k:k + step] for rows in groups.values() for k in range(0, len(rows), step)]
+        parts = [self.resize_crop([decoded[i] for i in rows]) for rows in chunks]
+        order = [i for rows in chunks for i in rows]
         errors: dict[int, DecodeError] = {}
         for i in fallback:
             out = self.pre.decode(datas[i], self.max_pixels)
