@@ -19,7 +19,11 @@ the stand-in for a GPU, where the CPU side must keep up) and for ViT-B-16:
 
 Also the driver's RSS growth (peak minus start) in the N and 2N runs: it must not grow with the images.
 
+Then a second table: the scorer actor's own CPU cost per image outside the device work
+(:mod:`benchmarks.bench_actor`, well under a minute; alone: ``--actor-only``; left out: ``--no-actor``).
+
 Usage: python benchmarks/bench_throughput.py [--n 1000] [--s3-n 400] [--vit-n 24] [--device cpu|cuda]
+       [--actor-only | --no-actor]
 """
 
 from __future__ import annotations
@@ -358,7 +362,12 @@ def main() -> None:
     ap.add_argument("--preprocess", choices=["fast", "exact"], default="fast")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    ap.add_argument("--actor-only", action="store_true", help="only the scorer actor's own cost (benchmarks/bench_actor.py)")
+    ap.add_argument("--no-actor", action="store_true", help="leave out the scorer actor's own cost")
     args = ap.parse_args()
+    if args.actor_only:
+        actor_section()
+        return
 
     import ray
 
@@ -408,6 +417,15 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2, default=str))
     shutil.rmtree(root, ignore_errors=True)
+    if not args.no_actor:
+        actor_section()
+
+
+def actor_section() -> None:
+    """The scorer actor's own CPU cost per image (benchmarks/bench_actor.py), printed as its own table."""
+    from benchmarks import bench_actor
+
+    bench_actor.print_table(bench_actor.run([64, 256, 1024], repeats=7))
 
 
 if __name__ == "__main__":

@@ -18,24 +18,17 @@ code runs with libjpeg, which is how the tests exercise it.
 
 from __future__ import annotations
 
-import io
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from .images import (
-    DEFAULT_MAX_PIXELS,
-    DecodeError,
-    SplitPreprocessor,
-    allow_pillow,
-    ends_early,
-    resized_limit,
-)
+from .device_plan import DevicePlan, shortest_side_size
+from .images import DEFAULT_MAX_PIXELS, DecodeError, SplitPreprocessor
 
-_EXIF_ORIENTATION = 0x0112
 _MAX_CHUNK_PIXELS = 256_000_000  # decoded pixels held on the device at once (~768 MB of uint8 RGB)
 
 
@@ -48,23 +41,6 @@ class DeviceBatch:
     rows: list[int]
     errors: dict[int, DecodeError]
     on_device: int  # how many of ``rows`` the device decoder handled (the rest: CPU fallback)
-
-
-def _plain_jpeg(data: bytes, max_pixels: int) -> tuple[int, int, int] | None:
-    """(width, height, EXIF orientation) when the device decoder can take ``data``, else None."""
-    if data[:3] != b"\xff\xd8\xff" or ends_early(data):
-        return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            allow_pillow(max_pixels)
-            img = Image.open(io.BytesIO(data))
-            if img.format != "JPEG" or img.mode not in ("RGB", "L") or img.width * img.height > max_pixels:
-                return None
-            orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
-    except Exception:  # noqa: BLE001 - anything odd goes to the CPU decoder, which types the error
-        return None
-    return img.width, img.height, orientation if 1 <= orientation <= 8 else 1
 
 
 def orient(x: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -97,40 +73,30 @@ class DeviceDecoder:
 
     def __init__(self, pre: SplitPreprocessor, device: str | torch.device, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.pre = pre
-        self.decodes_on_device = pre.fast and pre.interpolation in ("bicubic", "bilinear")
+        self.plan = DevicePlan(pre, max_pixels)
+        self.decodes_on_device = self.plan.decodes_on_device
         self.device = torch.device(device)
         self.max_pixels = max_pixels
         self.side = pre.size[0]
         self.mode = "bicubic" if pre.interpolation == "bicubic" else "bilinear"
+        # images per resize call: a GPU takes a whole group of equal sizes at once; on a CPU the float copy of a
+        # large group outgrows the caches (256 images of 320 x 240: 2.2 ms per image against 0.9 in groups of 8)
+        self.resize_group = 8 if self.device.type == "cpu" else 1 << 30
 
-    def _device_sized(self, header: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
-        """``header`` when the device resize of that image stays within :func:`~clipn_core.images.resized_limit`
-        (its shortest-side resize grows with the aspect ratio: 8,000 x 1 would be 224 x 1.8 million floats), else
-        None: the CPU path resamples only the crop box."""
-        if header is None:
-            return None
-        w, h, _ = header
-        new_w, new_h = self._resized(w, h)
-        return header if new_w * new_h <= resized_limit(w, h, (self.side, self.side)) else None
-
-    def _resized(self, w: int, h: int) -> tuple[int, int]:
-        """(width, height) of a ``w`` x ``h`` image with its shortest side resized to ``side`` (torchvision's)."""
+    def resize_crop(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """G images uint8 [3, h, w] of one size -> uint8 [G, 3, side, side]: shortest side to ``side``
+        (antialiased), centre crop; one resize call for the group."""
+        h, w = images[0].shape[-2:]
         side = self.side
-        return (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
-
-    def _resize_crop(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 [3, h, w] -> uint8 [3, side, side]: shortest side to ``side`` (antialiased), centre crop."""
-        _, h, w = x.shape
-        side = self.side
-        new_w, new_h = self._resized(w, h)
-        y = x[None].float()
+        new_w, new_h = shortest_side_size(w, h, side)
+        y = torch.stack(images).float()
         if (new_h, new_w) != (h, w):
             y = F.interpolate(y, size=(new_h, new_w), mode=self.mode, antialias=True, align_corners=False)
         top, left = int(round((new_h - side) / 2.0)), int(round((new_w - side) / 2.0))
-        return y[0, :, top:top + side, left:left + side].round_().clamp_(0, 255).to(torch.uint8)
+        return y[:, :, top:top + side, left:left + side].round_().clamp_(0, 255).to(torch.uint8)
 
-    def _decode_jpegs(self, datas: list[bytes], headers: list[tuple[int, int, int]]) -> list[torch.Tensor | None]:
-        """Device decode in chunks of bounded decoded size; None for an image the decoder refuses."""
+    def _decode_jpegs(self, datas: list[bytes], headers: np.ndarray) -> list[torch.Tensor | None]:
+        """Device decode in chunks of bounded decoded size, oriented; None for an image the decoder refuses."""
         from torchvision.io import ImageReadMode
         from torchvision.io import decode_jpeg as tv_decode_jpeg
 
@@ -140,12 +106,13 @@ class DeviceDecoder:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 return tv_decode_jpeg(data, **kw)
 
+        sizes = (headers[:, 0].astype(np.int64) * headers[:, 1]).tolist()
         out: list[torch.Tensor | None] = []
         start = 0
         while start < len(datas):
             end, pixels = start, 0
-            while end < len(datas) and (end == start or pixels + headers[end][0] * headers[end][1] <= _MAX_CHUNK_PIXELS):
-                pixels += headers[end][0] * headers[end][1]
+            while end < len(datas) and (end == start or pixels + sizes[end] <= _MAX_CHUNK_PIXELS):
+                pixels += sizes[end]
                 end += 1
             encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas[start:end]]
             try:
@@ -157,26 +124,58 @@ class DeviceDecoder:
                         decoded.append(decode_jpeg(e, mode=ImageReadMode.RGB, device=self.device))
                     except Exception:  # noqa: BLE001 - the CPU decoder will type this image's error
                         decoded.append(None)
-            for (width, height, orientation), x in zip(headers[start:end], decoded):
+            for (width, height, orientation), x in zip(headers[start:end].tolist(), decoded):
                 ok = x is not None and tuple(x.shape[-2:]) == (height, width)
-                out.append(self._resize_crop(orient(x, orientation)) if ok else None)
+                out.append(orient(x, orientation) if ok else None)
             start = end
         return out
 
-    def __call__(self, datas: list[bytes]) -> DeviceBatch:
-        """Decode every item of ``datas``; failures come back as typed errors, never raised."""
-        # the device resize implements fast mode's geometry only; exact pixels come from the CPU path
-        headers = [self._device_sized(_plain_jpeg(d, self.max_pixels)) if self.decodes_on_device else None
-                   for d in datas]
-        device_rows = [i for i, h in enumerate(headers) if h is not None]
-        decoded: dict[int, torch.Tensor] = {}
-        if device_rows:
-            results = self._decode_jpegs([datas[i] for i in device_rows], [headers[i] for i in device_rows])
-            decoded = {i: x for i, x in zip(device_rows, results) if x is not None}
-        on_device = len(decoded)
+    def decode_planned(self, datas: list[bytes], headers: np.ndarray) -> DeviceBatch:
+        """Decode JPEGs that :class:`~clipn_core.device_plan.DevicePlan` passed (``headers`` int [N, 3]: width,
+        height, EXIF orientation) on the device; images of one decoded size are resized in one call (in chunks of
+        ``resize_group`` on a CPU). One the
+        decoder refuses after all takes the CPU path, so it keeps the CPU decoder's status."""
+        n = len(datas)
+        decoded = self._decode_jpegs(datas, np.asarray(headers).reshape(n, 3)) if n else []
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        fallback: list[int] = []
+        for i, x in enumerate(decoded):
+            if x is None:
+                fallback.append(i)
+            else:
+                groups[tuple(x.shape[-2:])].append(i)
+        step = self.resize_group
+        chunks = [rows[k:k + step] for rows in groups.values() for k in range(0, len(rows), step)]
+        parts = [self.resize_crop([decoded[i] for i in rows]) for rows in chunks]
+        order = [i for rows in chunks for i in rows]
         errors: dict[int, DecodeError] = {}
+        for i in fallback:
+            out = self.pre.decode(datas[i], self.max_pixels)
+            if isinstance(out, DecodeError):
+                errors[i] = out
+            else:
+                parts.append(torch.from_numpy(out)[None].to(self.device))
+                order.append(i)
+        if not parts:
+            return DeviceBatch(torch.zeros((0, 3, self.side, self.side), dtype=torch.uint8, device=self.device),
+                               [], errors, 0)
+        pixels = parts[0] if len(parts) == 1 else torch.cat(parts)
+        rows = sorted(order)
+        if order != rows:  # mixed sizes or a fallback: back to input order
+            pixels = pixels[torch.from_numpy(np.argsort(order, kind="stable")).to(self.device)]
+        return DeviceBatch(pixels, rows, errors, n - len(fallback))
+
+    def __call__(self, datas: list[bytes]) -> DeviceBatch:
+        """Decode every item of ``datas``; failures come back as typed errors, never raised. Plain JPEGs go to
+        :meth:`decode_planned`, everything else (module docstring) through the CPU decoder."""
+        headers = [self.plan.header(d) for d in datas]
+        device_rows = [i for i, h in enumerate(headers) if h is not None]
+        planned = self.decode_planned([datas[i] for i in device_rows],
+                                      np.array([headers[i] for i in device_rows], dtype=np.int64).reshape(-1, 3))
+        decoded = {device_rows[j]: planned.pixels[k] for k, j in enumerate(planned.rows)}
+        errors = {device_rows[j]: e for j, e in planned.errors.items()}
         for i, data in enumerate(datas):
-            if i in decoded:
+            if i in decoded or i in errors or headers[i] is not None:
                 continue
             out = self.pre.decode(data, self.max_pixels)
             if isinstance(out, DecodeError):
@@ -186,5 +185,4 @@ class DeviceDecoder:
         rows = sorted(decoded)
         pixels = (torch.stack([decoded[i] for i in rows]) if rows
                   else torch.zeros((0, 3, self.side, self.side), dtype=torch.uint8, device=self.device))
-        return DeviceBatch(pixels, rows, errors, on_device)
-
+        return DeviceBatch(pixels, rows, errors, planned.on_device)

@@ -206,9 +206,15 @@ class RuntimeConfig(ScoringOptions):
     decode_cpus: float = Field(0.5, gt=0, description="CPUs per read+decode task (differs from cpus_per_actor so Ray keeps decoding out of the scorer actors)")
     fetch_concurrency: int = Field(32, ge=1, description="object reads in flight per read task (one GET per object)")
     decode: Literal["cpu", "device"] = Field(
-        "cpu", description="cpu: decode and resize in CPU tasks, ship uint8 pixels; device: ship encoded bytes, the "
-        "scorer decodes JPEG batches on its device (nvJPEG on CUDA) and other formats on its CPU")
-    pool_size: int = Field(1, ge=1, description="number of scorer actors")
+        "cpu", description="cpu: decode and resize in CPU tasks, ship uint8 pixels; device: ship plain JPEGs encoded, "
+        "the scorer decodes them in batches on its device (nvJPEG on CUDA); the read tasks decode everything else")
+    pool_size: int = Field(1, ge=1, description="number of scorer actors (the least, with pool_max_size)")
+    pool_max_size: int | None = Field(None, ge=1, description="autoscale the scorer pool between pool_size and this "
+                                      "many actors (Ray Data's ActorPoolStrategy min_size/max_size); none: a fixed pool")
+    actor_concurrency: int | None = Field(
+        None, ge=1, description="batches a scorer actor works on at once, each on its own CUDA stream: while one runs "
+        "on the device the next is copied in and the last one's rows are built (Ray Data's "
+        "max_concurrent_calls_per_actor); none: 3 with a GPU (1 with compile), 1 without")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per scorer actor (0 on CPU machines)")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per scorer actor")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads of a scorer on CPU (default: Ray's, "
@@ -219,6 +225,21 @@ class RuntimeConfig(ScoringOptions):
         200_000, ge=0, description="skip_scored / since overlap: a skip set of at most this many URIs is broadcast to "
         "the tasks that mark the inputs (each worker holds it, ~100 bytes a URI); a larger one is hash-joined (a "
         "shuffle, seconds of start-up, any size)")
+
+    @model_validator(mode="after")
+    def _pool_bounds(self):
+        if self.pool_max_size is not None and self.pool_max_size < self.pool_size:
+            raise ValueError(f"runtime.pool_max_size ({self.pool_max_size}) must be at least runtime.pool_size "
+                             f"({self.pool_size})")
+        return self
+
+    def scorer_concurrency(self) -> int:
+        """Batches a scorer actor works on at once: ``actor_concurrency``, by default 3 with a GPU (copy in,
+        forward, rows out) and 1 without (the calls would share the same cores) or with ``compile`` (calls that
+        compile at once in threads have not been tried)."""
+        if self.actor_concurrency is not None:
+            return self.actor_concurrency
+        return 3 if self.gpus_per_actor > 0 and not self.compile else 1
 
 
 class ScoreJobConfig(StrictModel):

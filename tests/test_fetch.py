@@ -61,7 +61,7 @@ def test_read_decode_batch_keeps_one_row_per_input_in_order(objects, tiny):
     assert statuses == ["ok"] * len(content) + ["read_error", "not_an_image"] + ["ok"] * 3
     assert out["pixels"].shape == (len(uris), 3, 32, 32) and not out["pixels"][len(content)].any()
     assert out["byte_size"][len(content)] == -1 and out["error"][len(content)].startswith("FileNotFoundError")
-    # the fetch-only step (decode on the device) keeps the bytes instead
+    # the fetch-only step keeps the bytes instead
     raw = fetch_batch({"uri": np.array(uris, dtype=object)}, storage, concurrency=4)
     assert raw["uri"].tolist() == uris and raw["status"].tolist()[len(content)] == "read_error"
     assert [bytes(d) for d in raw["data"][: len(content)]] == list(content.values())

@@ -2,10 +2,13 @@
 
 Every input yields exactly one row: ``uri``, ``byte_size``, ``status`` (``ok`` or an
 error kind), ``error`` and either ``pixels`` (uint8 [3, H, W], zeros when status is not
-ok; ``runtime.decode: cpu``) or ``data`` (the encoded bytes, empty unless ok;
-``runtime.decode: device``, where the scorer decodes and this step does not run). A read
-failure stays the ``read_error`` row of the fetch step, a decode failure becomes the
-decoder's kind. Tar shards follow :func:`read_tar_batch`'s rules (a later member with a name
+ok; ``runtime.decode: cpu``) or, with ``runtime.decode: device``, ``data`` and ``header``:
+a JPEG the device decoder takes (:class:`~clipn_core.device_plan.DevicePlan`) travels
+encoded, with its ``header`` (int32 width, height, EXIF orientation); anything else is
+decoded here and ``data`` holds its uint8 pixels [3, H, W] as raw bytes (``header`` all
+zeros), so the scorer actor never runs a CPU decoder. ``data`` is empty when status is not
+ok. A read failure stays the ``read_error`` row of the fetch step, a decode failure becomes
+the decoder's kind. Tar shards follow :func:`read_tar_batch`'s rules (a later member with a name
 already seen, and members ``skip_scored`` leaves out, get no row and are counted instead).
 """
 
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
+from clipn_core.device_plan import DevicePlan
 from clipn_core.images import DecodeError, split_preprocessor
 from clipn_core.storage import Storage
 from clipn_core.uri_scope import UriScope, uri_text
@@ -45,6 +49,7 @@ class _Rows:
         self.ship_bytes = settings.decode == "device"
         self.pre = split_preprocessor(settings.preprocess_cfg, mode=settings.preprocess)
         self.max_pixels = settings.max_pixels
+        self.plan = DevicePlan(self.pre, settings.max_pixels)
         self.uri: list[str] = []
         self.size: list[int] = []
         self.status: list[str] = []
@@ -59,9 +64,12 @@ class _Rows:
         self.payload.append(payload)
 
     def decode(self, data: bytes) -> tuple[str, str, object]:
-        """(status, error, payload) of one fetched image: decoded here, or passed on encoded for the scorer."""
+        """(status, error, payload) of one fetched image: decoded here (pixels), or, when the scorer decodes and
+        the device decoder takes it, passed on encoded ((bytes, header))."""
         if self.ship_bytes:
-            return STATUS_OK, "", data
+            header = self.plan.header(data)
+            if header is not None:
+                return STATUS_OK, "", (data, header)
         out = self.pre.decode(data, self.max_pixels)
         if isinstance(out, DecodeError):
             return out.kind.value, out.message, None
@@ -78,7 +86,14 @@ class _Rows:
             "error": np.array(self.error, dtype=object),
         }
         if self.ship_bytes:
-            out["data"] = np.array([p if p is not None else b"" for p in self.payload], dtype=object)
+            data = np.empty(len(self.payload), dtype=object)
+            header = np.zeros((len(self.payload), 3), dtype=np.int32)
+            for i, p in enumerate(self.payload):
+                if isinstance(p, tuple):
+                    data[i], header[i] = p
+                else:  # pixels travel as raw bytes: a bytes column holds both kinds, no zeros are shipped
+                    data[i] = p.tobytes() if p is not None else b""
+            out["data"], out["header"] = data, header
         else:
             blank = np.zeros((3, *self.pre.size), dtype=np.uint8)
             out["pixels"] = (np.stack([p if p is not None else blank for p in self.payload])

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import ray
 
-from clipn_core.device_decode import DeviceDecoder
+from clipn_core.device_plan import DevicePlan
 from clipn_core.errors import InputError, redact_uri
 from clipn_core.images import split_preprocessor
 from clipn_core.lake_bank import bank_bytes
@@ -40,7 +40,7 @@ from jobs.score.incremental import (
     split_skipped,
 )
 from jobs.score.publish import PartFilenames, staged_stats
-from jobs.score.read import Inputs, fetch_batch, input_dataset
+from jobs.score.read import Inputs, input_dataset
 from jobs.score.scorer import ScorerActor
 from jobs.score.targets import OutputTarget, abandon_quietly, output_target, publish_or_abandon
 from jobs.scoring_setup import ScoringSetup, prepare
@@ -108,23 +108,21 @@ def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: ScoringSetup, s
     # a manifest's lines are data: each is checked against the input's store before it may be fetched
     scope = (UriScope.for_manifest(cfg.input.uri, cfg.input.allowed_uri_prefixes)
              if cfg.input.kind == "manifest" else None)
-    if rt.decode == "device" and not DeviceDecoder(split_preprocessor(setup.preprocess_cfg, mode=rt.preprocess),
-                                                   "cpu").decodes_on_device:
+    if rt.decode == "device" and not DevicePlan(split_preprocessor(setup.preprocess_cfg,
+                                                                   mode=rt.preprocess)).decodes_on_device:
         log.warning("runtime.decode: device decodes JPEGs on the device only with runtime.preprocess: fast and a "
                     "shortest-side square bicubic/bilinear geometry (this run: preprocess %s, %s): every image is "
-                    "decoded on the scorer actors' CPU", rt.preprocess,
+                    "decoded in the read tasks, as with decode: cpu", rt.preprocess,
                     {k: setup.preprocess_cfg.get(k) for k in ("size", "resize_mode", "interpolation")})
     if cfg.input.kind == "tar":
         ds = ds.map_batches(read_tar_batch, batch_size=1, num_cpus=rt.decode_cpus, **forward,
                             fn_kwargs={"storage": storage, "settings": settings, "extensions": cfg.input.extensions,
                                        "rows_per_batch": rt.decode_batch_size, "counts": counts})
-    elif rt.decode == "cpu":
+    else:  # with decode: device the tasks decode only what the device decoder does not take
         ds = ds.map_batches(read_decode_batch, batch_size=rt.decode_batch_size, num_cpus=rt.decode_cpus, **forward,
                             fn_kwargs={"storage": storage, "settings": settings, "concurrency": rt.fetch_concurrency,
                                        "scope": scope})
-    else:  # the scorer decodes: the tasks only read
-        ds = ds.map_batches(fetch_batch, batch_size=rt.decode_batch_size, num_cpus=rt.decode_cpus, **forward,
-                            fn_kwargs={"storage": storage, "concurrency": rt.fetch_concurrency, "scope": scope})
+    concurrency = rt.scorer_concurrency()
     return ds.map_batches(
         ScorerActor,
         fn_constructor_kwargs={
@@ -133,7 +131,10 @@ def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: ScoringSetup, s
             "logit_scale": setup.logit_scale, "scoring": setup.scorer_kwargs(),
         },
         batch_size=rt.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=rt.pool_size),
+        # Ray Data's own pipelining: calls run at once in the actor's threads (each on its own CUDA stream)
+        compute=ray.data.ActorPoolStrategy(min_size=rt.pool_size, max_size=rt.pool_max_size or rt.pool_size,
+                                           max_concurrent_calls_per_actor=concurrency,
+                                           enable_true_multi_threading=concurrency > 1),
         num_gpus=rt.gpus_per_actor,
         num_cpus=rt.cpus_per_actor,
         batch_format="numpy",

@@ -1,11 +1,10 @@
 """List and read: the scoring job's inputs as a Ray dataset of URIs, and the concurrent object fetch.
 
 Inputs: ``prefix`` (image objects under a URI, listed in Ray tasks), ``manifest`` (a
-Parquet/CSV file of URIs, read by Ray) or ``tar`` (WebDataset shards, one row per shard). :func:`fetch_batch`
-is the pipeline's I/O step, separate from decoding: it reads the bytes of a batch of
-URIs with a bounded pool of requests in flight, one request per object, in Ray tasks
-that reserve almost no CPU, so many batches are in flight while the decode tasks keep
-the CPUs busy.
+Parquet/CSV file of URIs, read by Ray) or ``tar`` (WebDataset shards, one row per shard). :func:`start_fetch`
+reads the bytes of a batch of URIs with a bounded pool of requests in flight, one request
+per object; the read+decode tasks (:mod:`jobs.score.decode`) decode each object as it
+arrives. :func:`fetch_batch` is the same read as a step of its own (bytes per row).
 """
 
 from __future__ import annotations
