@@ -77,7 +77,8 @@ def _init_worker(preprocess_cfg: dict, preprocess: str, max_pixels: int, distinc
 
 def input_batch(start: int, size: int, decode: str) -> dict[str, np.ndarray]:
     """The scorer's input batch of images ``start`` .. ``start + size`` (cycling through the worker's JPEGs), as a
-    decode task builds it: decoded to uint8 pixels (``decode="cpu"``) or passed on encoded (``device``)."""
+    decode task builds it: decoded to uint8 pixels (``decode="cpu"``), or passed on encoded with its header when the
+    device decoder takes it (``device``)."""
     from clipn_core.images import DecodeError
     from schemas.status import STATUS_OK
 
@@ -86,8 +87,22 @@ def input_batch(start: int, size: int, decode: str) -> dict[str, np.ndarray]:
     status, error = np.full(size, STATUS_OK, dtype=object), np.full(size, "", dtype=object)
     batch = {"uri": np.array([f"gen://{start + i}.jpg" for i in range(size)], dtype=object),
              "byte_size": np.array([len(d) for d in datas], dtype=np.int64)}
-    if decode == "device":
-        batch["data"] = np.array(datas, dtype=object)
+    if decode == "device":  # as jobs/score/decode.py ships them: a JPEG the device takes with its header, else pixels
+        from clipn_core.device_plan import DevicePlan
+
+        plan = DevicePlan(pre, _worker["max_pixels"])
+        data, header = np.empty(size, dtype=object), np.zeros((size, 3), dtype=np.int32)
+        for i, d in enumerate(datas):
+            head = plan.header(d)
+            if head is not None:
+                data[i], header[i] = d, head
+                continue
+            out = pre.decode(d, _worker["max_pixels"])
+            if isinstance(out, DecodeError):
+                status[i], error[i], data[i] = out.kind.value, out.message, b""
+            else:
+                data[i] = out.tobytes()
+        batch["data"], batch["header"] = data, header
     else:
         pixels = np.zeros((size, 3, *pre.size), dtype=np.uint8)
         for i, d in enumerate(datas):
