@@ -9,7 +9,8 @@
 #   benchmarks/gpu_check.sh --requirements   the pinned packages `make gpu-wheels` downloads (versions of this venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+# the project's venv when there is one (here), else the machine's python3 (the device machine)
+if [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=${PYTHON:-python3}; fi
 WHEELS=${GPU_WHEELS:-dist/gpu_wheels}
 # Installed from the wheels in every case: what the device machine lacks, and the small packages pydantic needs at
 # versions it accepts (shadowing older ones there). Then those installed only where the machine lacks them

@@ -30,6 +30,8 @@ from .device_plan import DevicePlan, shortest_side_size
 from .images import DEFAULT_MAX_PIXELS, DecodeError, SplitPreprocessor
 
 _MAX_CHUNK_PIXELS = 256_000_000  # decoded pixels held on the device at once (~768 MB of uint8 RGB)
+# pixels of one resize call: its float32 copy (x 4 bytes x 3 channels) stays ~768 MB however many photos share a size
+_MAX_RESIZE_PIXELS = 64_000_000
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,10 @@ class DeviceDecoder:
         top, left = int(round((new_h - side) / 2.0)), int(round((new_w - side) / 2.0))
         return y[:, :, top:top + side, left:left + side].round_().clamp_(0, 255).to(torch.uint8)
 
-    def _decode_jpegs(self, datas: list[bytes], headers: np.ndarray) -> list[torch.Tensor | None]:
-        """Device decode in chunks of bounded decoded size, oriented; None for an image the decoder refuses."""
+    def _decoded_chunks(self, datas: list[bytes], headers: np.ndarray):
+        """Device decode in chunks of at most ``_MAX_CHUNK_PIXELS`` decoded pixels: yields (index of the chunk's
+        first image, its images oriented uint8 [3, h, w], None for one the decoder refuses). The caller resizes a
+        chunk before asking for the next, so the full-size images of one chunk at most are held at once."""
         from torchvision.io import ImageReadMode
         from torchvision.io import decode_jpeg as tv_decode_jpeg
 
@@ -107,7 +111,6 @@ class DeviceDecoder:
                 return tv_decode_jpeg(data, **kw)
 
         sizes = (headers[:, 0].astype(np.int64) * headers[:, 1]).tolist()
-        out: list[torch.Tensor | None] = []
         start = 0
         while start < len(datas):
             end, pixels = start, 0
@@ -124,30 +127,36 @@ class DeviceDecoder:
                         decoded.append(decode_jpeg(e, mode=ImageReadMode.RGB, device=self.device))
                     except Exception:  # noqa: BLE001 - the CPU decoder will type this image's error
                         decoded.append(None)
+            out = []
             for (width, height, orientation), x in zip(headers[start:end].tolist(), decoded):
                 ok = x is not None and tuple(x.shape[-2:]) == (height, width)
                 out.append(orient(x, orientation) if ok else None)
+            yield start, out
             start = end
-        return out
 
     def decode_planned(self, datas: list[bytes], headers: np.ndarray) -> DeviceBatch:
         """Decode JPEGs that :class:`~clipn_core.device_plan.DevicePlan` passed (``headers`` int [N, 3]: width,
-        height, EXIF orientation) on the device; images of one decoded size are resized in one call (in chunks of
-        ``resize_group`` on a CPU). One the
+        height, EXIF orientation) on the device, a chunk of bounded decoded size at a time; within a chunk,
+        images of one decoded size are resized together, at most ``resize_group`` images and
+        ``_MAX_RESIZE_PIXELS`` pixels per call, so device memory stays bounded whatever the batch. One the
         decoder refuses after all takes the CPU path, so it keeps the CPU decoder's status."""
         n = len(datas)
-        decoded = self._decode_jpegs(datas, np.asarray(headers).reshape(n, 3)) if n else []
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        parts: list[torch.Tensor] = []
+        order: list[int] = []
         fallback: list[int] = []
-        for i, x in enumerate(decoded):
-            if x is None:
-                fallback.append(i)
-            else:
-                groups[tuple(x.shape[-2:])].append(i)
-        step = self.resize_group
-        chunks = [rows[k:k + step] for rows in groups.values() for k in range(0, len(rows), step)]
-        parts = [self.resize_crop([decoded[i] for i in rows]) for rows in chunks]
-        order = [i for rows in chunks for i in rows]
+        for first, decoded in (self._decoded_chunks(datas, np.asarray(headers).reshape(n, 3)) if n else ()):
+            groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+            for j, x in enumerate(decoded):
+                if x is None:
+                    fallback.append(first + j)
+                else:
+                    groups[tuple(x.shape[-2:])].append(j)
+            for (h, w), rows in groups.items():
+                step = max(1, min(self.resize_group, _MAX_RESIZE_PIXELS // (h * w)))
+                for k in range(0, len(rows), step):
+                    parts.append(self.resize_crop([decoded[j] for j in rows[k:k + step]]))
+                    order.extend(first + j for j in rows[k:k + step])
+            del decoded  # this chunk's full-size images go before the next chunk is decoded
         errors: dict[int, DecodeError] = {}
         for i in fallback:
             out = self.pre.decode(datas[i], self.max_pixels)

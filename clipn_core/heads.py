@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import unicodedata
 import uuid
@@ -30,6 +31,7 @@ from .prompt_tokens import tokenize_prompts
 from .storage import read_text
 
 DEFAULT_TEMPLATES_NAME = "default"
+_PROMPT_LOG = logging.getLogger("clipn.prompts")  # where tokenize_prompts warns about cut prompts
 DEFAULT_HEADS_BATCH = 256
 # The path from prompts to heads, as part of every heads cache key: bump it whenever a change to
 # build_class_heads or encode_texts can change a single bit of the heads, so no cached heads outlive it.
@@ -198,17 +200,20 @@ def heads_cache_key(model_id: str, class_names, templates, prompt_names=None, ba
     """The identity of the heads :func:`build_class_heads` gives, as a JSON string: the model id, the class
     set (:func:`class_set_hash`: names and templates in order), the names the prompts say, the encoding path
     (:data:`HEADS_ENCODING`), the batch size (it sets which texts share a forward, and so the trimmed length),
-    the device type and the torch version (kernels may round differently), so that heads cached under it are
-    the bits a fresh encode gives."""
+    the device type, the torch version (kernels may round differently) and the open_clip version (its tokenizer and
+    text towers), so that heads cached under it are the bits a fresh encode gives."""
+    import open_clip
+
     said = None if prompt_names is None else hashlib.sha256("\n".join(prompt_names).encode()).hexdigest()[:16]
     return json.dumps({"model": model_id, "class_set": class_set_hash(class_names, templates), "prompts": said,
                        "encoding": HEADS_ENCODING, "batch_size": batch_size, "device": torch.device(device).type,
-                       "torch": torch.__version__}, sort_keys=True)
+                       "torch": torch.__version__, "open_clip": open_clip.__version__}, sort_keys=True)
 
 
-def save_heads(heads: ClassHeads, path: str | Path, key: str) -> None:
+def save_heads(heads: ClassHeads, path: str | Path, key: str, warnings=()) -> None:
     """Write ``heads`` to a local safetensors file: ``yes`` and ``no`` [C, D] float32, the class names,
-    templates and ``key`` (:func:`heads_cache_key`) in its metadata; through a temporary file of its own
+    templates, ``key`` (:func:`heads_cache_key`) and the ``warnings`` building them gave (prompts cut at the
+    context length: :func:`load_heads` repeats them) in its metadata; through a temporary file of its own
     renamed into place, so a reader never sees half a file."""
     import safetensors.torch
 
@@ -218,12 +223,14 @@ def save_heads(heads: ClassHeads, path: str | Path, key: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
     safetensors.torch.save_file({"yes": heads.yes.contiguous(), "no": heads.no.contiguous()}, str(tmp),
                                 metadata={"key": key, "class_names": json.dumps(list(heads.class_names)),
-                                          "templates": json.dumps(list(heads.templates))})
+                                          "templates": json.dumps(list(heads.templates)),
+                                          "warnings": json.dumps(list(warnings))})
     tmp.replace(path)
 
 
 def load_heads(path: str | Path, key: str, class_names, templates, dim: int) -> ClassHeads:
-    """Heads written by :func:`save_heads` under ``key`` for exactly ``class_names`` and ``templates``, [C, D=dim].
+    """Heads written by :func:`save_heads` under ``key`` for exactly ``class_names`` and ``templates``, [C, D=dim];
+    the warnings building them gave are logged again (``clipn.prompts``), as a fresh build would.
 
     Raises :class:`CacheError` naming the file and what is wrong when it cannot be read, was written under
     another key, holds other classes or templates, or holds tensors of another shape or dtype or non-finite
@@ -250,5 +257,7 @@ def load_heads(path: str | Path, key: str, class_names, templates, dim: int) -> 
         if t.dtype != torch.float32 or tuple(t.shape) != (len(names), dim) or not bool(torch.isfinite(t).all()):
             raise CacheError(f"heads cache {path}: {tower} is {t.dtype} {tuple(t.shape)}, expected finite float32 "
                              f"{(len(names), dim)}")
+    for message in json.loads(meta.get("warnings", "[]")):
+        _PROMPT_LOG.warning("%s", message)
     return ClassHeads(names, templates, tensors["yes"], tensors["no"])
 

@@ -8,6 +8,7 @@ Everything that can be wrong (class file, templates, weights) raises a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -81,6 +82,23 @@ def cache_path(cache_dir: str | None, kind: str, key: str) -> Path:
     return Path(cache_dir or DEFAULT_CACHE_DIR) / kind / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
 
 
+@contextlib.contextmanager
+def _warnings_of(logger: str):
+    """The messages of the warnings ``logger`` gives inside the block (they are logged as usual too)."""
+    found: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            found.append(record.getMessage())
+
+    handler = Keep(logging.WARNING)
+    logging.getLogger(logger).addHandler(handler)
+    try:
+        yield found
+    finally:
+        logging.getLogger(logger).removeHandler(handler)
+
+
 def class_heads(model: cc.CLIPN, model_id: str, classes: tuple[str, ...], templates: tuple[str, ...],
                 prompt_names: tuple[str, ...] | None, cache_dir: str | None) -> cc.ClassHeads:
     """The class heads of this model, class set and templates, from the local cache when it holds them (key:
@@ -97,8 +115,9 @@ def class_heads(model: cc.CLIPN, model_id: str, classes: tuple[str, ...], templa
         except cc.CacheError as e:
             log.warning("%s; encoding the heads again", e)
     t0 = time.perf_counter()
-    heads = cc.build_class_heads(model, cc.get_tokenizer(model), classes, templates, prompt_names=prompt_names)
-    save_heads(heads, path, key)
+    with _warnings_of("clipn.prompts") as warned:  # kept with the entry: every run using it warns again
+        heads = cc.build_class_heads(model, cc.get_tokenizer(model), classes, templates, prompt_names=prompt_names)
+    save_heads(heads, path, key, warned)
     log.info("encoded class heads for %d classes x %d templates in %.1f s, cached in %s", len(classes),
              len(templates), time.perf_counter() - t0, path)
     return heads

@@ -104,3 +104,18 @@ def test_a_stale_or_corrupt_entry_is_refused_and_encoded_again(tiny, tmp_path, m
         caplog.clear()
     # the rewritten entry is good again
     assert torch.equal(load_heads(path, key, CLASSES, TEMPLATES, 64).no, fresh.no)
+
+
+def test_a_cut_prompt_warns_on_every_run_cached_or_not(tiny, tmp_path, caplog):
+    """The warning that a class name is cut at the context length comes with the heads built from the cut prompts,
+    on the run that encodes them and on every run that loads them from the cache."""
+    model, _, _ = tiny
+    long_name = "an extremely " + " ".join(["long"] * 80) + " class name"
+    classes = ("circle", long_name)
+    for run in ("encoded", "cached"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="clipn.prompts"):
+            class_heads(model, "tiny-0", classes, ("a photo of a {}.",), None, str(tmp_path))
+        cut = [r.getMessage() for r in caplog.records if r.name == "clipn.prompts" and "are cut" in r.getMessage()]
+        assert len(cut) == 1 and long_name[:20] in cut[0], (run, caplog.records)
+    assert len(list((tmp_path / "heads").iterdir())) == 1

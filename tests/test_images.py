@@ -199,6 +199,46 @@ def test_device_decoder_matches_the_cpu_decoder_and_falls_back_with_the_same_sta
         assert diff.mean() < 1.0 and diff.max() <= 2, (i, diff.mean(), diff.max())
 
 
+def test_device_decoder_memory_stays_bounded_however_many_photos_share_a_size(monkeypatch):
+    """With a GPU's grouping (no count limit), every resize call stays within its pixel budget and the full-size
+    images of one decode chunk at most are held at once; the pixels equal those of an unbounded decode."""
+    from clipn_core import device_decode
+    from clipn_core.device_decode import DeviceDecoder
+    from clipn_core.device_plan import DevicePlan
+    from clipn_core.images import SplitPreprocessor
+
+    cfg = {"size": (32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic",
+           "resize_mode": "shortest"}
+    pre = SplitPreprocessor(cfg, mode="fast")
+    datas = [_save(_photo(120, 90, seed=i), "JPEG", quality=90) for i in range(10)]
+    datas += [_save(_photo(100, 100, seed=20 + i), "JPEG", quality=90) for i in range(3)]  # a second size
+    headers = np.array([DevicePlan(pre, 10_000_000).header(d) for d in datas])
+
+    def decode(decoder):
+        return decoder.decode_planned(datas, headers)
+
+    unbounded = DeviceDecoder(pre, "cpu")
+    unbounded.resize_group = 1 << 30
+    want = decode(unbounded)
+    resized, held = [], []
+    monkeypatch.setattr(device_decode, "_MAX_RESIZE_PIXELS", 3 * 120 * 90)  # three photos a call
+    monkeypatch.setattr(device_decode, "_MAX_CHUNK_PIXELS", 5 * 120 * 90)  # five full-size images held
+    bounded = DeviceDecoder(pre, "cpu")
+    bounded.resize_group = 1 << 30  # a GPU's: the pixel budget is what bounds a call
+    resize, chunks = bounded.resize_crop, bounded._decoded_chunks
+    monkeypatch.setattr(bounded, "resize_crop", lambda images: resized.append(
+        sum(x.shape[-1] * x.shape[-2] for x in images)) or resize(images))
+
+    def counted(*args):
+        for first, images in chunks(*args):
+            held.append(sum(x.shape[-1] * x.shape[-2] for x in images if x is not None))
+            yield first, images
+    monkeypatch.setattr(bounded, "_decoded_chunks", counted)
+    got = decode(bounded)
+    assert max(resized) <= 3 * 120 * 90 and max(held) <= 5 * 120 * 90 and len(held) >= 3, (resized, held)
+    assert got.rows == want.rows == list(range(len(datas))) and torch.equal(got.pixels, want.pixels)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_device_decoder_on_cuda_decodes_jpegs_with_nvjpeg_close_to_the_cpu():

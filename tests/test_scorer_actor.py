@@ -168,6 +168,26 @@ def test_read_tasks_decode_what_the_device_does_not_take_with_the_cpu_statuses(p
             assert b["score_mcm"] is None
 
 
+def test_rows_the_read_task_decoded_before_jpeg_rows_keep_their_own_scores(parts, tmp_path):
+    """Device path, pixels the read task decoded (PNGs) coming before and between JPEGs the device decodes: each
+    row's scores and embedding are those of its image scored alone (the batch goes back to row order)."""
+    model = parts[0]
+    names = []
+    for i, kind in enumerate(["png", "jpg", "png", "jpg", "jpg", "png"]):
+        img, path = _photo(90 + 7 * i, 60 + 5 * i, i), tmp_path / f"{i}.{kind}"
+        img.save(path, format="PNG" if kind == "png" else "JPEG", quality=92)
+        names.append(str(path))
+    batch = read_decode_batch({"uri": np.array(names, dtype=object)}, Storage({}),
+                              DecodeSettings(model.preprocess_cfg, "fast", "device", 64_000_000), concurrency=2)
+    assert [bool(h[0]) for h in batch["header"]] == [False, True, False, True, True, False]
+    scoring = _scoring(parts, mode="fast")
+    together = scoring(batch).to_pylist()
+    for i in range(len(names)):
+        alone = scoring({k: v[i:i + 1] for k, v in batch.items()}).to_pylist()[0]
+        assert together[i]["embedding"] == alone["embedding"], names[i]  # float16: batch size changes no bit
+        assert together[i]["score_mcm"] == pytest.approx(alone["score_mcm"], rel=1e-5), names[i]
+
+
 def test_one_resize_per_group_equals_one_image_at_a_time():
     cfg = {"size": (64, 64), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic",
            "resize_mode": "shortest"}

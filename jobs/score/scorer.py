@@ -88,10 +88,10 @@ class Scoring:
         jpeg = ok & (header[:, 0] > 0)  # the rest of the ok rows hold pixels decoded by the read task
         jpeg_rows, raw_rows = np.flatnonzero(jpeg), np.flatnonzero(ok & ~jpeg)
         out = self.device_decoder.decode_planned(data[jpeg_rows].tolist(), header[jpeg_rows])
-        side = self.device_decoder.side
         parts, order = [out.pixels], [jpeg_rows[out.rows]]
-        if len(raw_rows):
-            raw = np.frombuffer(b"".join(data[raw_rows].tolist()), dtype=np.uint8).reshape(-1, 3, side, side)
+        if len(raw_rows):  # the read task's pixels, at the preprocessor's size (not square for every geometry)
+            raw = np.frombuffer(b"".join(data[raw_rows].tolist()), dtype=np.uint8).reshape(
+                -1, 3, *self.device_decoder.pre.size)
             parts.append(torch.from_numpy(raw).to(out.pixels.device, non_blocking=True))
             order.append(raw_rows)
         if out.errors:
