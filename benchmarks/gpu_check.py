@@ -161,31 +161,36 @@ def _sync(device: torch.device) -> None:
 
 
 def score_run(actor, pool: cf.ProcessPoolExecutor, decode: str, images: int, batch: int, workers: int,
-              device: torch.device) -> dict:
-    """Score ``images`` images in batches from the pool (2 batches in flight per worker); the first two batches
-    warm up and are not counted. Returns images, seconds, waiting seconds and the time window."""
-    starts = list(range(0, images + 2 * batch, batch))
-    pending: deque = deque()
-    for s in starts[:2 * workers]:
-        pending.append(pool.submit(input_batch, s, batch, decode))
-    nxt, done, wait, rows = 2 * workers, 0, 0.0, 0
-    t0 = None
-    while pending:
-        tw = time.perf_counter()
-        b = pending.popleft().result()
-        if t0 is not None:
-            wait += time.perf_counter() - tw
-        if nxt < len(starts):
-            pending.append(pool.submit(input_batch, starts[nxt], batch, decode))
-            nxt += 1
-        table = actor(b)
+              device: torch.device, concurrency: int = 1) -> dict:
+    """Score ``images`` images in batches from the pool (2 batches in flight per worker) with ``concurrency`` actor
+    calls at once, each on a thread of its own as Ray Data's ``max_concurrent_calls_per_actor`` runs them (the
+    actor's per-thread CUDA streams overlap them); two batches scored first warm up and are not counted. Returns
+    images, seconds, seconds this process waited for decoded input, and the time window."""
+    def check(table):
         assert table.num_rows == batch and table.column("status").to_pylist().count("ok") == batch
-        done += 1
-        if done == 2:
-            _sync(device)
-            t0 = time.perf_counter()
-        elif done > 2:
+
+    for s in (0, batch):
+        check(actor(pool.submit(input_batch, s, batch, decode).result()))
+    _sync(device)
+    starts = list(range(2 * batch, images + 2 * batch, batch))
+    pending: deque = deque(pool.submit(input_batch, s, batch, decode) for s in starts[:2 * workers])
+    nxt, wait, rows = 2 * workers, 0.0, 0
+    calls: deque = deque()
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(concurrency) as threads:
+        while pending:
+            tw = time.perf_counter()
+            b = pending.popleft().result()
+            wait += time.perf_counter() - tw
+            if nxt < len(starts):
+                pending.append(pool.submit(input_batch, starts[nxt], batch, decode))
+                nxt += 1
+            while len(calls) >= concurrency:
+                check(calls.popleft().result())
+            calls.append(threads.submit(actor, b))
             rows += batch
+        while calls:
+            check(calls.popleft().result())
     _sync(device)
     t1 = time.perf_counter()
     return {"images": rows, "s": t1 - t0, "wait": wait, "t0": t0, "t1": t1}
@@ -313,10 +318,13 @@ def main(argv: list[str] | None = None) -> None:
                                         gpus_per_actor=1.0 if device.type == "cuda" else 0.0)
                 actor = ScorerActor(model_cfg, heads, runtime, DecisionConfig(), Storage({}), "gpu-check",
                                     embeddings=False, logit_scale=100.0, scoring=scoring)
-                r = score_run(actor, pool, decode, images, batch, workers, device)
-                print(f"| ScorerActor, {decode} decode | {batch} | {r['images']} | {r['s']:.2f} | "
-                      f"{r['images'] / r['s']:,.0f} | {r['wait'] / r['s']:.0%} | {sampler.mean(r['t0'], r['t1'])} |",
-                      flush=True)
+                # the job's concurrency (3 calls at once with a GPU) and one call at a time, the overlap's baseline
+                # (the dry run also takes 2, so that the threaded path runs on the CPU)
+                for concurrency in sorted({runtime.scorer_concurrency(), 1, *((2,) if dry else ())}, reverse=True):
+                    r = score_run(actor, pool, decode, images, batch, workers, device, concurrency)
+                    print(f"| ScorerActor, {decode} decode, {concurrency} call(s) at once | {batch} | {r['images']} | "
+                          f"{r['s']:.2f} | {r['images'] / r['s']:,.0f} | {r['wait'] / r['s']:.0%} | "
+                          f"{sampler.mean(r['t0'], r['t1'])} |", flush=True)
                 del actor
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -25,8 +25,8 @@ def test_gpu_check_dry_run_runs_without_ray_or_what_else_the_device_lacks(tmp_pa
     out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    for row in ("bare image-tower forward", "ScorerActor, cpu decode", "ScorerActor, device decode",
-                "no-tower training step"):
+    for row in ("bare image-tower forward", *(f"ScorerActor, {d} decode, {n} call(s) at once" for d in ("cpu", "device")
+                                              for n in (1, 2)), "no-tower training step"):
         assert f"| {row}" in out.stdout, out.stdout
     assert "gpu-marked tests: tests/test_images.py" in out.stdout
     assert " skipped" in out.stdout or " passed" in out.stdout
