@@ -4,6 +4,7 @@ with decode: device the read tasks decode what the device decoder does not take,
 
 from __future__ import annotations
 
+import copy
 import io
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +19,6 @@ import clipn_core as cc
 from clipn_core.device_decode import DeviceDecoder, orient
 from clipn_core.images import SplitPreprocessor, split_preprocessor
 from clipn_core.storage import Storage
-from jobs.score.decode import DecodeSettings, read_decode_batch
 from jobs.score.scorer import Scoring
 from schemas.output import OUTPUT_SCHEMA, score_column
 from schemas.score_config import DecisionConfig
@@ -35,10 +35,12 @@ def parts(tiny):
     return model, heads, negatives
 
 
-def _scoring(parts, embeddings=True, mode="exact", decision=None) -> Scoring:
+def _scoring(parts, embeddings=True, mode="exact", decision=None, device="cpu") -> Scoring:
     model, heads, negatives = parts
-    scorer = cc.BatchScorer(model, heads, negatives=negatives, negative_groups=4)
-    decoder = DeviceDecoder(split_preprocessor(model.preprocess_cfg, mode=mode), "cpu")
+    if device != "cpu":  # the session's tiny model stays on the CPU for the other tests
+        model = copy.deepcopy(model)
+    scorer = cc.BatchScorer(model, heads, device, negatives=negatives, negative_groups=4)
+    decoder = DeviceDecoder(split_preprocessor(model.preprocess_cfg, mode=mode), device)
     return Scoring(scorer, decoder, heads, decision or DecisionConfig(), "model-id", "run-id", embeddings)
 
 
@@ -98,10 +100,12 @@ def _side(parts) -> int:
     return split_preprocessor(parts[0].preprocess_cfg).size[0]
 
 
-def test_calls_running_at_once_change_no_row_and_no_score(parts):
-    """Ray Data runs up to max_concurrent_calls_per_actor calls of one actor in threads: the rows of each batch are
-    those of the same batch scored alone."""
-    scoring = _scoring(parts)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_calls_running_at_once_change_no_row_and_no_score(parts, device):
+    """Ray Data runs up to max_concurrent_calls_per_actor calls of one actor in threads (on CUDA each on a stream
+    of its own): the rows of each batch are those of the same batch scored alone."""
+    scoring = _scoring(parts, device=device)
     batches = [_pixel_batch(5, _side(parts), (2,) if k % 2 else (), seed=k) for k in range(6)]
     alone = [_without_time(scoring(b)) for b in batches]
     with ThreadPoolExecutor(3) as pool:
@@ -136,6 +140,9 @@ def _lake(folder) -> dict[str, bytes]:
 
 
 def test_read_tasks_decode_what_the_device_does_not_take_with_the_cpu_statuses(parts, tmp_path):
+    # imported here: jobs.score.decode imports Ray, which the GPU machine that runs this file's gpu tests lacks
+    from jobs.score.decode import DecodeSettings, read_decode_batch
+
     model = parts[0]
     files = _lake(tmp_path)
     uris = np.array([str(tmp_path / name) for name in files], dtype=object)
@@ -171,6 +178,7 @@ def test_read_tasks_decode_what_the_device_does_not_take_with_the_cpu_statuses(p
 def test_rows_the_read_task_decoded_before_jpeg_rows_keep_their_own_scores(parts, tmp_path):
     """Device path, pixels the read task decoded (PNGs) coming before and between JPEGs the device decodes: each
     row's scores and embedding are those of its image scored alone (the batch goes back to row order)."""
+    from jobs.score.decode import DecodeSettings, read_decode_batch
     model = parts[0]
     names = []
     for i, kind in enumerate(["png", "jpg", "png", "jpg", "jpg", "png"]):
