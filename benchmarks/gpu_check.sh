@@ -2,7 +2,7 @@
 # The GPU check, fitted to the device machine (Python 3.12, torch, torchvision, timm, pyarrow, Pillow, numpy; no Ray,
 # no open_clip, no pydantic, no registry): installs the wheels `make gpu-wheels` put in dist/gpu_wheels (offline,
 # into a temporary folder on PYTHONPATH), runs benchmarks/gpu_check.py, then the gpu-marked tests (the test files
-# that carry `pytest.mark.gpu`; none of them may need Ray). About 2 minutes on an H100/H200.
+# that carry `pytest.mark.gpu`; none of them may need Ray). Sized for about 2 minutes on an H100/H200 (not run yet).
 #
 #   benchmarks/gpu_check.sh              on the GPU machine, from the repository root (dist/gpu_wheels carried along)
 #   benchmarks/gpu_check.sh --dry-run    here, on the CPU with clipn-tiny and no wheels installed (tests run it)

@@ -113,6 +113,10 @@ class DeviceDecoder:
         sizes = (headers[:, 0].astype(np.int64) * headers[:, 1]).tolist()
         start = 0
         while start < len(datas):
+            if start and self.device.type == "cuda":
+                # nvJPEG writes on its own stream into tensors allocated on this one, waiting for nothing queued
+                # here: the previous chunk's resize must be done before its freed memory can be decoded into
+                torch.cuda.current_stream(self.device).synchronize()
             end, pixels = start, 0
             while end < len(datas) and (end == start or pixels + sizes[end] <= _MAX_CHUNK_PIXELS):
                 pixels += sizes[end]
@@ -132,6 +136,7 @@ class DeviceDecoder:
                 ok = x is not None and tuple(x.shape[-2:]) == (height, width)
                 out.append(orient(x, orientation) if ok else None)
             yield start, out
+            decoded = out = encoded = None  # the chunk's full-size images go before the next chunk is decoded
             start = end
 
     def decode_planned(self, datas: list[bytes], headers: np.ndarray) -> DeviceBatch:
@@ -166,7 +171,7 @@ class DeviceDecoder:
                 parts.append(torch.from_numpy(out)[None].to(self.device))
                 order.append(i)
         if not parts:
-            return DeviceBatch(torch.zeros((0, 3, self.side, self.side), dtype=torch.uint8, device=self.device),
+            return DeviceBatch(torch.zeros((0, 3, *self.pre.size), dtype=torch.uint8, device=self.device),
                                [], errors, 0)
         pixels = parts[0] if len(parts) == 1 else torch.cat(parts)
         rows = sorted(order)

@@ -241,6 +241,27 @@ def test_device_decoder_memory_stays_bounded_however_many_photos_share_a_size(mo
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_decoder_on_cuda_gives_the_same_pixels_in_one_chunk_or_many(monkeypatch):
+    """nvJPEG decodes a chunk on its own stream into memory the previous chunk's resize may have just freed: the
+    decoder waits for that resize, so many small chunks give the pixels of one chunk."""
+    from clipn_core import device_decode
+    from clipn_core.device_decode import DeviceDecoder
+    from clipn_core.device_plan import DevicePlan
+    from clipn_core.images import SplitPreprocessor
+
+    cfg = {"size": (224, 224), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic",
+           "resize_mode": "shortest"}
+    pre = SplitPreprocessor(cfg, mode="fast")
+    datas = [_save(_photo(640 + 32 * (i % 3), 480, seed=i), "JPEG", quality=90) for i in range(48)]
+    headers = np.array([DevicePlan(pre, 64_000_000).header(d) for d in datas])
+    one = DeviceDecoder(pre, "cuda").decode_planned(datas, headers)
+    monkeypatch.setattr(device_decode, "_MAX_CHUNK_PIXELS", 2 * 704 * 480)  # two photos a chunk
+    many = DeviceDecoder(pre, "cuda").decode_planned(datas, headers)
+    assert many.rows == one.rows == list(range(len(datas))) and torch.equal(many.pixels, one.pixels)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_device_decoder_on_cuda_decodes_jpegs_with_nvjpeg_close_to_the_cpu():
     from clipn_core.device_decode import DeviceDecoder
     from clipn_core.images import SplitPreprocessor

@@ -196,6 +196,25 @@ def test_rows_the_read_task_decoded_before_jpeg_rows_keep_their_own_scores(parts
         assert together[i]["score_mcm"] == pytest.approx(alone["score_mcm"], rel=1e-5), names[i]
 
 
+def test_read_task_pixels_of_a_non_square_model_size_reach_the_scorer():
+    """Device path for a model whose input is not square: the device takes no JPEG (its resize is square-only), so
+    every ok row is the read task's pixels at the preprocessor's size, batched as they are."""
+    cfg = {"size": (32, 24), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic",
+           "resize_mode": "shortest"}
+    pre = split_preprocessor(cfg, mode="fast")
+    scoring = Scoring.__new__(Scoring)  # only the decode step: no model needed
+    scoring.device_decoder = DeviceDecoder(pre, "cpu")
+    png = io.BytesIO()
+    _photo(50, 40, 0).save(png, format="PNG")
+    pixels = pre.decode(png.getvalue(), 64_000_000)
+    batch = {"status": np.array(["ok", "truncated", "ok"], dtype=object), "error": np.array(["", "cut", ""], dtype=object),
+             "data": np.array([pixels.tobytes(), b"", pixels.tobytes()], dtype=object),
+             "header": np.zeros((3, 3), np.int32)}
+    ok, got, status, _ = scoring._decoded(batch)
+    assert ok.tolist() == [True, False, True] and got.shape == (2, 3, 32, 24)
+    assert torch.equal(got[1], torch.from_numpy(pixels)) and status.tolist() == ["ok", "truncated", "ok"]
+
+
 def test_one_resize_per_group_equals_one_image_at_a_time():
     cfg = {"size": (64, 64), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic",
            "resize_mode": "shortest"}

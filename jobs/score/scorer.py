@@ -88,7 +88,7 @@ class Scoring:
         jpeg = ok & (header[:, 0] > 0)  # the rest of the ok rows hold pixels decoded by the read task
         jpeg_rows, raw_rows = np.flatnonzero(jpeg), np.flatnonzero(ok & ~jpeg)
         out = self.device_decoder.decode_planned(data[jpeg_rows].tolist(), header[jpeg_rows])
-        parts, order = [out.pixels], [jpeg_rows[out.rows]]
+        parts, order = [out.pixels], [jpeg_rows[out.rows]]  # [0, 3, *size] when the decoder had nothing
         if len(raw_rows):  # the read task's pixels, at the preprocessor's size (not square for every geometry)
             raw = np.frombuffer(b"".join(data[raw_rows].tolist()), dtype=np.uint8).reshape(
                 -1, 3, *self.device_decoder.pre.size)
