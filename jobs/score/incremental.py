@@ -112,13 +112,21 @@ def skip_table(scored: ray.data.Dataset | None, overlap: list[tuple[ray.data.Dat
               for held, at in overlap if held is not None]
     if not parts:
         return None
-    union = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
-    rows = union.count()  # from the materialized blocks' metadata
-    if rows <= max(broadcast_max_rows, 0):  # an empty set has nothing to shuffle
-        return SkipTable(rows=rows, blocks=union.to_arrow_refs())
+    union = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    union, rows, blocks = _broadcastable(union, broadcast_max_rows)
+    if blocks is not None:
+        return SkipTable(rows=rows, blocks=blocks)
     grouped = (union.groupby("uri", num_partitions=JOIN_PARTITIONS).max(SKIP_UNTIL)
                .rename_columns({f"max({SKIP_UNTIL})": SKIP_UNTIL}))
     return SkipTable(rows=rows, grouped=grouped)
+
+
+def _broadcastable(ds: ray.data.Dataset, max_rows: int) -> tuple[ray.data.Dataset, int, list | None]:
+    """(``ds`` materialized in Ray's object store, its rows from the blocks' metadata, the ObjectRefs of its Arrow
+    blocks when it holds at most ``max_rows`` rows (always when none: nothing to shuffle), else None)."""
+    ds = ds.materialize()
+    rows = ds.count()
+    return ds, rows, ds.to_arrow_refs() if rows <= max(max_rows, 0) else None
 
 
 # A marking task's lookup of the broadcast skip set, built once per worker process and reused by the tasks it
@@ -197,10 +205,11 @@ def attach_member_skips(shards: ray.data.Dataset, scored: ray.data.Dataset,
     its group. Either way every listed shard comes out once, and shards that are not listed tonight come out
     not at all, even when ``scored`` is empty.
     """
-    members = scored.map_batches(_shard_and_member, batch_format="pyarrow", batch_size=None).materialize()
-    if members.count() <= max(broadcast_max_rows, 0):  # an empty set has nothing to shuffle
+    members, _, blocks = _broadcastable(
+        scored.map_batches(_shard_and_member, batch_format="pyarrow", batch_size=None), broadcast_max_rows)
+    if blocks is not None:
         return shards.map_batches(_attach_broadcast, batch_format="pyarrow", batch_size=None,
-                                  fn_kwargs={"blocks": members.to_arrow_refs()})
+                                  fn_kwargs={"blocks": blocks})
     listed = shards.map_batches(_listed_shard, batch_format="pyarrow", batch_size=None)
     return listed.union(members).groupby("uri", num_partitions=JOIN_PARTITIONS).map_groups(
         _member_list, batch_format="pyarrow")
