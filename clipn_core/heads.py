@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import unicodedata
 import uuid
@@ -27,11 +26,11 @@ import torch.nn.functional as F
 from .errors import CacheError, ClassListError, StorageError, TemplateError, redact_uri
 from .model import CLIPN, encode_texts
 from .named_sets import CLASS_SETS, TEMPLATE_SETS, template_set_names
+from .prompt_tokens import log as _PROMPT_LOG  # where tokenize_prompts warns about cut prompts
 from .prompt_tokens import tokenize_prompts
 from .storage import read_text
 
 DEFAULT_TEMPLATES_NAME = "default"
-_PROMPT_LOG = logging.getLogger("clipn.prompts")  # where tokenize_prompts warns about cut prompts
 DEFAULT_HEADS_BATCH = 256
 # The path from prompts to heads, as part of every heads cache key: bump it whenever a change to
 # build_class_heads or encode_texts can change a single bit of the heads, so no cached heads outlive it.

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import clipn_core as cc
+from clipn_core import prompt_tokens
 from clipn_core.errors import redact_uri
 from clipn_core.heads import class_set_prompts, heads_cache_key, load_heads, save_heads
 from clipn_core.lake_bank import LakeBank, bank_from_bytes
@@ -115,7 +116,7 @@ def class_heads(model: cc.CLIPN, model_id: str, classes: tuple[str, ...], templa
         except cc.CacheError as e:
             log.warning("%s; encoding the heads again", e)
     t0 = time.perf_counter()
-    with _warnings_of("clipn.prompts") as warned:  # kept with the entry: every run using it warns again
+    with _warnings_of(prompt_tokens.log.name) as warned:  # kept with the entry: every run using it warns again
         heads = cc.build_class_heads(model, cc.get_tokenizer(model), classes, templates, prompt_names=prompt_names)
     save_heads(heads, path, key, warned)
     log.info("encoded class heads for %d classes x %d templates in %.1f s, cached in %s", len(classes),
