@@ -209,22 +209,31 @@ def heads_cache_key(model_id: str, class_names, templates, prompt_names=None, ba
                        "torch": torch.__version__, "open_clip": open_clip.__version__}, sort_keys=True)
 
 
-def save_heads(heads: ClassHeads, path: str | Path, key: str, warnings=()) -> None:
-    """Write ``heads`` to a local safetensors file: ``yes`` and ``no`` [C, D] float32, the class names,
-    templates, ``key`` (:func:`heads_cache_key`) and the ``warnings`` building them gave (prompts cut at the
-    context length: :func:`load_heads` repeats them) in its metadata; through a temporary file of its own
-    renamed into place, so a reader never sees half a file."""
+def write_safetensors_atomically(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """Write ``tensors`` (each made contiguous) and string ``metadata`` to the local safetensors file ``path``
+    through a temporary file of this process's own, renamed into place: a reader never sees half a file, and
+    two jobs writing the same cache entry at once never write into each other's temporary file."""
     import safetensors.torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a name of its own: two jobs starting together may write the same entry
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
-    safetensors.torch.save_file({"yes": heads.yes.contiguous(), "no": heads.no.contiguous()}, str(tmp),
-                                metadata={"key": key, "class_names": json.dumps(list(heads.class_names)),
-                                          "templates": json.dumps(list(heads.templates)),
-                                          "warnings": json.dumps(list(warnings))})
-    tmp.replace(path)
+    try:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_heads(heads: ClassHeads, path: str | Path, key: str, warnings=()) -> None:
+    """Write ``heads`` to a local safetensors file: ``yes`` and ``no`` [C, D] float32, the class names,
+    templates, ``key`` (:func:`heads_cache_key`) and the ``warnings`` building them gave (prompts cut at the
+    context length: :func:`load_heads` repeats them) in its metadata, atomically
+    (:func:`write_safetensors_atomically`)."""
+    write_safetensors_atomically({"yes": heads.yes, "no": heads.no}, path,
+                                 {"key": key, "class_names": json.dumps(list(heads.class_names)),
+                                  "templates": json.dumps(list(heads.templates)),
+                                  "warnings": json.dumps(list(warnings))})
 
 
 def load_heads(path: str | Path, key: str, class_names, templates, dim: int) -> ClassHeads:

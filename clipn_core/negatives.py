@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import StorageError, TemplateError, redact_uri
-from .heads import ClassHeads
+from .heads import ClassHeads, write_safetensors_atomically
 from .model import CLIPN, encode_texts
 from .prompt_tokens import tokenize_prompts
 from .storage import read_text
@@ -137,16 +137,10 @@ def mine_negatives(model: CLIPN, tokenizer, heads: ClassHeads, lexicon: tuple[st
 
 def save_negatives(negatives: NegativeLabels, path: str | Path) -> None:
     """Write ``negatives`` to a local safetensors file (embeddings; words and settings in its metadata),
-    through a temporary file renamed into place."""
-    import safetensors.torch
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
-    safetensors.torch.save_file({"yes": negatives.yes.contiguous(), "no": negatives.no.contiguous()}, str(tmp),
-                                metadata={"words": json.dumps(list(negatives.words)),
-                                          "settings": json.dumps(negatives.settings, sort_keys=True)})
-    tmp.replace(path)
+    atomically (:func:`clipn_core.heads.write_safetensors_atomically`)."""
+    write_safetensors_atomically({"yes": negatives.yes, "no": negatives.no}, path,
+                                 {"words": json.dumps(list(negatives.words)),
+                                  "settings": json.dumps(negatives.settings, sort_keys=True)})
 
 
 def load_negatives(path: str | Path) -> NegativeLabels:

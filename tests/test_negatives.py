@@ -110,3 +110,26 @@ def test_short_text_encoding_equals_the_full_context_towers():
                                rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.encode_short_texts(tokens, "no"), model.encode_text_no(tokens, normalize=True),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_two_writers_of_one_cache_entry_never_share_a_temporary_file(setup, tmp_path, monkeypatch):
+    # Two jobs starting together mine the same negatives and write the same cache entry; a temporary name
+    # shared between them let the second rename the first's half-written file away under it.
+    import safetensors.torch
+
+    model, tok, heads = setup
+    negs = mine_negatives(model, tok, heads, WORDS, count=3)
+    path = tmp_path / "negatives" / "entry.safetensors"
+    real_save = safetensors.torch.save_file
+    nested = []
+
+    def save_then_let_another_writer_finish(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        if not nested:  # the other job writes the whole entry while this one is between write and rename
+            nested.append(filename)
+            save_negatives(negs, path)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_then_let_another_writer_finish)
+    save_negatives(negs, path)
+    assert load_negatives(path).words == negs.words
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left behind
