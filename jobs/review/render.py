@@ -52,7 +52,7 @@ def write_histogram(selection: Selection, path: Path) -> None:
                    label=f"threshold {selection.threshold:.4g}{' (fitted)' if selection.threshold_fitted else ''}")
     ax.set_xlabel(f"score_{selection.score} (higher = more in-distribution)")
     ax.set_ylabel("ok rows")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False, fontsize=8)  # off the bars
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -69,7 +69,7 @@ def _figure(row: dict, thumb: Thumb | None) -> str:
     prob = row.get("predicted_prob")
     note = (f'<br><span class="unreadable">image not shown: {_e(thumb.note)}</span>'
             if thumb is not None and thumb.note else "")
-    return (f'<figure><a href="{_e(src)}"><img src="{_e(src)}" alt="{_e(row["uri"])}" loading="lazy"></a>'
+    return (f'<figure><a href="{_e(src)}"><img src="{_e(src)}" alt="{_e(row["uri"])}"></a>'
             f'<figcaption>{flag} {_e(row.get("predicted_class") or NO_CLASS)}'
             f'{f" (p {prob:.2f})" if prob is not None else ""}<br>'
             f'score {row["score"]:.4g}<br><small>{scores}</small><br><code>{_e(row["uri"])}</code>{note}'
