@@ -204,9 +204,9 @@ def select(cfg: ReviewConfig, night: Night) -> Selection:
     how = "fitted to the night's flags" if fitted else "the decision's"
     t = f"{threshold:.4g}" if threshold is not None else "none"
     sections = [
-        Section("most-ood", "Most OOD", f"the {n} flagged images with the lowest {score} score", most_ood),
-        Section("borderline", "Borderline", f"the {n} images whose {score} score is closest to the threshold "
+        Section("most-ood", "Most OOD", f"up to {n} flagged images, the lowest {score} scores", most_ood),
+        Section("borderline", "Borderline", f"up to {n} images whose {score} score is closest to the threshold "
                 f"{t} ({how}), on both sides", borderline),
-        Section("kept", "Kept sample", f"{n} kept (ID) images drawn at random (seed {cfg.seed})", kept_rows),
+        Section("kept", "Kept sample", f"up to {n} kept (ID) images drawn at random (seed {cfg.seed})", kept_rows),
     ]
     return Selection(score, threshold, fitted, values, flags, dict(sorted(by_status.items())), sections)
