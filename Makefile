@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast demo lint bench bench-scale bench-quality bench-negatives bench-iceberg bench-decode-memory bench-skip bench-heads gpu-wheels clean
+.PHONY: install test test-fast test-browser demo lint bench bench-scale bench-quality bench-negatives bench-iceberg bench-decode-memory bench-skip bench-heads gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ test: $(STAMP)
 # For iteration: the tests that start neither Ray nor a server (tests/conftest.py marks those `slow`).
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" --durations=15
+
+# The review page in a real browser: Debian's headless Chromium (installed here, never by `make test`) renders
+# it to a PNG, checked not blank (tests/browser/render_review.py prints where the page and the PNG are).
+test-browser: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	$(PY) -m tests.browser.render_review --out review_browser_out
 
 demo: $(STAMP)
 	$(VENV)/bin/clipn demo
@@ -65,4 +71,4 @@ bench-iceberg: $(STAMP)
 	$(PY) benchmarks/bench_iceberg.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache demo_out bench_quality_out
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache demo_out bench_quality_out review_browser_out

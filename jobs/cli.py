@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from schemas.calibrate_config import CalibrateJobConfig
 from schemas.eval_config import EvalJobConfig
 from schemas.import_config import ImportJobConfig, UpgradeCheckpointConfig
+from schemas.review_config import ReviewConfig
 from schemas.score_config import ScoreJobConfig
 from schemas.train_config import TrainJobConfig
 
@@ -70,7 +71,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]
     group = parser.add_argument_group("config fields (see also --config)")
     for dotted, info in leaf_fields(model):
         default = "required" if info.is_required() else f"default: {info.get_default(call_default_factory=True)!r}"
-        group.add_argument(f"--{dotted}", dest=f"field:{dotted}", metavar="VALUE", default=argparse.SUPPRESS,
+        # --run-date as well as --run_date: people type hyphens
+        aliases = [f"--{dotted.replace('_', '-')}"] if "_" in dotted else []
+        group.add_argument(f"--{dotted}", *aliases, dest=f"field:{dotted}", metavar="VALUE", default=argparse.SUPPRESS,
                            help=f"{info.description or ''} ({default})")
 
 
@@ -166,6 +169,15 @@ def _upgrade_checkpoint(args) -> int:
     return 0
 
 
+def _review(args) -> int:
+    from jobs.review import run
+
+    page = run(build_config(ReviewConfig, args))
+    print(f"wrote {page.path}: {', '.join(f'{k} {v}' for k, v in page.sections.items())} images, "
+          f"{page.unreadable} unreadable now")
+    return 0
+
+
 def _demo(args) -> int:
     from jobs.demo import FULL, SMALL, run_demo
 
@@ -208,6 +220,10 @@ def make_parser() -> argparse.ArgumentParser:
                              "(QuickGELU for OpenAI's)", description=UpgradeCheckpointConfig.__doc__)
     add_config_arguments(upgrade, UpgradeCheckpointConfig)
     upgrade.set_defaults(func=_upgrade_checkpoint)
+    review = sub.add_parser("review", help="a static HTML page of a scored night: most OOD, borderline and kept "
+                            "images with thumbnails, by predicted class", description=ReviewConfig.__doc__)
+    add_config_arguments(review, ReviewConfig)
+    review.set_defaults(func=_review)
     demo = sub.add_parser("demo", help="the whole product on a generated world: train, score a lake, evaluate (local Ray)")
     demo.add_argument("--out", default="demo_out", help="local folder for the scores, the report, configs and the cache")
     demo.add_argument("--endpoint", default=None,

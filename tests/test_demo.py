@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
@@ -46,6 +47,11 @@ def test_reduced_demo_trains_scores_and_detects_ood_well_above_chance(tmp_path, 
     iceberg = result["iceberg"]  # the second night, committed to the table on the loopback S3 warehouse
     assert iceberg["rows"] == lake["rows"] and {s: n for s, (n, _) in iceberg["by_status"].items()} == lake["by_status"]
     assert f"Iceberg {iceberg['table']} (snapshot {iceberg['snapshot']})" in printed
+
+    page = Path(result["paths"]["review"])  # the last night's review page, every thumbnail read back from S3
+    assert page.is_file() and f"review page of 2026-11-25: {page}" in printed
+    assert len(list((page.parent / "thumbs").glob("*.jpg"))) >= 12
+    assert "; 0 image(s) could not be read back" in page.read_text(encoding="utf-8")
 
     saved = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
     assert saved["scores"] == report.model_dump(mode="json")["scores"]

@@ -40,6 +40,7 @@ from jobs.demo.world import World, encode, render
 from schemas.calibrate_config import CalibrateJobConfig
 from schemas.eval_config import EvalJobConfig
 from schemas.reports import CalibrationReport, EvalReport
+from schemas.review_config import ReviewConfig
 from schemas.score_config import ScoreJobConfig
 from schemas.train_config import TrainJobConfig
 
@@ -205,6 +206,7 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
 
     from jobs.evaluation.calibrate import run as run_calibrate
     from jobs.evaluation.evaluate import run as run_evaluate
+    from jobs.review import run as run_review
     from jobs.score import run as run_score
     from jobs.train import run as run_train
 
@@ -273,6 +275,15 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
             raise RuntimeError(f"the Iceberg night holds {iceberg['rows']} rows (committed {committed.rows}), the "
                                f"Parquet night {manifest.rows}")
         print(f"    and committed to the Iceberg table {ICEBERG_TABLE} (SQLite catalog, warehouse {root}/warehouse)")
+        # the last night's review page: images read back from the bucket, so before the server stops
+        review_cfg = ReviewConfig(output=str(out / "scores"), run_date=second_cfg.output.run_date,
+                                  out=str(out / "review"), per_section=12, storage=cfgs["score"].storage)
+        _write_config(out, "review", review_cfg)
+        t_review = time.perf_counter()
+        review = run_review(review_cfg)
+        print(f"    review page of {review_cfg.run_date}: {review.path} "
+              f"({', '.join(f'{k} {v}' for k, v in review.sections.items())} images, "
+              f"{time.perf_counter() - t_review:.1f} s)")
         for name in ("calibrate", "evaluate"):  # the labelled sets are scored with the first night's bank too
             cfgs[name].negatives.bank = first.lake_bank_built
             _write_config(out, name, cfgs[name])
@@ -295,7 +306,7 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
     _step(7, total, f"summary ({seconds / 60:.1f} min)")
     print(_summary_table(report, calibration, cfgs["calibrate"], lake, iceberg))
     paths = {"scores": manifest.partition, "report": str(out / "report" / "report.md"),
-             "calibration": str(out / "calibration" / "calibration.md"),
+             "calibration": str(out / "calibration" / "calibration.md"), "review": str(review.path),
              "configs": str(out / "configs"), "base_clip": str(base_clip)}
     for k, v in paths.items():
         print(f"    {k:10} {v}")

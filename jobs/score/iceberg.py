@@ -183,6 +183,7 @@ def snapshot_properties(manifest: ScoreManifest) -> dict[str, str]:
         "clipn.watermark": manifest.watermark.isoformat() if manifest.watermark else "",
         "clipn.negatives_id": manifest.negatives_id or "", "clipn.calibration_id": manifest.calibration_id or "",
         "clipn.lake_bank_built": manifest.lake_bank_built or "",
+        "clipn.decision": json.dumps(manifest.decision, sort_keys=True) if manifest.decision else "",
     }
     return {k: v for k, v in props.items() if v != ""}
 
