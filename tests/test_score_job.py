@@ -28,6 +28,7 @@ from jobs.score import run
 from jobs.scoring_setup import negative_labels
 from schemas.output import OUTPUT_SCHEMA
 from schemas.score_config import NegativesConfig, ScoreJobConfig
+from tests import ray_metrics
 
 pytestmark = pytest.mark.slow
 CLASSES = ["circle", "square", "triangle"]
@@ -183,6 +184,19 @@ def test_prefix_job_one_row_per_image_statuses_schema_and_scores(lake, tmp_path)
     # the published manifest never carries credentials
     text = fs.cat_file(f"{part}/_manifest.json").decode()
     assert "testing" not in text and json.loads(text)["classes"] == CLASSES
+
+    # the run's metrics on Ray's endpoint: rows by status as the manifest counts them, OOD flags and bytes read
+    # as the rows hold them, one latency observation per scorer call
+    flagged = {c: sum(1 for r in rows.values() if r[c]) for c in ("is_ood", "ood_ctw", "ood_atd")}
+    want = {
+        "ray_clipn_rows_total": {(("status", k),): float(v) for k, v in manifest.by_status.items()},
+        "ray_clipn_rows_flagged_total": {(("decision", k),): float(v) for k, v in flagged.items() if v},
+        "ray_clipn_read_bytes_total": {(): float(sum(r["byte_size"] for r in rows.values() if r["byte_size"]))},
+    }
+    series = ray_metrics.wait_for(manifest.run_id, lambda s: all(dict(s.get(k, {})) == v for k, v in want.items()))
+    assert {k: dict(series.get(k, {})) for k in want} == want
+    assert flagged["is_ood"] and flagged["ood_ctw"]  # the flags counted are not all zero
+    assert series["ray_clipn_scorer_batch_seconds_count"][()] >= -(-len(table) // 8)  # batch_size 8
 
 
 def test_decoding_on_the_scorer_gives_the_same_rows_and_close_scores(lake):
