@@ -28,6 +28,7 @@ from jobs.score import run
 from jobs.scoring_setup import negative_labels
 from schemas.output import OUTPUT_SCHEMA
 from schemas.score_config import NegativesConfig, ScoreJobConfig
+from tests import ray_metrics
 
 pytestmark = pytest.mark.slow
 CLASSES = ["circle", "square", "triangle"]
@@ -131,6 +132,22 @@ def _read(lake, uri):
                         format="parquet", partitioning="hive").to_table()
 
 
+def _assert_run_metrics(manifest, table) -> dict:
+    """The run's metrics on Ray's endpoint: rows by status as the manifest counts them, OOD flags per decision
+    column and bytes read as the rows hold them, at least one latency observation per batch of 8 rows
+    (runtime.batch_size). Returns the flags counted."""
+    flagged = {c: sum(1 for v in table.column(c).to_pylist() if v) for c in ("is_ood", "ood_ctw", "ood_atd")}
+    want = {
+        "ray_clipn_rows_total": {(("status", k),): float(v) for k, v in manifest.by_status.items()},
+        "ray_clipn_rows_flagged_total": {(("decision", k),): float(v) for k, v in flagged.items() if v},
+        "ray_clipn_read_bytes_total": {(): float(sum(v for v in table.column("byte_size").to_pylist() if v))},
+    }
+    series = ray_metrics.wait_for(manifest.run_id, lambda s: all(dict(s.get(k, {})) == v for k, v in want.items()))
+    assert {k: dict(series.get(k, {})) for k in want} == want
+    assert series["ray_clipn_scorer_batch_seconds_count"][()] >= -(-len(table) // 8)
+    return flagged
+
+
 def test_prefix_job_one_row_per_image_statuses_schema_and_scores(lake, tmp_path):
     out = "s3://lake/out1"
     manifest = run(_cfg(lake, out, output__embeddings=True, runtime__cache_dir=str(tmp_path), runtime__preprocess="exact"))
@@ -184,6 +201,8 @@ def test_prefix_job_one_row_per_image_statuses_schema_and_scores(lake, tmp_path)
     text = fs.cat_file(f"{part}/_manifest.json").decode()
     assert "testing" not in text and json.loads(text)["classes"] == CLASSES
 
+    _assert_run_metrics(manifest, table)
+
 
 def test_decoding_on_the_scorer_gives_the_same_rows_and_close_scores(lake):
     """decode: device runs the scorer-side decoder (torchvision's decode_jpeg on this CPU, nvJPEG on CUDA): the
@@ -235,11 +254,14 @@ def test_manifest_and_tar_inputs(lake):
     status = dict(zip(table.column("uri").to_pylist(), table.column("status").to_pylist()))
     assert status["s3://lake/images/missing.jpg"] == "read_error" and m.by_status == {"ok": 5, "read_error": 1}
 
-    run(_cfg(lake, "s3://lake/out4", input={"kind": "tar", "uri": "s3://lake/shards/"}))
+    # a decision that flags every ok row (mcm <= 1), so the flag counter has something to count
+    m = run(_cfg(lake, "s3://lake/out4", input={"kind": "tar", "uri": "s3://lake/shards/"},
+                 decision={"rule": "threshold", "score": "mcm", "threshold": 2.0}))
     table = _read(lake, "s3://lake/out4")
     uris = sorted(table.column("uri").to_pylist())
     assert len(uris) == 8 and uris[0] == "s3://lake/shards/00000.tar#000000.jpg"
     assert set(table.column("status").to_pylist()) == {"ok"}
+    assert _assert_run_metrics(m, table)["is_ood"] == 8  # tar members' bytes, flags of a run that has some
 
 
 def test_only_errors_still_typed_and_readable(lake, tmp_path):

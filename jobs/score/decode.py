@@ -28,6 +28,7 @@ from clipn_core.uri_scope import UriScope, uri_text
 from jobs import failpoints
 from jobs.inputs import tar_entries
 from jobs.score.counts import InputCounts
+from jobs.score.metrics import RunMetrics
 from jobs.score.read import read_status, start_fetch
 from schemas.status import LEFT_OUT_DUPLICATE_MEMBER, STATUS_OK, STATUS_READ_ERROR
 
@@ -102,10 +103,10 @@ class _Rows:
 
 
 def read_decode_batch(batch: dict, storage: Storage, settings: DecodeSettings, concurrency: int,
-                      scope: UriScope | None = None) -> dict:
+                      scope: UriScope | None = None, metrics: RunMetrics | None = None) -> dict:
     """CPU step for prefix/manifest inputs: fetch every URI's bytes concurrently and decode each as soon as it
     arrives (so a batch waits for its first object only); one row per URI, in input order. A URI ``scope``
-    refuses is never fetched: its row is ``invalid_uri``."""
+    refuses is never fetched: its row is ``invalid_uri``. The bytes read are recorded in ``metrics``."""
     failpoints.hit("score.decode.batch")
     values = list(batch["uri"])
     uris = [uri_text(u) for u in values]
@@ -123,13 +124,16 @@ def read_decode_batch(batch: dict, storage: Storage, settings: DecodeSettings, c
         done[i] = (uris[i], len(data), *decoder.decode(data))
     for row in done:
         decoder.add(*row)
+    if metrics is not None:
+        metrics.bytes_read(sum(size for size in decoder.size if size > 0))
     return decoder.columns()
 
 
 
 
 def read_tar_batch(batch: dict, storage: Storage, settings: DecodeSettings, extensions: list[str],
-                   rows_per_batch: int, counts: InputCounts | None) -> Iterator[dict]:
+                   rows_per_batch: int, counts: InputCounts | None,
+                   metrics: RunMetrics | None = None) -> Iterator[dict]:
     """CPU step for WebDataset shards: one row per image member (``<shard>#<member>``), streamed.
 
     ``batch``: one shard per call in practice: ``uri`` (shard URIs) and optionally ``skip`` (per shard,
@@ -150,7 +154,8 @@ def read_tar_batch(batch: dict, storage: Storage, settings: DecodeSettings, exte
       one listed input).
 
     Each shard's counts (``listed``, ``skipped``, ``left_out:<reason>``) are reported to ``counts`` keyed
-    by the shard URI, so a retried task replaces its first report.
+    by the shard URI, so a retried task replaces its first report. The image members' bytes read are recorded
+    in ``metrics`` per shard.
     """
     exts = tuple(extensions)
     skips = batch.get("skip")
@@ -160,6 +165,7 @@ def read_tar_batch(batch: dict, storage: Storage, settings: DecodeSettings, exte
         skip = set(skips[i]) if skips is not None and skips[i] is not None else set()
         seen: set[str] = set()
         numbers = {"listed": 0, "skipped": 0, "shards": 1}  # the row check checks every listed shard reported
+        read_bytes = 0
         try:
             for entry, read in tar_entries(shard, storage):
                 if not entry.name.lower().endswith(exts):
@@ -178,6 +184,7 @@ def read_tar_batch(batch: dict, storage: Storage, settings: DecodeSettings, exte
                 if entry.kind == "file":
                     data = read()  # a member cut short raises here: it is part of the unreadable rest
                     numbers["listed"] += 1
+                    read_bytes += len(data)
                     rows.add_image(uri, data)
                 else:
                     numbers["listed"] += 1
@@ -190,6 +197,8 @@ def read_tar_batch(batch: dict, storage: Storage, settings: DecodeSettings, exte
             numbers["listed"] += 1
             rows.add(shard, -1, STATUS_READ_ERROR, f"unreadable tar shard (rows before this point are kept): "
                                                    f"{type(e).__name__}: {e}")
+        if metrics is not None:  # once per shard: a shard holds thousands of members
+            metrics.bytes_read(read_bytes)
         if counts is not None:
             ray.get(counts.report.remote(f"tar:{shard}", numbers))
     if rows.uri:

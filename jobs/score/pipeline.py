@@ -39,6 +39,7 @@ from jobs.score.incremental import (
     skip_table,
     split_skipped,
 )
+from jobs.score.metrics import RunMetrics
 from jobs.score.publish import PartFilenames, staged_stats
 from jobs.score.read import Inputs, input_dataset
 from jobs.score.scorer import ScorerActor
@@ -117,11 +118,12 @@ def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: ScoringSetup, s
     if cfg.input.kind == "tar":
         ds = ds.map_batches(read_tar_batch, batch_size=1, num_cpus=rt.decode_cpus, **forward,
                             fn_kwargs={"storage": storage, "settings": settings, "extensions": cfg.input.extensions,
-                                       "rows_per_batch": rt.decode_batch_size, "counts": counts})
+                                       "rows_per_batch": rt.decode_batch_size, "counts": counts,
+                                       "metrics": RunMetrics(run_id)})
     else:  # with decode: device the tasks decode only what the device decoder does not take
         ds = ds.map_batches(read_decode_batch, batch_size=rt.decode_batch_size, num_cpus=rt.decode_cpus, **forward,
                             fn_kwargs={"storage": storage, "settings": settings, "concurrency": rt.fetch_concurrency,
-                                       "scope": scope})
+                                       "scope": scope, "metrics": RunMetrics(run_id)})
     concurrency = rt.scorer_concurrency()
     return ds.map_batches(
         ScorerActor,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -26,6 +27,7 @@ from clipn_core.images import split_preprocessor
 from clipn_core.inference import HostScores
 from clipn_core.storage import Storage
 from jobs import failpoints
+from jobs.score.metrics import RunMetrics
 from jobs.scoring_setup import load_model
 from schemas.output import OUTPUT_SCHEMA, STATUS_OK, ood_column, score_column
 from schemas.score_config import DecisionConfig, ModelConfig, RuntimeConfig
@@ -52,10 +54,12 @@ class Scoring:
     one output row per input row (:data:`~schemas.output.OUTPUT_SCHEMA`).
 
     ``scorer``: the model, heads, negative labels and lake bank on the scoring device; ``decoder``: the
-    device decoder for batches of encoded ``data``; ``model_id``, ``run_id``: written into every row."""
+    device decoder for batches of encoded ``data``; ``model_id``, ``run_id``: written into every row;
+    ``metrics``: where each call's rows and wall time are recorded (:mod:`jobs.score.metrics`), or None."""
 
     def __init__(self, scorer: cc.BatchScorer, decoder: DeviceDecoder, heads: cc.ClassHeads,
-                 decision: DecisionConfig, model_id: str, run_id: str, embeddings: bool):
+                 decision: DecisionConfig, model_id: str, run_id: str, embeddings: bool,
+                 metrics: RunMetrics | None = None):
         self.scorer = scorer
         self.device_decoder = decoder
         self._class_names = pa.array(heads.class_names, pa.string())
@@ -64,6 +68,7 @@ class Scoring:
         self.model_id = model_id
         self.run_id = run_id
         self.embeddings = embeddings
+        self.metrics = metrics
         self._local = threading.local()
 
     def _stream(self):
@@ -107,10 +112,15 @@ class Scoring:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         failpoints.hit("score.scorer.batch")
+        t0 = time.perf_counter()
         with self._stream():
             ok, pixels, status, error = self._decoded(batch)
             host = self.scorer.device_scores(pixels, self.embeddings).to_host() if ok.any() else None
-        return self._table(batch, ok, status, error, host)
+        table = self._table(batch, ok, status, error, host)
+        if self.metrics is not None:
+            self.metrics.batch_seconds(time.perf_counter() - t0)
+            self.metrics.rows(table)
+        return table
 
     def _table(self, batch: dict[str, np.ndarray], ok: np.ndarray, status: np.ndarray, error: np.ndarray,
                res: HostScores | None) -> pa.Table:
@@ -168,7 +178,7 @@ class ScorerActor(Scoring):
     """Ray Data callable class: loads the model once per actor, then scores each batch (:class:`Scoring`).
 
     ``scoring``: the negative labels and lake bank (:meth:`~jobs.scoring_setup.ScoringSetup.scorer_kwargs`),
-    fixed for the whole run."""
+    fixed for the whole run. Records the run's scorer metrics (:mod:`jobs.score.metrics`)."""
 
     def __init__(self, model_cfg: ModelConfig, heads: cc.ClassHeads, runtime: RuntimeConfig,
                  decision: DecisionConfig, storage: Storage, run_id: str, embeddings: bool, logit_scale: float,
@@ -181,4 +191,4 @@ class ScorerActor(Scoring):
                                 runtime.mcm_temperature, compile=runtime.compile, **(scoring or {}))
         decoder = DeviceDecoder(split_preprocessor(model.preprocess_cfg, mode=runtime.preprocess), device,
                                 runtime.max_pixels)
-        super().__init__(scorer, decoder, heads, decision, model_id, run_id, embeddings)
+        super().__init__(scorer, decoder, heads, decision, model_id, run_id, embeddings, RunMetrics(run_id))
