@@ -159,7 +159,7 @@ def test_a_changed_command_does_not_resume_another_commands_half_work(lake, tmp_
     pq.write_table(rows.select(["uri"]), staged / resume.CHECKPOINT / "part-dead-000000.parquet")
 
     other = _cfg(str(lake), str(out)).model_dump(mode="json")
-    other["decision"]["threshold"] = 0.123
+    other["output"]["embeddings"] = True  # another output: another command
     manifest = run(ScoreJobConfig.model_validate(other))
     assert manifest.resumed_rows == 0 and manifest.rows == N_IMAGES
     assert staged.exists()  # left to the sweep (output.staging_max_age_h), never published by another command
