@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast test-browser demo lint bench bench-scale bench-quality bench-negatives bench-iceberg bench-decode-memory bench-skip bench-heads gpu-wheels clean
+.PHONY: install test test-fast test-browser demo lint bench bench-scale bench-quality bench-negatives bench-iceberg bench-decode-memory bench-skip bench-heads bench-resume gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,9 @@ bench-skip: $(STAMP)
 
 bench-heads: $(STAMP)
 	$(PY) benchmarks/bench_heads.py
+
+bench-resume: $(STAMP)
+	$(PY) benchmarks/bench_resume.py
 
 # What benchmarks/gpu_check.sh installs on the device machine (Python 3.12, x86_64, no registry): this venv's
 # versions of the packages it lacks, as wheels, without torch & co. (there already). The folder travels with the run.

@@ -68,6 +68,8 @@ class ScoreManifest(BaseModel):
     watermark: dt.datetime | None = Field(None, description="when this run's listing began, on the store's clock "
                                           "(UTC): the next run's since with last_run")
     rows: int = Field(description="rows published: one per input image")
+    resumed_rows: int = Field(0, description="of those, rows a dead run of the same command staged and this run "
+                              "kept instead of scoring again (output.resume); rows - resumed_rows were scored")
     files: int
     data_files: list[str] | None = Field(None, description="Parquet folder: the night's files, relative to its "
                                          "partition folder; readers read these and nothing else (None for an Iceberg "

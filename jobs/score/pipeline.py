@@ -28,6 +28,7 @@ from clipn_core.storage import Storage, is_remote
 from clipn_core.uri_scope import UriScope
 from jobs import failpoints
 from jobs.calibration import check_fits, check_threshold, load_calibration
+from jobs.score import resume
 from jobs.score.counts import KEPT, LISTED, SKIPPED, InputCounts
 from jobs.score.counts import totals as count_totals
 from jobs.score.decode import DecodeSettings, read_decode_batch, read_tar_batch
@@ -154,12 +155,13 @@ def skip_sets(cfg: ScoreJobConfig, target: OutputTarget, setup: ScoringSetup, ru
 
 
 def row_check(cfg: ScoreJobConfig, inputs: Inputs, counts: InputCounts, skipping: bool,
-              rows: int) -> tuple[int, int, int, dict[str, int]]:
+              rows: int, resumed: int = 0) -> tuple[int, int, int, dict[str, int]]:
     """(inputs listed, excluded by the watermark, skipped, left out by reason) once the rows are staged, after
     checking that rows written + skipped = listed, each counted where it happens (:mod:`counts`; what is met
     but is not an input is in ``left out``, by reason):
     objects by the listing, manifest lines on the driver, tar members by their read tasks, skips by
     counting what the skip join kept (prefix, manifest) or the members the read tasks left unread (tar).
+    ``resumed``: rows a dead run of the command staged, which Ray's checkpoint filter removed before the skip join.
 
     Raises :class:`InputError` when a prefix lists nothing, and RuntimeError naming the counts when they do
     not add up (lost or duplicated rows): the caller abandons the staged rows and publishes nothing.
@@ -178,9 +180,9 @@ def row_check(cfg: ScoreJobConfig, inputs: Inputs, counts: InputCounts, skipping
             raise RuntimeError(f"row check failed: {found.get('shards', 0)} of {inputs.expected} shards were read; "
                                "not publishing")
     skipped = found.get(SKIPPED, 0) if cfg.input.kind == "tar" or skipping else 0
-    if skipping and found.get(KEPT, 0) + skipped != listed:
+    if skipping and found.get(KEPT, 0) + skipped + resumed != listed:
         raise RuntimeError(f"row check failed: the skip join kept {found.get(KEPT, 0)} and skipped {skipped} of "
-                           f"{listed} inputs listed; not publishing")
+                           f"{listed} inputs listed ({resumed} resumed); not publishing")
     left_out = {reason: left_out.get(reason, 0) for reason in LEFT_OUT_REASONS}  # every reason, every kind
     expected = listed - skipped
     if rows != expected or skipped < 0:
@@ -219,7 +221,7 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
         counts = InputCounts.remote()
         ds = inputs.dataset
         skip = skip_sets(cfg, target, setup, run_date, since)
-        skipping = False
+        skipping, table = False, None
         if skip is not None and cfg.input.kind == "tar":  # members are skipped in the read task, unread
             ds = attach_member_skips(ds, skip, cfg.runtime.skip_broadcast_max_rows)
         else:
@@ -227,8 +229,14 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                                       for m in since.overlap_marks], cfg.runtime.skip_broadcast_max_rows)
             if table is not None:  # one join marks what to skip; both sides are counted
                 ds, skipping = split_skipped(ds, table, counts), True
-        target.sweep(dt.timedelta(hours=cfg.output.staging_max_age_h), run_id)
-        staged = target.staged(run_id, run_date)
+        why_not = resume.resumable(cfg, hash_join=skipping and table.grouped is not None,
+                                   cluster_cpus=ray.cluster_resources().get("CPU", 0.0))
+        # a resumable run stages under its command's key, so that a rerun of the command finds what it left
+        stage_as = run_id if why_not else resume.staging_key(cfg, run_date, setup.model_id, setup.heads.class_set_hash)
+        if why_not and cfg.output.resume:
+            log.info("this run cannot resume a dead run of its command: %s", why_not)
+        target.sweep(dt.timedelta(hours=cfg.output.staging_max_age_h), stage_as)
+        staged = target.staged(stage_as, run_date)
         t_setup = time.perf_counter() - t0
         with target.guard(staged):
             try:
@@ -239,11 +247,19 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                 if cfg.output.iceberg is not None:  # the table's rows: + run_date, embeddings as float32
                     rows = rows.map_batches(to_table_rows, batch_format="pyarrow", fn_kwargs={"run_date": run_date},
                                             num_cpus=WRITE_CPUS)
-                rows.write_parquet(staged_p, filesystem=out_fs, filename_provider=PartFilenames(),
-                                   try_create_dir=not is_remote(staged), ray_remote_args={"num_cpus": WRITE_CPUS})
+                resuming = None if why_not else resume.prepare(staged, storage)
+                if resuming is not None:  # Ray filters the staged URIs after the listing and checkpoints each write
+                    rows.context.checkpoint_config = resuming.checkpoint
+                    staged_p = storage.arrow(resuming.rows_dir)[1]
+                try:
+                    rows.write_parquet(staged_p, filesystem=out_fs, filename_provider=PartFilenames(),
+                                       try_create_dir=not is_remote(staged), ray_remote_args={"num_cpus": WRITE_CPUS})
+                finally:  # the context may be shared with later datasets of this process
+                    rows.context.checkpoint_config = None
                 t_score = time.perf_counter() - t0 - t_setup
+                resumed = resuming.resumed_rows(storage) if resuming is not None else 0
                 stats = staged_stats(staged, storage)
-                listed, excluded, skipped, left_out = row_check(cfg, inputs, counts, skipping, stats["rows"])
+                listed, excluded, skipped, left_out = row_check(cfg, inputs, counts, skipping, stats["rows"], resumed)
                 bank_built = None
                 if cfg.output.lake_bank:
                     bank_built = bank_path(target.bank_root, setup.model_id, setup.heads.class_set_hash, run_id)
@@ -262,8 +278,9 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                     since_overlap_nights=list(since.overlap), watermark=watermark,
                     decision=cfg.decision.model_dump(mode="json"), calibration_id=calibration_id,
                     lake_bank_used=bank_used, lake_bank_id=setup.bank_id, lake_bank_built=bank_built,
-                    **stats, timings_s={"setup": round(t_setup, 3), "score_and_write": round(t_score, 3)},
-                    images_per_s=round(stats["rows"] / t_score, 2) if t_score > 0 else None,
+                    **stats, resumed_rows=resumed,
+                    timings_s={"setup": round(t_setup, 3), "score_and_write": round(t_score, 3)},
+                    images_per_s=round((stats["rows"] - resumed) / t_score, 2) if t_score > 0 else None,
                     config=cfg.model_dump(mode="json"),
                 )
                 lease.check()  # a run whose lease was taken over (heartbeat lost) must not publish
@@ -271,5 +288,6 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                 abandon_quietly(target, staged, run_date)
                 raise
             published = publish_or_abandon(target, staged, manifest, run_date)
-    log.info("published %s: %d rows %s", published.partition, stats["rows"], stats["by_status"])
+    log.info("published %s: %d rows %s%s", published.partition, stats["rows"], stats["by_status"],
+             f" ({resumed} resumed from a dead run's staging)" if resumed else "")
     return published

@@ -179,7 +179,7 @@ def publish(root: str, run_date: dt.date, staged: str, manifest: ScoreManifest, 
     fs, part = storage.fs(partition_path(root, run_date))
     _, staged_p = storage.fs(staged)
     reconcile(root, run_date, storage, success=False)  # a killed publish of this night left files: they go first
-    sources = sorted(p for p in fs.find(staged_p) if p.endswith(".parquet")) if fs.exists(staged_p) else []
+    sources = staged_files(fs, staged_p)
     published = manifest.model_copy(update={"data_files": [p.rsplit("/", 1)[-1] for p in sources]})
     if fs.exists(f"{part}/{SUCCESS}"):
         with around("parquet.success_delete"):
@@ -193,6 +193,15 @@ def publish(root: str, run_date: dt.date, staged: str, manifest: ScoreManifest, 
     reconcile(root, run_date, storage)
     remove_staging(staged, storage)
     return published
+
+
+def staged_files(fs, staged_p: str) -> list[str]:
+    """The staged rows files (paths without protocol), sorted; not what a ``_``-named folder holds (a resumable
+    run's ``_checkpoint``: :mod:`jobs.score.resume`), which pyarrow's discovery and readers skip too."""
+    if not fs.exists(staged_p):
+        return []
+    root = staged_p.rstrip("/")
+    return sorted(p for p in fs.find(staged_p) if p.endswith(".parquet") and "/_" not in p[len(root):])
 
 
 def remove_staging(staged: str, storage: Storage) -> None:

@@ -1,0 +1,150 @@
+"""Resume: a night whose driver is killed at about half its rows, rerun with the same command, against a full run.
+
+For N and 2N images of the demo world in a local folder, three ``clipn score`` processes of the same config
+run one after the other on one Ray cluster started here (as a nightly scheduler would submit them):
+
+* ``full``: a clean run, the baseline (its manifest's ``setup`` time is the start-up the rule below uses);
+* ``killed``: the same command, SIGKILLed once the committed checkpoint names half the rows;
+* ``resumed``: the same command again (``output.take_over_lease`` names the dead run, as an operator would),
+  which keeps the staged rows and scores the rest.
+
+Times are wall seconds of each process, start-up included. The resumed run must take at most 0.7x the full
+run; the run is long enough when start-up is under a fifth of the full run. Both published nights are
+compared row by row (uri, status, class, scores, flags).
+
+Usage: python benchmarks/bench_resume.py [--n 1500] [--kill-at 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pyarrow.parquet as pq  # noqa: E402
+import ray  # noqa: E402
+import yaml  # noqa: E402
+
+from jobs.demo.world import World  # noqa: E402
+from jobs.score import resume  # noqa: E402
+
+DAY = "2026-11-24"
+COMPARED = ["uri", "status", "predicted_class", "score_ctw", "score_atd", "score_mcm", "ood_ctw", "ood_atd", "is_ood"]
+
+
+def config(lake: Path, out: Path, take_over: str | None = None) -> dict:
+    output = {"uri": str(out), "run_date": DAY}
+    if take_over:
+        output["take_over_lease"] = take_over
+    return {"input": {"kind": "prefix", "uri": str(lake)}, "output": output,
+            "model": {"architecture": "clipn-tiny", "seed": 3}, "classes": {"names": list(World().id_shapes)},
+            "templates": "world", "negatives": {"enabled": False},
+            # half a CPU for the scorer: on a 2-CPU machine a resumed run needs room for Ray's filter actor
+            "runtime": {"batch_size": 32, "decode_batch_size": 32, "cpus_per_actor": 0.5}}
+
+
+def submit(cfg: dict, work: Path, name: str, address: str) -> subprocess.Popen:
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "run_id": name}))
+    return subprocess.Popen([sys.executable, "-m", "jobs", "score", "--config", str(path)], cwd=ROOT,
+                            env={**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finished(proc: subprocess.Popen, what: str) -> float:
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed ({proc.returncode}):\n{err[-3000:]}")
+    return time.perf_counter()
+
+
+def committed_rows(out: Path) -> int:
+    """Rows named by committed checkpoint files (what a rerun keeps), from their Parquet footers."""
+    n = 0
+    for p in out.glob(f"_staging/*/{resume.CHECKPOINT}/*.parquet"):
+        if not p.name.endswith(".pending.parquet"):
+            try:
+                n += pq.ParquetFile(p).metadata.num_rows
+            except OSError:  # renamed or being written this instant
+                pass
+    return n
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / f"run_date={DAY}" / "_manifest.json").read_text())
+
+
+def night(out: Path):
+    return pq.read_table(out / f"run_date={DAY}").select(COMPARED).sort_by("uri")
+
+
+def one_size(n: int, kill_at: float, work: Path, address: str) -> dict:
+    lake = work / f"lake-{n}"
+    World(seed=11).write_lake(str(lake), n)
+    full_out, out = work / f"full-{n}", work / f"resumed-{n}"
+
+    t = time.perf_counter()
+    full = finished(submit(config(lake, full_out), work, f"full{n}", address), "full run") - t
+
+    t = time.perf_counter()
+    proc = submit(config(lake, out), work, f"killed{n}", address)
+    while committed_rows(out) < kill_at * n and proc.poll() is None:
+        time.sleep(0.1)
+    if proc.poll() is not None:
+        raise SystemExit(f"the run to kill ended before {kill_at:.0%} of its rows were committed: "
+                         f"{proc.communicate()[1][-3000:]}")
+    proc.kill()
+    proc.communicate()
+    killed, staged = time.perf_counter() - t, committed_rows(out)
+
+    t = time.perf_counter()
+    resumed = finished(submit(config(lake, out, take_over=f"killed{n}"), work, f"resumed{n}", address),
+                       "resumed run") - t
+    same = night(out).equals(night(full_out))
+    m_full, m_res = manifest(full_out), manifest(out)
+    return {"n": n, "full": full, "setup": m_full["timings_s"]["setup"], "killed": killed, "staged": staged,
+            "resumed": resumed, "resumed_rows": m_res["resumed_rows"], "rows": m_res["rows"], "same": same}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=1500)
+    ap.add_argument("--kill-at", type=float, default=0.5)
+    args = ap.parse_args()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    address = ray.get_runtime_context().gcs_address
+    work = Path(tempfile.mkdtemp(prefix="bench-resume-"))
+    try:
+        results = [one_size(n, args.kill_at, work, address) for n in (args.n, 2 * args.n)]
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"machine: {platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}, Ray {ray.__version__}; clipn-tiny, CPU, local folders; "
+          f"driver killed at {args.kill_at:.0%} of the rows committed")
+    head = ("images", "full run s (baseline)", "start-up s", "start-up share", "killed after s", "rows staged",
+            "resumed run s", "rows resumed", "resumed / full", "same rows")
+    rows = [(r["n"], f"{r['full']:.1f}", f"{r['setup']:.1f}", f"{r['setup'] / r['full']:.2f}", f"{r['killed']:.1f}",
+             r["staged"], f"{r['resumed']:.1f}", f"{r['resumed_rows']}/{r['rows']}", f"{r['resumed'] / r['full']:.2f}",
+             "yes" if r["same"] else "NO") for r in results]
+    widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
+    for line in [head, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(line, widths)).rstrip())
+    bad = [r["n"] for r in results if not r["same"] or r["resumed"] > 0.7 * r["full"]]
+    if bad:
+        raise SystemExit(f"resume did not hold (same rows, at most 0.7x a full run) for N = {bad}")
+
+
+if __name__ == "__main__":
+    main()

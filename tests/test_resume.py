@@ -1,0 +1,169 @@
+"""Resume: a driver killed after some write tasks committed; the same command again keeps their rows, scores the
+rest, and publishes what a clean run publishes (jobs.score.resume)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs.demo.world import World
+from jobs.failpoints import ENV as FAILPOINTS_ENV
+from jobs.score import resume
+from schemas.score_config import ScoreJobConfig
+
+DAY = dt.date(2026, 11, 24)
+N_IMAGES = 40
+COMPARED = ["uri", "status", "predicted_class", "score_ctw", "score_atd", "score_mcm", "ood_ctw", "ood_atd", "is_ood"]
+
+
+def _cfg(lake: str, out: str, **output) -> ScoreJobConfig:
+    return ScoreJobConfig.model_validate({
+        "input": {"kind": "prefix", "uri": lake},
+        "output": {"uri": out, "run_date": str(DAY), **output},
+        "model": {"architecture": "clipn-tiny", "seed": 3}, "classes": {"names": list(World().id_shapes)},
+        "templates": "world", "negatives": {"enabled": False},
+        # the session's Ray has 2 CPUs: the scorer takes half of one, so a resumed run has room for Ray's
+        # checkpoint filter actor (one CPU) and a read task
+        "runtime": {"batch_size": 4, "decode_batch_size": 4, "cpus_per_actor": 0.5},
+    })
+
+
+def _published(out: Path):
+    part = out / f"run_date={DAY}"
+    return pq.read_table(part).sort_by("uri")
+
+
+def _committed(out: Path) -> list[Path]:
+    """The committed checkpoint files of the run staging under ``out`` (Ray renames a write's pending file once its
+    rows file is written)."""
+    return [p for p in out.glob(f"_staging/*/{resume.CHECKPOINT}/*.parquet") if not p.name.endswith(".pending.parquet")]
+
+
+# ------------------------------------------------------------------ the staging key (no Ray)
+
+
+def test_the_staging_key_is_the_command_not_the_run(tmp_path):
+    cfg = _cfg("/lake", str(tmp_path / "out"))
+    key = resume.staging_key(cfg, DAY, "model", "classes")
+    same = _cfg("/lake", str(tmp_path / "out"), take_over_lease="dead").model_copy(update={"run_id": "another"})
+    assert resume.staging_key(same, DAY, "model", "classes") == key  # names of runs are not the command
+    assert key.startswith(resume.KEY_PREFIX)
+    others = [
+        resume.staging_key(cfg, DAY + dt.timedelta(days=1), "model", "classes"),  # another night
+        resume.staging_key(cfg, DAY, "model2", "classes"),  # a checkpoint changed in place
+        resume.staging_key(cfg, DAY, "model", "classes2"),
+        resume.staging_key(_cfg("/lake2", str(tmp_path / "out")), DAY, "model", "classes"),
+        resume.staging_key(cfg.model_copy(update={"decision": cfg.decision.model_copy(update={"threshold": 0.9})}),
+                           DAY, "model", "classes"),
+    ]
+    assert key not in others and len(set(others)) == len(others)
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"output": {"resume": False}}, "output.resume is off"),
+    ({"input": {"kind": "tar"}}, "input.kind tar"),
+    ({"input": {"kind": "manifest", "uri": "/lake/m.csv"}}, "input.kind manifest"),
+])
+def test_what_cannot_resume_says_why(tmp_path, change, why):
+    data = _cfg("/lake", str(tmp_path / "out")).model_dump(mode="json")
+    for section, values in change.items():
+        data[section].update(values)
+    assert why in resume.resumable(ScoreJobConfig.model_validate(data), hash_join=False)
+    assert resume.resumable(_cfg("/lake", str(tmp_path / "out")), hash_join=False) is None
+    assert "hash join" in resume.resumable(_cfg("/lake", str(tmp_path / "out")), hash_join=True)
+    assert "needs 2" in resume.resumable(_cfg("/lake", str(tmp_path / "out")), hash_join=False, cluster_cpus=1.5)
+    assert resume.resumable(_cfg("/lake", str(tmp_path / "out")), hash_join=False, cluster_cpus=2) is None
+
+
+# ------------------------------------------------------------------ a killed driver, then the same command
+
+
+@pytest.fixture(scope="module")
+def lake(ray_local, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume") / "lake"
+    World(seed=7).write_lake(str(root), N_IMAGES)
+    return root
+
+
+def test_a_killed_driver_resumes_with_the_same_command_and_publishes_a_clean_runs_rows(lake, tmp_path, ray_local):
+    from jobs.score import run
+
+    clean = run(_cfg(str(lake), str(tmp_path / "clean")))
+    assert clean.resumed_rows == 0
+    baseline = _published(tmp_path / "clean")
+
+    out = tmp_path / "out"
+    cfg_file = tmp_path / "score.yaml"
+    cfg_file.write_text(yaml.safe_dump(_cfg(str(lake), str(out)).model_copy(update={"run_id": "killed"})
+                                       .model_dump(mode="json", exclude_none=True)))
+    # the scorer stops at its 7th batch (never released): the 6 before it reach the writes, then the driver dies
+    never = tmp_path / "never"
+    env = {**os.environ, FAILPOINTS_ENV: f"score.scorer.batch=pause,at=7,until={never}",
+           "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs", "score", "--config", str(cfg_file)], env=env,
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while len(_committed(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.kill()  # SIGKILL: no cleanup, no finally, its lease and staging stay behind
+    _, err = proc.communicate(timeout=60)
+    committed = _committed(out)
+    assert len(committed) >= 2, err[-3000:]
+    assert not (out / f"run_date={DAY}").exists()  # nothing published
+
+    # the same command; take_over_lease names the dead run (its heartbeat is fresh) and is not part of the command
+    from tests.test_reliability import _taking_over
+
+    resumed = run(_taking_over(_cfg(str(lake), str(out)), "killed"))
+    table = _published(out)
+    assert table.select(COMPARED).to_pylist() == baseline.select(COMPARED).to_pylist()
+    for col in ("score_ctw", "score_atd", "score_mcm"):
+        np.testing.assert_array_equal(table[col].to_numpy(zero_copy_only=False),
+                                      baseline[col].to_numpy(zero_copy_only=False))
+    # the dead run's rows were kept, not scored again: they carry its run id, and the manifest counts them
+    run_ids = table["run_id"].to_pylist()
+    assert resumed.rows == N_IMAGES and 0 < resumed.resumed_rows < N_IMAGES
+    assert run_ids.count("killed") == resumed.resumed_rows
+    assert run_ids.count(resumed.run_id) == N_IMAGES - resumed.resumed_rows
+    assert not (out / "_staging").exists() and not (out / "_leases").exists()  # publish removed the checkpoint too
+
+
+def test_a_changed_command_does_not_resume_another_commands_half_work(lake, tmp_path, ray_local):
+    """A dead run's staging is another command's: a run with another config scores everything itself."""
+    from jobs.score import publish, run
+
+    out = tmp_path / "out"
+    dead_cfg = _cfg(str(lake), str(out))
+    # what a dead run of dead_cfg left: a committed write of half the lake (its real rows, from a clean run)
+    run(_cfg(str(lake), str(tmp_path / "clean")))
+    rows = _published(tmp_path / "clean").slice(0, N_IMAGES // 2)
+    from jobs.scoring_setup import prepare
+
+    setup, _ = prepare(dead_cfg.model, dead_cfg.classes, dead_cfg.templates, dead_cfg.runtime,
+                       dead_cfg.storage.bind(), dead_cfg.negatives)
+    key = resume.staging_key(dead_cfg, DAY, setup.model_id, setup.heads.class_set_hash)
+    staged = Path(publish.staging_path(str(out), key))
+    (staged / resume.ROWS).mkdir(parents=True)
+    (staged / resume.CHECKPOINT).mkdir()
+    pq.write_table(rows, staged / resume.ROWS / "part-dead-000000.parquet")
+    pq.write_table(rows.select(["uri"]), staged / resume.CHECKPOINT / "part-dead-000000.parquet")
+
+    other = _cfg(str(lake), str(out)).model_dump(mode="json")
+    other["output"]["embeddings"] = True  # another output: another command
+    manifest = run(ScoreJobConfig.model_validate(other))
+    assert manifest.resumed_rows == 0 and manifest.rows == N_IMAGES
+    assert staged.exists()  # left to the sweep (output.staging_max_age_h), never published by another command
+
+    again = run(dead_cfg)  # the dead run's own command resumes it
+    assert again.resumed_rows == N_IMAGES // 2 and again.rows == N_IMAGES
+    assert not staged.exists()
