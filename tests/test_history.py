@@ -106,6 +106,7 @@ def test_few_nights_use_the_absolute_band():
     flagged = check([*nights, Night(later, "", _aggregates(0.25))], rule)
     assert flagged and "absolute band" in flagged[0]
     assert check([Night(FIRST, "", _aggregates(0.9))], rule) == []  # a first night has nothing to compare with
+    assert check([*nights, Night(later, "", _aggregates(0.9, rows=10))], rule) == []  # 9 ok rows: noise, not checked
 
 
 def test_older_manifests_without_aggregates_are_computed_from_the_rows(tmp_path, capsys):

@@ -115,7 +115,8 @@ def _partial_block(block: pa.Table) -> pa.Table:
 
 def from_dataset(ds, computed_from: str = "job") -> NightAggregates:
     """Aggregates of a Ray dataset of output rows: one partial per block, computed in Ray tasks; only the
-    partials (each at most a few hundred kB) reach the driver."""
+    partials (each at most a few hundred kB) reach the driver. The projection to :func:`columns` is pushed
+    down into a Parquet read."""
     cols = columns(ds.schema().base_schema) if ds.schema() is not None else []
     if not cols:  # no file: an empty night
         return merge([], computed_from=computed_from)
@@ -144,4 +145,5 @@ def from_staged(staged: str, storage) -> NightAggregates:
     if not fs.exists(path) or not any(p.endswith(".parquet") for p in fs.find(path)):
         return merge([])
     arrow_fs, arrow_path = storage.arrow(staged)
-    return from_dataset(ray.data.read_parquet(arrow_path, filesystem=arrow_fs))
+    # no partitioning: an Iceberg run stages under .../run_date=<night>/, which is no column to add
+    return from_dataset(ray.data.read_parquet(arrow_path, filesystem=arrow_fs, partitioning=None))

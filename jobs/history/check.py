@@ -1,9 +1,10 @@
 """Check: does the latest night leave the band of the nights before it (the rule of :class:`schemas.drift.DriftRule`)?
 
 Metrics, each a share in [0, 1]: ``ood_share`` (ok rows flagged OOD), ``class <name> ood_share`` (per predicted
-class, on nights where the class has at least ``min_class_rows`` ok rows) and ``error_share`` (rows whose status
-is not ok; flagged only when it rises). For each, the trailing values are those of the up to ``nights`` nights
-before tonight that have the metric:
+class) and ``error_share`` (rows whose status is not ok; flagged only when it rises). A share counts on a night
+only over at least ``min_rows`` rows (ok rows of the night or the class; all rows for the error share): a share of
+a handful of rows is noise. Tonight's is checked against the trailing values, those of the up to ``nights``
+nights before tonight where it counts:
 
 * at least ``min_nights`` of them: flagged when ``|x - median| > max(z * 1.4826 * MAD, min_change)``, a robust
   z-score (1.4826 MAD estimates a normal spread, and neither the median nor the MAD moves much for one odd night
@@ -44,9 +45,9 @@ def _finding(name: str, tonight: float, trailing: list[float], rule: DriftRule, 
             f"{'up' if change > 0 else 'down'} {abs(change):.4f}, {why}")
 
 
-def _trailing(nights: list[Night], metric: Callable[[Night], float | None]) -> list[float]:
+def _trailing(nights: list[Night], metric: Callable[[Night], float | None], count: int) -> list[float]:
     values = [metric(n) for n in nights]
-    return [v for v in values if v is not None]
+    return [v for v in values if v is not None][-count:]
 
 
 def check(nights: list[Night], rule: DriftRule) -> list[str]:
@@ -55,24 +56,30 @@ def check(nights: list[Night], rule: DriftRule) -> list[str]:
     if not nights:
         return []
     nights = sorted(nights, key=lambda n: n.run_date)
-    tonight, before = nights[-1], nights[:-1][-rule.nights:]
-    a = tonight.aggregates
-    found = []
+    tonight, before = nights[-1], nights[:-1]
+    enough = rule.min_rows
+
+    def ood(n: Night) -> float | None:
+        return n.aggregates.ood_share if n.aggregates.by_status.get("ok", 0) >= enough else None
+
+    def errors(n: Night) -> float | None:
+        return n.aggregates.error_share if n.aggregates.rows >= enough else None
+
+    def of_class(name: str) -> Callable[[Night], float | None]:
+        def share(n: Night) -> float | None:
+            c = n.aggregates.by_class.get(name)
+            return c.ood_share if c is not None and c.ok >= enough else None
+        return share
+
     metrics: list[tuple[str, Callable[[Night], float | None], bool]] = [
-        ("ood_share", lambda n: n.aggregates.ood_share, False),
-        ("error_share", lambda n: n.aggregates.error_share, True),
-    ]
-    for name, c in sorted(a.by_class.items()):
-        if c.ok >= rule.min_class_rows:
-            def share(n: Night, name=name) -> float | None:
-                cls = n.aggregates.by_class.get(name)
-                return cls.ood_share if cls is not None and cls.ok >= rule.min_class_rows else None
-            metrics.append((f"class {name!r} ood_share", share, False))
+        ("ood_share", ood, False), ("error_share", errors, True),
+        *((f"class {name!r} ood_share", of_class(name), False) for name in sorted(tonight.aggregates.by_class))]
+    found = []
     for name, metric, rises_only in metrics:
         value = metric(tonight)
         if value is None:
             continue
-        line = _finding(name, value, _trailing(before, metric), rule, rises_only)
+        line = _finding(name, value, _trailing(before, metric, rule.nights), rule, rises_only)
         if line is not None:
             found.append(f"{tonight.run_date.isoformat()}: {line}")
     return found

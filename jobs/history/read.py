@@ -3,7 +3,7 @@ night's rows when it recorded none (a night published before aggregates existed)
 
 A Parquet folder: each published night's ``_manifest.json`` (:func:`jobs.score.publish.published_nights`).
 An Iceberg table: the ``clipn.aggregates.<night>`` table properties (:mod:`jobs.score.iceberg`), and for the
-nights committed without one (the snapshots' ``clipn.run_date``) a scan of the night's rows.
+other nights with rows (the table's ``run_day`` partitions) a scan of the night's rows.
 """
 
 from __future__ import annotations
@@ -51,7 +51,11 @@ def iceberg_nights(cfg, storage: Storage, exclude: dt.date | None = None) -> lis
         return []
     found: dict[dt.date, Night] = {}
     runs: dict[dt.date, str] = {}
-    for props in _snapshot_nights(table):  # every night committed, its latest run last
+    for part in table.inspect.partitions().column("partition").to_pylist():  # every night with rows
+        day = part.get("run_day")
+        if day is not None:  # the day transform's value: a date, or days since the epoch
+            runs[day if isinstance(day, dt.date) else dt.date(1970, 1, 1) + dt.timedelta(days=day)] = ""
+    for props in _snapshot_nights(table):  # their runs, where the snapshots are still there (latest last)
         if props.get("clipn.run_date"):
             runs[dt.date.fromisoformat(props["clipn.run_date"])] = props.get("clipn.run_id", "")
     for key, value in table.properties.items():
