@@ -177,3 +177,14 @@ def test_iceberg_properties_keep_the_latest_nights_aggregates():
     record = json.loads(keep[f"{AGGREGATES_PROP}{day}"])
     assert record["run_id"] == f"run-{day}" and NightAggregates.model_validate(record["aggregates"]) == a
     assert drop == [f"{AGGREGATES_PROP}{FIRST}"]  # the oldest goes, so the table keeps AGGREGATE_NIGHTS_KEPT
+
+
+def test_a_table_created_but_never_committed_to_has_no_nights(tmp_path):
+    """A run's alerts: check reads the table's nights before its first commit (the run created the table)."""
+    from jobs.history.read import iceberg_nights
+    from jobs.score.iceberg import load_table
+    from schemas.score_config import IcebergConfig
+
+    cfg = IcebergConfig(table="lake.flags", uri=f"sqlite:///{tmp_path / 'catalog.db'}", warehouse=f"file://{tmp_path}/wh")
+    load_table(cfg, Storage({}), create=True)
+    assert iceberg_nights(cfg, Storage({})) == []

@@ -51,7 +51,9 @@ def iceberg_nights(cfg, storage: Storage, exclude: dt.date | None = None) -> lis
         return []
     found: dict[dt.date, Night] = {}
     runs: dict[dt.date, str] = {}
-    for part in table.inspect.partitions().column("partition").to_pylist():  # every night with rows
+    # every night with rows (a table created but never committed to has none: pyiceberg cannot inspect it)
+    partitions = table.inspect.partitions().column("partition").to_pylist() if table.current_snapshot() else []
+    for part in partitions:
         day = part.get("run_day")
         if day is not None:  # the day transform's value: a date, or days since the epoch
             runs[day if isinstance(day, dt.date) else dt.date(1970, 1, 1) + dt.timedelta(days=day)] = ""
