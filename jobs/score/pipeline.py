@@ -250,8 +250,10 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                     bank_built = bank_path(target.bank_root, setup.model_id, setup.heads.class_set_hash, run_id)
                     storage.write_bytes(bank_built, bank_bytes(build_lake_bank(staged, storage,
                                                                                stats["by_status"].get("ok", 0))))
+                t_aggregates = time.perf_counter()
                 aggregates = from_staged(staged, storage)
                 alerts = drift_alerts(cfg, storage, run_date, run_id, aggregates)
+                t_aggregates = time.perf_counter() - t_aggregates
                 failpoints.hit("score.staged")  # a driver crash with everything staged, nothing published
                 manifest = ScoreManifest(
                     schema_version=OUTPUT_SCHEMA_VERSION, run_id=run_id, run_date=run_date,
@@ -265,7 +267,8 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                     since_overlap_nights=list(since.overlap), watermark=watermark,
                     decision=cfg.decision.model_dump(mode="json"), calibration_id=calibration_id,
                     lake_bank_used=bank_used, lake_bank_id=setup.bank_id, lake_bank_built=bank_built,
-                    **stats, timings_s={"setup": round(t_setup, 3), "score_and_write": round(t_score, 3)},
+                    **stats, timings_s={"setup": round(t_setup, 3), "score_and_write": round(t_score, 3),
+                                             "aggregates_and_alerts": round(t_aggregates, 3)},
                     images_per_s=round(stats["rows"] / t_score, 2) if t_score > 0 else None,
                     config=cfg.model_dump(mode="json"), aggregates=aggregates, alerts=alerts,
                 )
