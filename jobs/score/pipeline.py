@@ -251,7 +251,7 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                     storage.write_bytes(bank_built, bank_bytes(build_lake_bank(staged, storage,
                                                                                stats["by_status"].get("ok", 0))))
                 t_aggregates = time.perf_counter()
-                aggregates = from_staged(staged, storage)
+                aggregates = from_staged(staged, storage, stats["rows"])
                 alerts = drift_alerts(cfg, storage, run_date, run_id, aggregates)
                 t_aggregates = time.perf_counter() - t_aggregates
                 failpoints.hit("score.staged")  # a driver crash with everything staged, nothing published
