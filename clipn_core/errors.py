@@ -111,6 +111,15 @@ class LeaseLostError(ClipnError):
     """A run's lease on its night was taken over (its heartbeat looked dead to another run); it publishes nothing."""
 
 
+class DriftAlertError(ClipnError):
+    """The drift check of a scoring run's ``alerts:`` found something and ``alerts.fail`` is set; the night is
+    published all the same (its manifest records the findings).
+
+    ``exit_code`` is what ``clipn score`` exits with (3)."""
+
+    exit_code = 3
+
+
 class InputError(ClipnError, ValueError):
     """A job's configured input is missing, empty or malformed (raised before any work starts)."""
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from schemas.calibrate_config import CalibrateJobConfig
 from schemas.eval_config import EvalJobConfig
+from schemas.history_config import HistoryJobConfig
 from schemas.import_config import ImportJobConfig, UpgradeCheckpointConfig
 from schemas.review_config import ReviewConfig
 from schemas.score_config import ScoreJobConfig
@@ -73,8 +74,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]
         default = "required" if info.is_required() else f"default: {info.get_default(call_default_factory=True)!r}"
         # --run-date as well as --run_date: people type hyphens
         aliases = [f"--{dotted.replace('_', '-')}"] if "_" in dotted else []
+        flag = {"nargs": "?", "const": "true"} if info.annotation is bool else {}  # a bare --check means true
         group.add_argument(f"--{dotted}", *aliases, dest=f"field:{dotted}", metavar="VALUE", default=argparse.SUPPRESS,
-                           help=f"{info.description or ''} ({default})")
+                           help=f"{info.description or ''} ({default})", **flag)
 
 
 def build_config(model: type[BaseModel], args: argparse.Namespace):
@@ -178,6 +180,20 @@ def _review(args) -> int:
     return 0
 
 
+def _history(args) -> int:
+    from jobs.history import run
+    from jobs.history.table import format_table
+
+    cfg = build_config(HistoryJobConfig, args)
+    history = run(cfg)
+    print(format_table(history.nights, cfg.score))
+    if cfg.plot:
+        print(f"plot: {cfg.plot}")
+    for line in history.findings or []:
+        print(f"drift: {line}")
+    return 1 if history.findings else 0
+
+
 def _demo(args) -> int:
     from jobs.demo import FULL, SMALL, run_demo
 
@@ -224,6 +240,10 @@ def make_parser() -> argparse.ArgumentParser:
                             "images with thumbnails, by predicted class", description=ReviewConfig.__doc__)
     add_config_arguments(review, ReviewConfig)
     review.set_defaults(func=_review)
+    history = sub.add_parser("history", help="one line per night of an output, a plot, and a drift check of the "
+                             "latest night (exit 1 on a finding)", description=HistoryJobConfig.__doc__)
+    add_config_arguments(history, HistoryJobConfig)
+    history.set_defaults(func=_history)
     demo = sub.add_parser("demo", help="the whole product on a generated world: train, score a lake, evaluate (local Ray)")
     demo.add_argument("--out", default="demo_out", help="local folder for the scores, the report, configs and the cache")
     demo.add_argument("--endpoint", default=None,

@@ -21,6 +21,49 @@ class Watermark(BaseModel):
     run_date: dt.date = Field(description="its night: the output whose rows the next night leaves out again")
 
 
+QUANTILE_LEVELS: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+"""Which quantiles of every score a night's aggregates keep (fractions of its ok rows)."""
+
+
+class ClassAggregate(BaseModel):
+    """One predicted class of a night: its ok rows and how many of them ``is_ood`` flagged."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    ok: int = Field(description="ok rows predicted as this class")
+    ood: int = Field(description="of those, rows flagged OOD (is_ood)")
+
+    @property
+    def ood_share(self) -> float | None:
+        return self.ood / self.ok if self.ok else None
+
+
+class NightAggregates(BaseModel):
+    """Per-night aggregates of the published rows, what ``clipn history`` and its drift check read.
+
+    Quantiles are of each ``score_<name>`` column over the night's rows with a score (ok rows), as the inverse
+    empirical CDF of a mergeable summary (:mod:`jobs.history.aggregates`): exact while a night's Arrow block holds
+    at most ``SUMMARY_POINTS`` scores, otherwise within 1/``SUMMARY_POINTS`` of rank."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    rows: int = Field(description="rows of the night")
+    by_status: dict[str, int] = Field(description="rows by status")
+    ood_share: float | None = Field(description="share of ok rows flagged OOD (is_ood); None without ok rows")
+    by_class: dict[str, ClassAggregate] = Field(default_factory=dict, description="ok rows by predicted class")
+    quantile_levels: list[float] = Field(default_factory=lambda: list(QUANTILE_LEVELS))
+    quantiles: dict[str, list[float | None]] = Field(
+        default_factory=dict, description="score name (without score_) -> its value at each of quantile_levels "
+        "(None: no row had that score)")
+    computed_from: str = Field("job", description="job: recorded by the scoring run; rows: computed later from the "
+                               "published rows (a night whose manifest predates aggregates)")
+
+    @property
+    def error_share(self) -> float | None:
+        """Share of rows whose status is not ok (None for an empty night)."""
+        return 1 - self.by_status.get("ok", 0) / self.rows if self.rows else None
+
+
 class ScoreManifest(BaseModel):
     """What one scoring run did: identity of the model and class set, counts, rates, timings, config."""
 
@@ -80,3 +123,7 @@ class ScoreManifest(BaseModel):
     timings_s: dict[str, float]
     images_per_s: float | None = Field(None, description="rows per second of the read-to-write pipeline")
     config: dict = Field(description="the validated job config (never credentials: they are not config)")
+    aggregates: NightAggregates | None = Field(None, description="the night's aggregates (None in manifests written "
+                                               "before them: clipn history computes them from the rows)")
+    alerts: list[str] | None = Field(None, description="drift findings of the alerts: check run at the job's end, one "
+                                     "line each (None: the check did not run)")

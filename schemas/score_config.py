@@ -22,6 +22,7 @@ from schemas.common import (
     StorageConfig,
     StrictModel,
 )
+from schemas.drift import AlertsConfig
 
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"]
 
@@ -258,6 +259,7 @@ class ScoreJobConfig(StrictModel):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     run_id: str | None = Field(None, description="identifier of this run (default: random)")
+    alerts: AlertsConfig | None = Field(None, description="drift check at the job's end (schemas.drift; none: off)")
 
     @model_validator(mode="after")
     def _lake_bank_needs(self):

@@ -52,11 +52,21 @@ def test_reduced_demo_trains_scores_and_detects_ood_well_above_chance(tmp_path, 
     assert page.is_file() and f"review page of 2026-11-25: {page}" in printed
     assert len(list((page.parent / "thumbs").glob("*.jpg"))) >= 12
     assert "; 0 image(s) could not be read back" in page.read_text(encoding="utf-8")
+    # clipn history over the two Parquet nights: printed, plotted, checked (the same lake twice: no finding)
+    history = result["history"]
+    assert [n.aggregates.rows for n in history.nights] == [lake["rows"]] * 2 and history.findings == []
+    assert "clipn history" in printed and (tmp_path / "out" / "history.png").is_file()
+    # the Iceberg night keeps its aggregates in a table property
+    from jobs.history.read import iceberg_nights
+
+    cfg = result["configs"]["score-iceberg"]
+    [night] = iceberg_nights(cfg.output.iceberg, cfg.storage.bind())
+    assert night.aggregates.computed_from == "job" and night.aggregates.by_status == lake["by_status"]
 
     saved = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
     assert saved["scores"] == report.model_dump(mode="json")["scores"]
     assert len(list((tmp_path / "cache").glob("base-clip-*.safetensors"))) == 1
-    for name in ("train-clip", "train-clipn", "score", "score-iceberg", "calibrate", "evaluate"):
+    for name in ("train-clip", "train-clipn", "score", "score-iceberg", "calibrate", "evaluate", "history"):
         assert (tmp_path / "out" / "configs" / f"{name}.yaml").is_file()
 
 

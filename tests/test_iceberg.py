@@ -198,6 +198,16 @@ def test_snapshot_expiry_keeps_the_watermark_and_the_lake_bank_pointer(tmp_path,
     assert sorted(r["uri"].rsplit("/", 1)[-1] for r in night2) == ["img100.jpg", "img101.jpg"]
     assert iceberg.latest_bank_uri(IcebergConfig(**ice), storage, DAY + dt.timedelta(days=5), "m", "h") == \
         "s3://x/bank.safetensors"
+    # so do the nights' aggregates (clipn history): the first night's outlived its snapshot
+    from jobs.history.read import iceberg_nights
+
+    nights = {n.run_date: n for n in iceberg_nights(IcebergConfig(**ice), storage)}
+    assert nights[DAY].aggregates == first.aggregates and nights[DAY].run_id == first.run_id
+    assert first.aggregates.rows == 6 and first.aggregates.by_status["ok"] == 5
+    assert nights[DAY + dt.timedelta(days=1)].aggregates == second.aggregates and second.aggregates.rows == 2
+    # the night committed without aggregates (and whose snapshot is gone): computed from its rows
+    banked = nights[DAY - dt.timedelta(days=1)].aggregates
+    assert banked.computed_from == "rows" and banked.by_status == {"ok": 1} and banked.ood_share == 0
 
 
 def test_the_night_properties_keep_the_latest_nights(tmp_path, monkeypatch):

@@ -20,12 +20,14 @@ import torch
 from PIL import Image
 
 import clipn_core as cc
+from clipn_core.errors import DriftAlertError
 from clipn_core.images import split_preprocessor
 from clipn_core.storage import Storage
 from jobs.cli import main as cli_main
 from jobs.demo import world
 from jobs.score import run
 from jobs.scoring_setup import negative_labels
+from schemas.manifest import ScoreManifest
 from schemas.output import OUTPUT_SCHEMA
 from schemas.score_config import NegativesConfig, ScoreJobConfig
 from tests import ray_metrics
@@ -225,16 +227,37 @@ def test_rerun_replaces_the_partition_and_skip_scored(lake):
     table = _read(lake, out)
     assert len(table) == first.rows == second.rows  # not doubled
     assert set(table.column("run_id").to_pylist()) == {second.run_id}
+    # the night's aggregates (Ray, one partial per block) are those of its published rows (Arrow, streamed)
+    from jobs.history.read import parquet_nights
+    from schemas.manifest import NightAggregates
+
+    raw = json.loads(fsspec.filesystem("s3", **lake["opts"]).cat_file(f"lake/out2/run_date={DAY}/_manifest.json"))
+    recorded = NightAggregates.model_validate(raw["aggregates"])
+    [night] = parquet_nights(out, Storage({**lake["opts"]}))
+    assert recorded == second.aggregates == night.aggregates
+    assert recorded.by_status == second.by_status and recorded.ood_share == second.ood_rate["is_ood"]
+    assert sum(c.ok for c in recorded.by_class.values()) == second.by_status["ok"]
+    assert recorded.quantiles["atd"] == pytest.approx(
+        np.quantile(np.array([v for v in table.column("score_atd").to_pylist() if v is not None]),
+                    recorded.quantile_levels, method="inverted_cdf").tolist())
+    assert second.alerts is None  # no alerts: section
 
     fs = fsspec.filesystem("s3", **lake["opts"])
     fs.pipe_file("lake/images/new_tonight.jpg", world.encode(world.render("triangle", "pink", 99, 48)))
     try:
-        nxt = run(_cfg(lake, out, output__run_date=str(DAY + dt.timedelta(days=1)), output__skip_scored=True))
+        # alerts with fail: the night is published, its manifest names the findings, and then the run fails
+        with pytest.raises(DriftAlertError, match="error_share"):
+            run(_cfg(lake, out, output__run_date=str(DAY + dt.timedelta(days=1)), output__skip_scored=True,
+                     alerts={"min_rows": 1, "fail": True}))
+        nxt = ScoreManifest.model_validate_json(fs.cat_file(f"lake/out2/run_date={DAY + dt.timedelta(days=1)}/"
+                                                            "_manifest.json"))
         new = _read(lake, f"{out}/run_date={DAY + dt.timedelta(days=1)}")
         # only the new image and the non-ok ones (retried) are scored again
         retried = {n for n, (_, s) in ODD.items() if s != "ok"}
         assert {u.rsplit("/", 1)[-1] for u in new.column("uri").to_pylist()} == {"new_tonight.jpg", *retried}
         assert nxt.skipped_already_scored == len(GOOD) + 4
+        # alerts: the night holds mostly the retried failures, so its non-ok share left the band of the one before
+        assert any(a.startswith(f"{DAY + dt.timedelta(days=1)}: error_share") for a in nxt.alerts), nxt.alerts
         # a later night where everything is already scored publishes an empty partition, not an error
         empty_day = DAY + dt.timedelta(days=2)
         with fs.open("lake/manifests/done.parquet", "wb") as f:
@@ -242,6 +265,7 @@ def test_rerun_replaces_the_partition_and_skip_scored(lake):
         none_left = run(_cfg(lake, out, input={"kind": "manifest", "uri": "s3://lake/manifests/done.parquet"},
                              output__run_date=str(empty_day), output__skip_scored=True))
         assert none_left.rows == 0 and none_left.by_status == {}
+        assert none_left.aggregates.rows == 0 and none_left.aggregates.ood_share is None
         assert fs.exists(f"lake/out2/run_date={empty_day}/_SUCCESS")
     finally:
         fs.rm("lake/images/new_tonight.jpg")

@@ -39,6 +39,7 @@ from jobs.demo.s3 import MOTO_CREDENTIALS, ensure_bucket, start_moto
 from jobs.demo.world import World, encode, render
 from schemas.calibrate_config import CalibrateJobConfig
 from schemas.eval_config import EvalJobConfig
+from schemas.history_config import HistoryJobConfig
 from schemas.reports import CalibrationReport, EvalReport
 from schemas.review_config import ReviewConfig
 from schemas.score_config import ScoreJobConfig
@@ -125,6 +126,7 @@ def demo_configs(out: Path, root: str, endpoint: str, size: DemoSize, base_clip:
         "output": {"uri": str(out / "scores"), "run_date": str(DEMO_NIGHT), "embeddings": True, "lake_bank": True},
         "model": {"checkpoint": clipn.output.checkpoint}, "classes": classes, "templates": "world",
         "runtime": {"batch_size": 256, "decode_batch_size": 256, "pool_size": 1}, "storage": storage,
+        "alerts": {},  # the drift check at the job's end: its findings go into the manifest
     })
     # the second night again, as an Iceberg table: SQLite catalog beside the outputs, warehouse in the bucket
     score_iceberg = ScoreJobConfig.model_validate({
@@ -144,8 +146,10 @@ def demo_configs(out: Path, root: str, endpoint: str, size: DemoSize, base_clip:
         "output": {"dir": str(out / "report")}, "calibration": str(out / "calibration" / "calibration.json"),
         "storage": storage,
     })
+    history = HistoryJobConfig.model_validate({"output": score.output.uri, "check": True,
+                                               "plot": str(out / "history.png")})
     return {"train-clip": clip, "train-clipn": clipn, "score": score, "score-iceberg": score_iceberg,
-            "calibrate": calibrate, "evaluate": evaluate}
+            "calibrate": calibrate, "evaluate": evaluate, "history": history}
 
 
 def base_clip_path(cache_dir: Path, world: World, size: DemoSize) -> Path:
@@ -207,6 +211,8 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
     from jobs.evaluation.calibrate import run as run_calibrate
     from jobs.evaluation.evaluate import run as run_evaluate
     from jobs.review import run as run_review
+    from jobs.history import run as run_history
+    from jobs.history.table import format_table
     from jobs.score import run as run_score
     from jobs.train import run as run_train
 
@@ -264,6 +270,10 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
         lake = lake_summary(manifest.partition, truth)
         print(f"    {lake['rows']} rows for {lake['inputs']} inputs a night, in {time.perf_counter() - t:.0f} s; lake bank "
               f"{first.lake_bank_built}")
+        history = run_history(cfgs["history"])
+        print(f"    clipn history --config {out / 'configs' / 'history.yaml'} (drift check: alerts {manifest.alerts}):")
+        print("\n".join(f"      {line}" for line in format_table(history.nights).splitlines()))
+        print(f"      {len(history.findings)} drift finding(s); plot {cfgs['history'].plot}")
         cfgs["score-iceberg"].negatives.bank = first.lake_bank_built  # the second night's rows, as a table
         _write_config(out, "score-iceberg", cfgs["score-iceberg"])
         (out / "iceberg").mkdir(parents=True, exist_ok=True)
@@ -311,7 +321,7 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
     for k, v in paths.items():
         print(f"    {k:10} {v}")
     return {"evaluation": report, "calibration": calibration, "template_comparison": comparison, "lake": lake,
-            "iceberg": iceberg,
+            "iceberg": iceberg, "history": history,
             "paths": paths, "configs": cfgs, "seconds": round(seconds, 1), "size": asdict(size)}
 
 

@@ -8,8 +8,9 @@ readers (Spark, Trino, DuckDB, pyiceberg) cannot see them. The commit is one tra
    new column; old data files are not rewritten, their rows read it as null);
 2. delete the rows of the same night, model id and class set (a rerun replaces them);
 3. add the run's data files;
-4. set the night's watermark and lake bank as table properties (``clipn.watermark.<night>``,
-   ``clipn.lake-bank.<night>.<model>.<class set>``), which snapshot expiry never removes;
+4. set the night's watermark, lake bank and aggregates as table properties (``clipn.watermark.<night>``,
+   ``clipn.lake-bank.<night>.<model>.<class set>``, ``clipn.aggregates.<night>``), which neither snapshot
+   expiry nor orphan-file cleanup ever removes (a file beside the table would be an orphan to the latter);
 
 with snapshot properties carrying what ``_manifest.json`` carries. Readers see the old
 snapshot or the new one, never a mix. Two runs that commit at the same time conflict in
@@ -52,6 +53,11 @@ COMMIT_ATTEMPTS = 8
 WATERMARK_PROP = "clipn.watermark."
 BANK_PROP = "clipn.lake-bank."
 NIGHTS_KEPT = 400
+# a night's aggregates (clipn history, the drift check), in the table's properties: every commit rewrites the
+# table metadata that holds them (~1-2 kB a night, + ~40 B a class), so only the latest nights keep theirs;
+# clipn history computes an older night's from its rows
+AGGREGATES_PROP = "clipn.aggregates."
+AGGREGATE_NIGHTS_KEPT = 60
 RUN_DATE = "run_date"
 # pyiceberg's own S3 file IO for the local default catalog: s3fs, with botocore's retries, as the jobs use
 _FSSPEC_IO = "pyiceberg.io.fsspec.FsspecFileIO"
@@ -213,18 +219,27 @@ def _run_snapshot(table, run_id: str) -> int | None:
 
 def night_properties(table, manifest: ScoreManifest) -> tuple[dict[str, str], list[str]]:
     """(table properties to set, to remove) for a night's commit: its watermark and lake bank, kept in the table's
-    properties, which snapshot expiry never removes, for the :data:`NIGHTS_KEPT` latest nights."""
+    properties, which snapshot expiry never removes, for the :data:`NIGHTS_KEPT` latest nights, and its aggregates
+    for the :data:`AGGREGATE_NIGHTS_KEPT` latest."""
     day = manifest.run_date.isoformat()
     props = {}
     if manifest.watermark is not None:
         props[f"{WATERMARK_PROP}{day}"] = json.dumps({"at": manifest.watermark.isoformat(), "run_id": manifest.run_id})
     if manifest.lake_bank_built:
         props[f"{BANK_PROP}{day}.{manifest.model_id[:16]}.{manifest.class_set_hash}"] = manifest.lake_bank_built
+    if manifest.aggregates is not None:
+        props[f"{AGGREGATES_PROP}{day}"] = json.dumps({"run_id": manifest.run_id,
+                                                       "aggregates": manifest.aggregates.model_dump(mode="json")},
+                                                      separators=(",", ":"))
     nights = sorted({k[len(WATERMARK_PROP):] for k in table.properties if k.startswith(WATERMARK_PROP)} | {day})
     old = set(nights[:-NIGHTS_KEPT])
+    aggregated = sorted({k[len(AGGREGATES_PROP):] for k in table.properties if k.startswith(AGGREGATES_PROP)}
+                        | ({day} if manifest.aggregates is not None else set()))
+    old_aggregates = set(aggregated[:-AGGREGATE_NIGHTS_KEPT])
     drop = [k for k in table.properties
             if (k.startswith(WATERMARK_PROP) and k[len(WATERMARK_PROP):] in old)
-            or (k.startswith(BANK_PROP) and k[len(BANK_PROP):].split(".", 1)[0] in old)]
+            or (k.startswith(BANK_PROP) and k[len(BANK_PROP):].split(".", 1)[0] in old)
+            or (k.startswith(AGGREGATES_PROP) and k[len(AGGREGATES_PROP):] in old_aggregates)]
     return props, drop
 
 

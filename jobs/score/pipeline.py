@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import ray
 
 from clipn_core.device_plan import DevicePlan
-from clipn_core.errors import InputError, redact_uri
+from clipn_core.errors import DriftAlertError, InputError, redact_uri
 from clipn_core.images import split_preprocessor
 from clipn_core.lake_bank import bank_bytes
 from clipn_core.storage import Storage, is_remote
@@ -29,6 +29,9 @@ from clipn_core.uri_scope import UriScope
 from jobs import failpoints
 from jobs.calibration import check_fits, check_threshold, load_calibration
 from jobs.score import resume
+from jobs.history.aggregates import from_staged
+from jobs.history.check import check as check_drift
+from jobs.history.read import Night, output_nights
 from jobs.score.counts import KEPT, LISTED, SKIPPED, InputCounts
 from jobs.score.counts import totals as count_totals
 from jobs.score.decode import DecodeSettings, read_decode_batch, read_tar_batch
@@ -46,7 +49,7 @@ from jobs.score.read import Inputs, input_dataset
 from jobs.score.scorer import ScorerActor
 from jobs.score.targets import OutputTarget, abandon_quietly, output_target, publish_or_abandon
 from jobs.scoring_setup import ScoringSetup, prepare
-from schemas.manifest import ScoreManifest, Watermark
+from schemas.manifest import NightAggregates, ScoreManifest, Watermark
 from schemas.output import OUTPUT_SCHEMA_VERSION
 from schemas.score_config import ScoreJobConfig
 from schemas.status import LEFT_OUT_REASONS
@@ -265,6 +268,10 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                     bank_built = bank_path(target.bank_root, setup.model_id, setup.heads.class_set_hash, run_id)
                     storage.write_bytes(bank_built, bank_bytes(build_lake_bank(staged, storage,
                                                                                stats["by_status"].get("ok", 0))))
+                t_aggregates = time.perf_counter()
+                aggregates = from_staged(staged, storage, stats["rows"])
+                alerts = drift_alerts(cfg, storage, run_date, run_id, aggregates)
+                t_aggregates = time.perf_counter() - t_aggregates
                 failpoints.hit("score.staged")  # a driver crash with everything staged, nothing published
                 manifest = ScoreManifest(
                     schema_version=OUTPUT_SCHEMA_VERSION, run_id=run_id, run_date=run_date,
@@ -279,9 +286,10 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                     decision=cfg.decision.model_dump(mode="json"), calibration_id=calibration_id,
                     lake_bank_used=bank_used, lake_bank_id=setup.bank_id, lake_bank_built=bank_built,
                     **stats, resumed_rows=resumed,
-                    timings_s={"setup": round(t_setup, 3), "score_and_write": round(t_score, 3)},
+                    timings_s={"setup": round(t_setup, 3), "score_and_write": round(t_score, 3),
+                               "aggregates_and_alerts": round(t_aggregates, 3)},
                     images_per_s=round((stats["rows"] - resumed) / t_score, 2) if t_score > 0 else None,
-                    config=cfg.model_dump(mode="json"),
+                    config=cfg.model_dump(mode="json"), aggregates=aggregates, alerts=alerts,
                 )
                 lease.check()  # a run whose lease was taken over (heartbeat lost) must not publish
             except BaseException:
@@ -290,4 +298,20 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
             published = publish_or_abandon(target, staged, manifest, run_date)
     log.info("published %s: %d rows %s%s", published.partition, stats["rows"], stats["by_status"],
              f" ({resumed} resumed from a dead run's staging)" if resumed else "")
+    if alerts and cfg.alerts.fail:
+        raise DriftAlertError(f"night {run_date} of {published.partition} is published with {len(alerts)} drift "
+                              f"finding(s) (alerts.fail): " + "; ".join(alerts))
     return published
+
+
+def drift_alerts(cfg: ScoreJobConfig, storage: Storage, run_date: dt.date, run_id: str,
+                 aggregates: NightAggregates) -> list[str] | None:
+    """The ``alerts:`` check of this night's aggregates against the output's earlier nights (None when off); each
+    finding is also logged as a warning."""
+    if cfg.alerts is None:
+        return None
+    earlier = [n for n in output_nights(cfg.output, storage, exclude=run_date) if n.run_date < run_date]
+    findings = check_drift([*earlier, Night(run_date, run_id, aggregates)], cfg.alerts)
+    for line in findings:
+        log.warning("drift: %s", line)
+    return findings
