@@ -210,9 +210,9 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
 
     from jobs.evaluation.calibrate import run as run_calibrate
     from jobs.evaluation.evaluate import run as run_evaluate
-    from jobs.review import run as run_review
     from jobs.history import run as run_history
     from jobs.history.table import format_table
+    from jobs.review import run as run_review
     from jobs.score import run as run_score
     from jobs.train import run as run_train
 

@@ -28,10 +28,10 @@ from clipn_core.storage import Storage, is_remote
 from clipn_core.uri_scope import UriScope
 from jobs import failpoints
 from jobs.calibration import check_fits, check_threshold, load_calibration
-from jobs.score import resume
 from jobs.history.aggregates import from_staged
 from jobs.history.check import check as check_drift
 from jobs.history.read import Night, output_nights
+from jobs.score import resume
 from jobs.score.counts import KEPT, LISTED, SKIPPED, InputCounts
 from jobs.score.counts import totals as count_totals
 from jobs.score.decode import DecodeSettings, read_decode_batch, read_tar_batch
