@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from schemas.status import LEFT_OUT_REASONS, PERMANENT_STATUSES, STATUS_OK, STATUSES, TRANSIENT_STATUSES
+from schemas.status import (
+    LEFT_OUT_REASONS,
+    PERMANENT_STATUSES,
+    STATUS_OK,
+    STATUSES,
+    TRANSIENT_STATUSES,
+)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
