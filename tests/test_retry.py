@@ -41,13 +41,15 @@ def _statuses(partition: str) -> dict[str, str]:
     return {Path(u).name: s for u, s in zip(table.column("uri").to_pylist(), table.column("status").to_pylist())}
 
 
-@pytest.mark.parametrize("mode", ["skip_scored", "since"])
+@pytest.mark.parametrize("mode, broadcast_max_rows", [("skip_scored", 200_000), ("since", 0)],
+                         ids=["skip_scored, broadcast", "since, hash join"])
 def test_a_transient_failure_heals_the_next_night_and_a_permanent_one_is_not_scored_again(tmp_path, ckpt, ray_local,
-                                                                                          mode):
+                                                                                          mode, broadcast_max_rows):
     """Night 1: two dangling links (read_error: the object is not there yet), two broken images (not_an_image).
-    Before night 2 one link's object appears (older than the since watermark: only a retry reads it again) and one
-    broken image is rewritten: night 2 scores the two links again (one heals) and the rewritten image, not the
-    unchanged broken one. Night 3 (retry_nights 1) gives the still-dangling link up."""
+    Before night 2 one link's object appears (older than the since watermark: only a retry reads it again), the
+    other link is touched (since lists it again: listed and added back, it is scored once) and one broken image is
+    rewritten: night 2 scores the two links again (one heals) and the rewritten image, not the unchanged broken
+    one. Night 3 (retry_nights 1) gives the still-dangling link up."""
     lake, out, elsewhere = tmp_path / "lake", tmp_path / "out", tmp_path / "elsewhere"
     lake.mkdir()
     elsewhere.mkdir()
@@ -64,7 +66,8 @@ def test_a_transient_failure_heals_the_next_night_and_a_permanent_one_is_not_sco
         data = {"input": {"uri": str(lake)}, "output": {"uri": str(out), "run_date": str(DAY + dt.timedelta(days=n)),
                                                         "retry_nights": 1},
                 "model": {"checkpoint": ckpt}, "classes": {"names": ["circle", "square", "triangle"]},
-                "negatives": {"enabled": False}, "runtime": {"batch_size": 8, "decode_batch_size": 8}}
+                "negatives": {"enabled": False},
+                "runtime": {"batch_size": 8, "decode_batch_size": 8, "skip_broadcast_max_rows": broadcast_max_rows}}
         if mode == "skip_scored":
             data["output"]["skip_scored"] = True
         else:
@@ -80,13 +83,14 @@ def test_a_transient_failure_heals_the_next_night_and_a_permanent_one_is_not_sco
     (elsewhere / "gone1.jpg").write_bytes(_image(5))
     _backdate(elsewhere / "gone1.jpg")  # the link's object: what the listing sees through it
     (lake / "fixed.jpg").write_bytes(_image(6))  # rewritten after night 1's listing began: a changed object
+    os.utime(lake / "gone2.jpg", follow_symlinks=False)  # the dangling link itself, touched: listed by since again
     second = night(1)
     assert _statuses(second.partition) == {"fixed.jpg": "ok", "gone1.jpg": "ok", "gone2.jpg": "read_error"}
     assert (second.retried, second.healed, second.rows) == (2, 1, 3)
     if mode == "skip_scored":  # everything listed; ok and unchanged permanent failures skipped
         assert (second.inputs_listed, second.skipped_already_scored, second.retry_added) == (6, 3, 0)
-    else:  # only the rewritten image is listed; the links are added back below the watermark
-        assert (second.inputs_listed, second.excluded_by_watermark, second.retry_added) == (1, 5, 2)
+    else:  # the rewritten image and the touched link are listed; the other link is added back below the watermark
+        assert (second.inputs_listed, second.excluded_by_watermark, second.retry_added) == (2, 4, 1)
     assert second.rows + second.skipped_already_scored == second.inputs_listed + second.retry_added
 
     third = night(2)  # gone2 failed on 2 nights: retried on retry_nights = 1 already, given up

@@ -191,16 +191,13 @@ def _verdict_lookup(tables: list[pa.Table]) -> dict[str, tuple[float | None, boo
 ADDED_COLUMN = "retry_added"  # an input added back to retry a transient failure (not listed tonight)
 
 
-def _flag(batch: pa.Table, added: bool) -> pa.Table:
-    return batch.append_column(ADDED_COLUMN, pa.array([added] * batch.num_rows, pa.bool_()))
-
-
 def _added_inputs(batch: pa.Table) -> pa.Table:
     """Retry URIs as a listing's inputs (``since`` lists prefixes: ``uri``, ``modified`` null: not listed) with the
     added flag."""
     n = batch.num_rows
-    return pa.table({"uri": batch.column("uri").cast(pa.string()), "modified": pa.nulls(n, MODIFIED),
-                     ADDED_COLUMN: pa.array([True] * n, pa.bool_())})
+    uris = batch.column("uri").cast(pa.string()) if n else pa.array([], pa.string())
+    return pa.table({"uri": uris, "modified": pa.nulls(n, MODIFIED), ADDED_COLUMN: pa.array([True] * n, pa.bool_()),
+                     SKIP_UNTIL: pa.nulls(n, pa.float64()), RETRY: pa.array([True] * n, pa.bool_())})
 
 
 def split_skipped(inputs: ray.data.Dataset, table: SkipTable, counts, add_retries: bool = False) -> ray.data.Dataset:
@@ -215,10 +212,6 @@ def split_skipped(inputs: ray.data.Dataset, table: SkipTable, counts, add_retrie
     row, its listed row counted ``relisted`` (kept + skipped + relisted = listed)."""
     from jobs.score.counts import KEPT, RELISTED, RETRY_ADDED, SKIPPED, batch_key
 
-    if add_retries:
-        inputs = inputs.map_batches(_flag, batch_format="pyarrow", batch_size=None, num_cpus=0.1,
-                                    fn_kwargs={"added": False}).union(
-            table.retry_uris().map_batches(_added_inputs, batch_format="pyarrow", batch_size=None, num_cpus=0.1))
 
     def mark(batch: pa.Table, blocks: list | None = None) -> pa.Table:
         uris = batch.column("uri").to_pylist()
@@ -236,11 +229,9 @@ def split_skipped(inputs: ray.data.Dataset, table: SkipTable, counts, add_retrie
             seconds = pc.divide(pc.cast(pc.cast(batch.column("modified"), pa.timestamp("us", tz="UTC")),
                                         pa.int64()).cast(pa.float64()), 1e6)
             skip = pc.or_(skip, pc.fill_null(pc.less_equal(seconds, until), False))
-        if ADDED_COLUMN in batch.column_names:
-            added = pc.fill_null(batch.column(ADDED_COLUMN), False)
-            relisted = pc.and_(pc.fill_null(batch.column(RETRY), False), pc.invert(added))
-        else:
-            added = relisted = pa.array([False] * batch.num_rows, pa.bool_())
+        none = pa.array([False] * batch.num_rows, pa.bool_())
+        added = pc.fill_null(batch.column(ADDED_COLUMN), False) if ADDED_COLUMN in batch.column_names else none
+        relisted = pc.and_(pc.fill_null(batch.column(RETRY), False), pc.invert(added)) if add_retries else none
         removed = pc.or_(skip, relisted)
         kept = pc.and_(pc.invert(added), pc.invert(removed))
         n_kept, n_skip, n_relisted, n_added = (int(pc.sum(x).as_py() or 0) for x in (kept, skip, relisted, added))
@@ -253,10 +244,16 @@ def split_skipped(inputs: ray.data.Dataset, table: SkipTable, counts, add_retrie
         return batch.filter(pc.invert(removed)).drop_columns(drop)
 
     if table.blocks is not None:
-        return inputs.map_batches(mark, batch_format="pyarrow", batch_size=None, num_cpus=0.1,
-                                  fn_kwargs={"blocks": table.blocks})
-    joined = inputs.join(table.verdicts, join_type="left_outer", num_partitions=JOIN_PARTITIONS, on=("uri",))
-    return joined.map_batches(mark, batch_format="pyarrow", batch_size=None, num_cpus=0.1)
+        marked = inputs.map_batches(mark, batch_format="pyarrow", batch_size=None, num_cpus=0.1,
+                                    fn_kwargs={"blocks": table.blocks})
+    else:
+        joined = inputs.join(table.verdicts, join_type="left_outer", num_partitions=JOIN_PARTITIONS, on=("uri",))
+        marked = joined.map_batches(mark, batch_format="pyarrow", batch_size=None, num_cpus=0.1)
+    if not add_retries:
+        return marked
+    # the added rows' verdict is known (retry): marked and counted without a lookup or a join
+    added = table.retry_uris().map_batches(_added_inputs, batch_format="pyarrow", batch_size=None, num_cpus=0.1)
+    return marked.union(added.map_batches(mark, batch_format="pyarrow", batch_size=None, num_cpus=0.1))
 
 
 def attach_member_skips(shards: ray.data.Dataset, scored: ray.data.Dataset,
