@@ -89,11 +89,17 @@ class ScoreManifest(BaseModel):
     inputs_listed: int | None = Field(None, description="inputs listed, each counted where it was read: prefix: "
                                       "objects with a matching extension not excluded by the watermark; manifest: "
                                       "lines; tar: members with a matching extension (a torn or unreadable shard's "
-                                      "rest: one). rows + skipped_already_scored = inputs_listed "
+                                      "rest: one). rows + skipped_already_scored = inputs_listed + retry_added "
                                       "(None in manifests written before manifests and shards were counted)")
     skipped_already_scored: int | None = Field(0, description="listed inputs left out because skip_scored found them "
                                                "scored ok, or because an overlap night of since holds them unmodified since its listing; counted "
                                                "as what the skip join removed (tar: members not read)")
+    retried: int | None = Field(0, description="rows re-scored because an earlier night's row for the URI (same "
+                                "model and class set) failed transiently (output.retry_nights); None when not "
+                                "tracked (neither skip_scored nor since: last_run: every input is scored every night)")
+    healed: int | None = Field(0, description="of the retried rows, those now ok")
+    retry_added: int = Field(0, description="inputs added back below the since watermark to retry a transient "
+                             "failure (not listed tonight): rows + skipped_already_scored = inputs_listed + retry_added")
     excluded_by_watermark: int = Field(0, description="objects left out because they were not modified after since")
     left_out: dict[str, int] = Field(default_factory=dict, description="what was met but is not an input, by "
                                      "reason: extension (a name without one of input.extensions: objects under a "

@@ -84,6 +84,10 @@ class OutputConfig(StrictModel):
     embeddings: bool = Field(False, description="also write the normalised image embedding (float16 list; float32 "
                              "in Iceberg, which has no half floats)")
     skip_scored: bool = Field(False, description="skip URIs already scored ok in other partitions with the same model id and class set")
+    retry_nights: int = Field(3, ge=0, description="a URI whose row failed transiently (read_error: schemas/status.py) "
+                              "is scored again on up to this many following nights, also below the since: last_run "
+                              "watermark (0: never); with skip_scored a permanent failure is skipped like an ok row "
+                              "unless its object was modified after the night that failed on it began listing")
     staging_max_age_h: float = Field(24.0, ge=0.1, description="at start, delete staging folders of dead runs "
                                      "whose heartbeat is older than this (hours); a live run's never is")
     lease_ttl_s: float = Field(900.0, gt=0, description="one run per output and night: a run holds a lease on its "

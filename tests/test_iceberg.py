@@ -146,7 +146,8 @@ def test_skip_scored_and_since_read_the_table(tmp_path, ckpt, ray_local):
     night2 = [r for r in _rows(ice) if r[RUN_DATE] == night(DAY + dt.timedelta(days=1))]
     assert sorted(r["uri"].rsplit("/", 1)[-1] for r in night2) == ["img100.jpg", "img101.jpg"]
     third = run(_cfg(lake, ice, ckpt, DAY + dt.timedelta(days=2), skip_scored=True))
-    assert third.skipped_already_scored == 7 and third.rows == 1  # everything but the broken file, retried
+    # everything: the broken file is a permanent failure, its object unchanged since its night's watermark
+    assert third.skipped_already_scored == 8 and third.rows == 0 and third.retried == 0
     # a night with nothing new commits an empty snapshot that records the run, and its watermark for the next
     fourth = run(ScoreJobConfig.model_validate({
         **_cfg(lake, ice, ckpt, DAY + dt.timedelta(days=3)).model_dump(mode="json"),
@@ -154,7 +155,7 @@ def test_skip_scored_and_since_read_the_table(tmp_path, ckpt, ray_local):
     table = load_table(IcebergConfig(**ice), ScoreJobConfig.model_fields["storage"].default_factory().bind(), False)
     assert fourth.rows == 0 and fourth.since == third.watermark and fourth.excluded_by_watermark == 8
     assert table.current_snapshot().summary.additional_properties["clipn.run_id"] == fourth.run_id
-    assert len(table.scan().to_arrow()) == 5 + 1 + 2 + 1  # the nights before, untouched
+    assert len(table.scan().to_arrow()) == 5 + 1 + 2  # the nights before, untouched
 
 
 def _manifest(run_id: str, day: dt.date, **over):

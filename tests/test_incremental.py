@@ -59,7 +59,10 @@ def _uris(partition: str) -> list[str]:
 
 def scored_set_oracle(out: Path, day: dt.date, model_id: str, class_set_hash: str) -> set[str]:
     """The driver-side set the job used to build (the behaviour the skip join must reproduce exactly), over the
-    files each published night's manifest names."""
+    files each published night's manifest names: URIs scored ok, and (no object of the test is rewritten) those
+    that failed permanently."""
+    from schemas.status import PERMANENT_STATUSES
+
     done = set()
     for part in sorted(out.glob("run_date=*")):
         if part.name == f"run_date={day}" or not (part / "_manifest.json").exists():
@@ -67,7 +70,8 @@ def scored_set_oracle(out: Path, day: dt.date, model_id: str, class_set_hash: st
         files = [str(part / f) for f in json.loads((part / "_manifest.json").read_text())["data_files"]]
         table = pads.dataset(files, format="parquet").to_table(columns=["uri", "model_id", "class_set_hash", "status"])
         for row in table.to_pylist():
-            if row["model_id"] == model_id and row["class_set_hash"] == class_set_hash and row["status"] == "ok":
+            if (row["model_id"] == model_id and row["class_set_hash"] == class_set_hash
+                    and (row["status"] == "ok" or row["status"] in PERMANENT_STATUSES)):
                 done.add(row["uri"])
     return done
 
@@ -90,7 +94,8 @@ def test_skip_scored_equals_the_driver_side_set(tmp_path, checkpoints, ray_local
     manifest = run(_cfg(lake, out, checkpoints[1], night, output__skip_scored=True))
     everything = sorted(str(p) for p in lake.iterdir())
     assert _uris(manifest.partition) == sorted(set(everything) - expected_skip)
-    assert expected_skip == {str(lake / f"a{i}.jpg") for i in range(10)}  # ok rows of the same model only
+    # ok and permanently failed rows of the same model only
+    assert expected_skip == {str(lake / f"a{i}.jpg") for i in range(10)} | {str(lake / "bad0.jpg")}
     assert manifest.inputs_listed == len(everything) and manifest.skipped_already_scored == len(expected_skip)
     assert manifest.rows == len(everything) - len(expected_skip)
 

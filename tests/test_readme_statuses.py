@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from schemas.status import LEFT_OUT_REASONS, STATUSES
+from schemas.status import (
+    LEFT_OUT_REASONS,
+    PERMANENT_STATUSES,
+    STATUS_OK,
+    STATUSES,
+    TRANSIENT_STATUSES,
+)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -38,3 +44,12 @@ def test_readme_lists_equal_the_code(marker, code):
     listed = _bullets_after(marker)
     assert len(listed) == len(set(listed)), "a name listed twice"
     assert set(listed) == set(code), f"README only: {set(listed) - set(code)}; code only: {set(code) - set(listed)}"
+
+
+def test_every_status_is_ok_transient_or_permanent_exactly_once():
+    """A new status (a new decode error kind) must be classed: retried on the next nights or not."""
+    for status in STATUSES:
+        classes = [status == STATUS_OK, status in TRANSIENT_STATUSES, status in PERMANENT_STATUSES]
+        assert classes.count(True) == 1, f"{status!r}: ok/transient/permanent = {classes}"
+    assert TRANSIENT_STATUSES | PERMANENT_STATUSES | {STATUS_OK} == set(STATUSES)
+    assert TRANSIENT_STATUSES == {"read_error"}

@@ -135,6 +135,8 @@ def test_a_killed_driver_resumes_with_the_same_command_and_publishes_a_clean_run
     assert resumed.rows == N_IMAGES and 0 < resumed.resumed_rows < N_IMAGES
     assert run_ids.count("killed") == resumed.resumed_rows
     assert run_ids.count(resumed.run_id) == N_IMAGES - resumed.resumed_rows
+    # the night's aggregates count the published rows, not the checkpoint's files beside the staged ones
+    assert resumed.aggregates.rows == N_IMAGES and resumed.aggregates.by_status == resumed.by_status
     assert not (out / "_staging").exists() and not (out / "_leases").exists()  # publish removed the checkpoint too
 
 

@@ -147,8 +147,12 @@ def from_staged(staged: str, storage, rows: int, driver_rows_max: int = DRIVER_R
     with Ray Data (:func:`from_dataset`)."""
     import ray
 
+    from jobs.score.publish import (
+        staged_files,  # what the publish moves in: no _checkpoint of a resumable run
+    )
+
     fs, path = storage.fs(staged)
-    files = sorted(p for p in fs.find(path) if p.endswith(".parquet")) if fs.exists(path) else []
+    files = staged_files(fs, path)
     if not files:
         return merge([])
     arrow_fs, arrow_path = storage.arrow(staged)

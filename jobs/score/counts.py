@@ -25,6 +25,8 @@ import ray
 LISTED = "listed"  # tar image members listed (a torn shard's unreadable rest: one)
 KEPT = "kept"  # inputs the skip join kept
 SKIPPED = "skipped"  # inputs the skip join removed, tar members the skip set left unread
+RETRY_ADDED = "retry_added"  # inputs added back below the since watermark to retry a transient failure
+RELISTED = "relisted"  # listed inputs scored as their added retry row instead (listed and added: scored once)
 LEFT_OUT = "left_out:"  # prefix of the counts of inputs given no row, by reason
 
 

@@ -378,20 +378,39 @@ def watermarks(cfg: IcebergConfig, storage: Storage, run_date: dt.date) -> list[
     return [w for day, w in sorted(found.items()) if day != run_date]
 
 
-def scored_uris(cfg: IcebergConfig, storage: Storage, run_date: dt.date, model_id: str, class_set_hash: str):
-    """A Ray dataset of the URIs the table holds as scored ``ok`` by this model and class set on other nights
-    (read by Ray, never on the driver), or None when there is no table yet."""
+def history(cfg: IcebergConfig, storage: Storage, run_date: dt.date, model_id: str, class_set_hash: str,
+            last: int | None = None):
+    """:data:`jobs.score.retry.SOURCE` rows of the table's rows with this model and class set on nights other than
+    ``run_date`` (``last``: only the latest ``last`` nights before it), each with its night's watermark (-inf
+    when the table kept none), read by Ray (the filter pushed into the scan); None when there is no table or no
+    such night."""
     import ray
     from ray.data.expressions import col, lit
 
     if load_table(cfg, storage, create=False) is None:
         return None
+    marks = {w.run_date: w.at.timestamp() for w in watermarks(cfg, storage, run_date)}
+    where = ((col("model_id") == model_id) & (col("class_set_hash") == class_set_hash)
+             & (col(RUN_DATE) != lit(night(run_date))))
+    if last is not None:
+        nights = sorted(d for d in marks if d < run_date)[-last:] if last else []
+        if not nights:
+            return None
+        where = where & col(RUN_DATE).is_in([night(d) for d in nights])
     rows = ray.data.read_iceberg(table_identifier=cfg.table,
                                  catalog_kwargs={"name": cfg.catalog, **catalog_properties(cfg, storage)})
-    # Ray pushes the filter and projection down into the Iceberg scan (partition and file pruning)
-    scored = ((col("model_id") == model_id) & (col("class_set_hash") == class_set_hash) & (col("status") == "ok")
-              & (col(RUN_DATE) != lit(night(run_date))))
-    return rows.filter(expr=scored).select_columns(["uri"])
+    return rows.filter(expr=where).select_columns(["uri", "status", RUN_DATE]).map_batches(
+        _history_rows, batch_format="pyarrow", batch_size=None,
+        fn_kwargs={"marks": {d.toordinal(): at for d, at in marks.items()}})
+
+
+def _history_rows(batch: pa.Table, marks: dict[int, float]) -> pa.Table:
+    from jobs.score.retry import SOURCE, kinds
+
+    nights = [v.date().toordinal() for v in batch.column(RUN_DATE).to_pylist()]
+    return pa.table([batch.column("uri").cast(pa.string()), pa.array(nights, pa.int32()),
+                     pa.array([marks.get(n, float("-inf")) for n in nights], pa.float64()),
+                     kinds(batch.column("status"))], schema=SOURCE)
 
 
 def night_uris(cfg: IcebergConfig, storage: Storage, nights: list[dt.date]):

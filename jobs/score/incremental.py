@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from ray.data.expressions import col
 
 from clipn_core.lake_bank import (
     DEFAULT_MAX_ROWS,
@@ -36,7 +35,18 @@ from clipn_core.lake_bank import (
     keep_for_bank,
 )
 from clipn_core.storage import Storage
+from jobs.score.listing import MODIFIED
 from jobs.score.publish import night_files, published_nights
+from jobs.score.retry import (
+    KIND_OK,
+    KIND_OVERLAP,
+    RETRY,
+    SKIP_UNTIL,
+    RetryRules,
+    fold_blocks,
+    source_rows,
+    verdicts,
+)
 from schemas.manifest import ScoreManifest, Watermark
 from schemas.status import STATUS_OK
 
@@ -52,23 +62,6 @@ def watermarks(root: str, run_date: dt.date, storage: Storage) -> list[Watermark
             for _, m in published_nights(root, storage, exclude=run_date) if m.watermark is not None]
 
 
-def scored_uris(root: str, run_date: dt.date, model_id: str, class_set_hash: str,
-                storage: Storage) -> ray.data.Dataset | None:
-    """A dataset of the URIs scored ``ok`` in published nights other than ``run_date`` with the same
-    model and class set (the files their manifests name, read by Ray, never on the driver), or None when
-    there is no such night."""
-    fs, _ = storage.fs(root)
-    files = [f for part, m in published_nights(root, storage, exclude=run_date)
-             if m.model_id == model_id and m.class_set_hash == class_set_hash for f in night_files(fs, part, m)]
-    if not files:
-        return None
-    arrow_fs, _ = storage.arrow(root)
-    ds = ray.data.read_parquet(files, filesystem=arrow_fs, partitioning=None)
-    ds = ds.select_columns(["uri", "model_id", "class_set_hash", "status"]).filter(expr=(col("model_id") == model_id) & (col("class_set_hash") == class_set_hash)
-                   & (col("status") == STATUS_OK))
-    return ds.select_columns(["uri"])
-
-
 def night_uris(root: str, nights: list[dt.date], storage: Storage) -> ray.data.Dataset | None:
     """A dataset of every URI the published ``nights`` hold (any status and model), or None when none is
     published: what the overlap of ``since`` must not score again."""
@@ -79,46 +72,71 @@ def night_uris(root: str, nights: list[dt.date], storage: Storage) -> ray.data.D
     return ray.data.read_parquet(files, filesystem=storage.arrow(root)[0], partitioning=None).select_columns(["uri"])
 
 
-SKIP_UNTIL = "skip_until"  # the skip table's column: seconds since the epoch (inf: whatever the modification time)
-
-
 @dataclass(frozen=True)
 class SkipTable:
-    """What a night may skip: one ``(uri, skip_until)`` row per URI source row (a URI may repeat; the latest
-    ``skip_until`` wins), either as Arrow blocks in Ray's object store that every marking task looks up in
-    (``blocks``: a small set, broadcast) or as a dataset grouped to one row per URI for a hash join
-    (``grouped``: a large one). ``rows`` counts the source rows."""
+    """What a night may skip or must retry: ``verdicts``, one :data:`~jobs.score.retry.VERDICT` row per URI of the
+    sources (``uri``, ``skip_until``, ``retry``), in Ray's object store; ``blocks``: its ObjectRefs when it is small
+    enough to broadcast to every marking task, else None (:func:`split_skipped` joins it). ``rows`` counts the
+    source rows."""
 
     rows: int
+    verdicts: ray.data.Dataset
     blocks: list | None = None  # ObjectRefs of pyarrow Tables
-    grouped: ray.data.Dataset | None = None
+
+    def retry_uris(self) -> ray.data.Dataset:
+        """The URIs to score again tonight for a transient failure (a ``uri`` column)."""
+        return self.verdicts.map_batches(_uris_where, batch_format="pyarrow", batch_size=None, num_cpus=0.1,
+                                         fn_kwargs={"column": RETRY, "value": True})
+
+    def done_uris(self) -> ray.data.Dataset:
+        """The URIs skipped whatever their modification time (a ``uri`` column): what tar reads leave unread."""
+        return self.verdicts.map_batches(_uris_where, batch_format="pyarrow", batch_size=None, num_cpus=0.1,
+                                         fn_kwargs={"column": SKIP_UNTIL, "value": float("inf")})
+
+
+def _uris_where(batch: pa.Table, column: str, value) -> pa.Table:
+    """The ``uri`` column of the verdict rows whose ``column`` equals ``value`` (null: no)."""
+    if batch.num_rows == 0:  # an empty block may come without the columns
+        return pa.table({"uri": pa.array([], pa.string())})
+    return batch.filter(pc.fill_null(pc.equal(batch.column(column), value), False)).select(["uri"])
 
 
 def skip_table(scored: ray.data.Dataset | None, overlap: list[tuple[ray.data.Dataset, float]],
-               broadcast_max_rows: int) -> SkipTable | None:
-    """What the night may skip, or None when there is no source: the URIs ``skip_scored`` found scored ok
-    (``skip_until`` inf: skipped whatever their modification time) and, per overlap night of ``since`` (its
-    URIs, its watermark in epoch seconds), the URIs it holds, skipped only when not modified after that
-    night's listing began (it scored that very version).
+               broadcast_max_rows: int, history: ray.data.Dataset | None = None,
+               rules: RetryRules | None = None) -> SkipTable | None:
+    """What the night may skip or must retry, or None when there is no source: ``scored``, URIs found scored ok
+    (a ``uri`` column: skipped whatever their modification time); ``history``, the earlier nights' rows
+    (:func:`jobs.score.retry.history`, given verdicts by ``rules``: retry, skip, skip until changed); and, per
+    overlap night of ``since`` (its URIs, its watermark in epoch seconds), the URIs it holds, skipped only when not
+    modified after that night's listing began (it scored that very version).
 
     The sources are read once by Ray into its object store (never onto the driver); their row count, known
-    from the blocks' metadata, picks the join: at most ``broadcast_max_rows`` rows (and always none) are
-    broadcast to the tasks
-    that mark the inputs (no shuffle: a hash shuffle starts aggregator actors, seconds per night on a small
-    cluster), more are grouped by URI, hash-partitioned, for :func:`split_skipped`'s join."""
-    parts = [] if scored is None else [scored.map_batches(_until, batch_format="pyarrow", batch_size=None,
-                                                          fn_kwargs={"until": float("inf")})]
-    parts += [held.map_batches(_until, batch_format="pyarrow", batch_size=None, fn_kwargs={"until": at})
+    from the blocks' metadata, picks the way: at most ``broadcast_max_rows`` rows (and always none) are folded
+    into verdicts by one task and broadcast to the tasks that mark the inputs (no shuffle: a hash shuffle starts
+    aggregator actors, seconds per night on a small cluster); more are grouped by URI, hash-partitioned, folded
+    per URI, for :func:`split_skipped`'s join."""
+    parts = [] if scored is None else [scored.map_batches(_sources, batch_format="pyarrow", batch_size=None,
+                                                          fn_kwargs={"at": float("inf"), "kind": KIND_OK})]
+    if history is not None:
+        parts.append(history)
+    parts += [held.map_batches(_sources, batch_format="pyarrow", batch_size=None,
+                               fn_kwargs={"at": at, "kind": KIND_OVERLAP})
               for held, at in overlap if held is not None]
     if not parts:
         return None
+    rules = rules or RetryRules()  # skip what scored ok, retry nothing: skip_table before retries
     union = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     union, rows, blocks = _broadcastable(union, broadcast_max_rows)
     if blocks is not None:
-        return SkipTable(rows=rows, blocks=blocks)
-    grouped = (union.groupby("uri", num_partitions=JOIN_PARTITIONS).max(SKIP_UNTIL)
-               .rename_columns({f"max({SKIP_UNTIL})": SKIP_UNTIL}))
-    return SkipTable(rows=rows, grouped=grouped)
+        folded = fold_blocks.remote(rules, *blocks)
+        return SkipTable(rows=rows, verdicts=ray.data.from_arrow_refs([folded]), blocks=[folded])
+    grouped = union.groupby("uri", num_partitions=JOIN_PARTITIONS).map_groups(
+        verdicts, batch_format="pyarrow", fn_kwargs={"rules": rules})
+    return SkipTable(rows=rows, verdicts=grouped.materialize())
+
+
+def _sources(batch: pa.Table, at: float, kind: int) -> pa.Table:
+    return source_rows(batch.column("uri"), 0, at, kind)
 
 
 def _broadcastable(ds: ray.data.Dataset, max_rows: int) -> tuple[ray.data.Dataset, int, list | None]:
@@ -143,54 +161,81 @@ def _broadcast_lookup(blocks: list, value) -> dict:
     return _LOOKUP[key]
 
 
-def _latest_until(tables: list[pa.Table]) -> dict[str, float]:
-    found: dict[str, float] = {}
+def _verdict_lookup(tables: list[pa.Table]) -> dict[str, tuple[float | None, bool]]:
+    found: dict[str, tuple[float | None, bool]] = {}
     for table in tables:
-        if table.num_rows == 0:  # an empty block may come without the columns
-            continue
-        for uri, until in zip(table.column("uri").to_pylist(), table.column(SKIP_UNTIL).to_pylist()):
-            if until > found.get(uri, float("-inf")):
-                found[uri] = until
+        if table.num_rows:  # an empty block may come without the columns
+            found.update(zip(table.column("uri").to_pylist(),
+                             zip(table.column(SKIP_UNTIL).to_pylist(), table.column(RETRY).to_pylist())))
     return found
 
 
-def _until(batch: pa.Table, until: float) -> pa.Table:
-    return pa.table({"uri": batch.column("uri").cast(pa.string()),
-                     SKIP_UNTIL: pa.array([until] * batch.num_rows, pa.float64())})
+ADDED_COLUMN = "retry_added"  # an input added back to retry a transient failure (not listed tonight)
 
 
-def split_skipped(inputs: ray.data.Dataset, table: SkipTable, counts) -> ray.data.Dataset:
-    """``inputs`` without what :func:`skip_table` says to skip: each input is marked with its ``skip_until``
+def _added_inputs(batch: pa.Table) -> pa.Table:
+    """Retry URIs as a listing's inputs (``since`` lists prefixes: ``uri``, ``modified`` null: not listed) with the
+    added flag."""
+    n = batch.num_rows
+    uris = batch.column("uri").cast(pa.string()) if n else pa.array([], pa.string())
+    return pa.table({"uri": uris, "modified": pa.nulls(n, MODIFIED), ADDED_COLUMN: pa.array([True] * n, pa.bool_()),
+                     SKIP_UNTIL: pa.nulls(n, pa.float64()), RETRY: pa.array([True] * n, pa.bool_())})
+
+
+def split_skipped(inputs: ray.data.Dataset, table: SkipTable, counts, add_retries: bool = False) -> ray.data.Dataset:
+    """``inputs`` without what :func:`skip_table` says to skip: each input is marked with its verdict
     (looked up in the broadcast set, or by a hash-partitioned left outer join on ``uri``), then a stage counts
     what it keeps and what it removes (``kept``, ``skipped`` in ``counts``, keyed by the batch's URIs) and drops
     the removed rows. Counting both sides lets the row check find a row the join lost or duplicated (kept +
-    skipped = listed), instead of inferring the skips."""
-    from jobs.score.counts import KEPT, SKIPPED, batch_key
+    skipped = listed), instead of inferring the skips.
+
+    ``add_retries`` (``since``: what is below the watermark is not listed): the retry URIs join the inputs (their
+    ``modified`` null), counted as ``retry_added``; a retry URI that is listed too is scored once, as the added
+    row, its listed row counted ``relisted`` (kept + skipped + relisted = listed)."""
+    from jobs.score.counts import KEPT, RELISTED, RETRY_ADDED, SKIPPED, batch_key
+
 
     def mark(batch: pa.Table, blocks: list | None = None) -> pa.Table:
+        uris = batch.column("uri").to_pylist()
         if blocks is not None:  # the broadcast set: look each input up
-            lookup = _broadcast_lookup(blocks, _latest_until)
-            batch = batch.append_column(SKIP_UNTIL, pa.array([lookup.get(u) for u in batch.column("uri").to_pylist()],
-                                                             pa.float64()))
-        elif SKIP_UNTIL not in batch.column_names:  # a join partition whose skip side was empty: nothing matched
-            batch = batch.append_column(SKIP_UNTIL, pa.nulls(batch.num_rows, pa.float64()))
+            lookup = _broadcast_lookup(blocks, _verdict_lookup)
+            found = [lookup.get(u, (None, None)) for u in uris]
+            batch = batch.append_column(SKIP_UNTIL, pa.array([f[0] for f in found], pa.float64()))
+            batch = batch.append_column(RETRY, pa.array([f[1] for f in found], pa.bool_()))
+        for name, kind in ((SKIP_UNTIL, pa.float64()), (RETRY, pa.bool_())):
+            if name not in batch.column_names:  # a join partition whose skip side was empty: nothing matched
+                batch = batch.append_column(name, pa.nulls(batch.num_rows, kind))
         until = batch.column(SKIP_UNTIL)
         skip = pc.fill_null(pc.equal(until, float("inf")), False)
         if "modified" in batch.column_names:  # a listing's LastModified: skip only what the night saw as it is
             seconds = pc.divide(pc.cast(pc.cast(batch.column("modified"), pa.timestamp("us", tz="UTC")),
                                         pa.int64()).cast(pa.float64()), 1e6)
             skip = pc.or_(skip, pc.fill_null(pc.less_equal(seconds, until), False))
-        removed = int(pc.sum(skip).as_py() or 0)
+        none = pa.array([False] * batch.num_rows, pa.bool_())
+        added = pc.fill_null(batch.column(ADDED_COLUMN), False) if ADDED_COLUMN in batch.column_names else none
+        relisted = pc.and_(pc.fill_null(batch.column(RETRY), False), pc.invert(added)) if add_retries else none
+        removed = pc.or_(skip, relisted)
+        kept = pc.and_(pc.invert(added), pc.invert(removed))
+        n_kept, n_skip, n_relisted, n_added = (int(pc.sum(x).as_py() or 0) for x in (kept, skip, relisted, added))
         if batch.num_rows:
-            ray.get(counts.report.remote(batch_key("skip", batch.column("uri").to_pylist()),
-                                         {KEPT: batch.num_rows - removed, SKIPPED: removed}))
-        return batch.filter(pc.invert(skip)).drop_columns([SKIP_UNTIL])
+            keys = [f"{u}\0added" if a else u for u, a in zip(uris, added.to_pylist())]
+            ray.get(counts.report.remote(batch_key("skip", keys), {
+                KEPT: n_kept, SKIPPED: n_skip, RELISTED: n_relisted,
+                RETRY_ADDED: n_added}))
+        drop = [c for c in (SKIP_UNTIL, RETRY, ADDED_COLUMN) if c in batch.column_names]
+        return batch.filter(pc.invert(removed)).drop_columns(drop)
 
     if table.blocks is not None:
-        return inputs.map_batches(mark, batch_format="pyarrow", batch_size=None, num_cpus=0.1,
-                                  fn_kwargs={"blocks": table.blocks})
-    joined = inputs.join(table.grouped, join_type="left_outer", num_partitions=JOIN_PARTITIONS, on=("uri",))
-    return joined.map_batches(mark, batch_format="pyarrow", batch_size=None, num_cpus=0.1)
+        marked = inputs.map_batches(mark, batch_format="pyarrow", batch_size=None, num_cpus=0.1,
+                                    fn_kwargs={"blocks": table.blocks})
+    else:
+        joined = inputs.join(table.verdicts, join_type="left_outer", num_partitions=JOIN_PARTITIONS, on=("uri",))
+        marked = joined.map_batches(mark, batch_format="pyarrow", batch_size=None, num_cpus=0.1)
+    if not add_retries:
+        return marked
+    # the added rows' verdict is known (retry): marked and counted without a lookup or a join
+    added = table.retry_uris().map_batches(_added_inputs, batch_format="pyarrow", batch_size=None, num_cpus=0.1)
+    return marked.union(added.map_batches(mark, batch_format="pyarrow", batch_size=None, num_cpus=0.1))
 
 
 def attach_member_skips(shards: ray.data.Dataset, scored: ray.data.Dataset,

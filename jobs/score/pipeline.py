@@ -32,7 +32,7 @@ from jobs.history.aggregates import from_staged
 from jobs.history.check import check as check_drift
 from jobs.history.read import Night, output_nights
 from jobs.score import resume
-from jobs.score.counts import KEPT, LISTED, SKIPPED, InputCounts
+from jobs.score.counts import KEPT, LISTED, RELISTED, RETRY_ADDED, SKIPPED, InputCounts
 from jobs.score.counts import totals as count_totals
 from jobs.score.decode import DecodeSettings, read_decode_batch, read_tar_batch
 from jobs.score.iceberg import to_table_rows
@@ -46,6 +46,7 @@ from jobs.score.incremental import (
 from jobs.score.metrics import RunMetrics
 from jobs.score.publish import PartFilenames, staged_stats
 from jobs.score.read import Inputs, input_dataset
+from jobs.score.retry import RetryRules, outcome
 from jobs.score.scorer import ScorerActor
 from jobs.score.targets import OutputTarget, abandon_quietly, output_target, publish_or_abandon
 from jobs.scoring_setup import ScoringSetup, prepare
@@ -149,18 +150,28 @@ def score_rows(ds: ray.data.Dataset, cfg: ScoreJobConfig, setup: ScoringSetup, s
 
 
 def skip_sets(cfg: ScoreJobConfig, target: OutputTarget, setup: ScoringSetup, run_date: dt.date,
-              since: Since) -> ray.data.Dataset | None:
-    """The URIs this night must not score, as one Ray dataset (or None): those already scored ``ok`` with this
-    model and class set (``skip_scored``). The ``since`` overlap is :func:`drop_overlap`'s."""
-    if not cfg.output.skip_scored:
-        return None
-    return target.scored_uris(run_date, setup.model_id, setup.heads.class_set_hash)
+              since: Since) -> tuple[ray.data.Dataset | None, RetryRules]:
+    """The earlier nights' rows this night's skips and retries come from (:mod:`jobs.score.retry`), as one Ray
+    dataset (or None), and the rules that turn them into verdicts: with ``skip_scored`` every other night's rows
+    (ok and permanently failed URIs are skipped, transient failures retried); with ``since: last_run`` alone the
+    latest ``retry_nights + 1`` nights' (their transient failures are added back below the watermark); else none
+    (every input is listed and scored every night: a failure is retried by that). The ``since`` overlap is
+    :func:`skip_table`'s."""
+    out = cfg.output
+    rules = RetryRules(out.retry_nights, skip_done=out.skip_scored, changes_visible=cfg.input.kind == "prefix")
+    model_id, class_set = setup.model_id, setup.heads.class_set_hash
+    if out.skip_scored:
+        return target.history(run_date, model_id, class_set), rules
+    if since.source is not None and out.retry_nights:
+        return target.history(run_date, model_id, class_set, last=out.retry_nights + 1), rules
+    return None, rules
 
 
 def row_check(cfg: ScoreJobConfig, inputs: Inputs, counts: InputCounts, skipping: bool,
-              rows: int, resumed: int = 0) -> tuple[int, int, int, dict[str, int]]:
-    """(inputs listed, excluded by the watermark, skipped, left out by reason) once the rows are staged, after
-    checking that rows written + skipped = listed, each counted where it happens (:mod:`counts`; what is met
+              rows: int, resumed: int = 0) -> tuple[int, int, int, dict[str, int], int]:
+    """(inputs listed, excluded by the watermark, skipped, left out by reason, retry inputs added back) once the rows
+    are staged, after checking that rows written + skipped = listed + added back, each counted where it happens
+    (:mod:`counts`; what is met
     but is not an input is in ``left out``, by reason):
     objects by the listing, manifest lines on the driver, tar members by their read tasks, skips by
     counting what the skip join kept (prefix, manifest) or the members the read tasks left unread (tar).
@@ -183,15 +194,17 @@ def row_check(cfg: ScoreJobConfig, inputs: Inputs, counts: InputCounts, skipping
             raise RuntimeError(f"row check failed: {found.get('shards', 0)} of {inputs.expected} shards were read; "
                                "not publishing")
     skipped = found.get(SKIPPED, 0) if cfg.input.kind == "tar" or skipping else 0
-    if skipping and found.get(KEPT, 0) + skipped + resumed != listed:
+    relisted = found.get(RELISTED, 0)  # listed and added back for a retry: scored once, as the added row
+    added = found.get(RETRY_ADDED, 0) - relisted
+    if skipping and found.get(KEPT, 0) + skipped + relisted + resumed != listed:
         raise RuntimeError(f"row check failed: the skip join kept {found.get(KEPT, 0)} and skipped {skipped} of "
-                           f"{listed} inputs listed ({resumed} resumed); not publishing")
+                           f"{listed} inputs listed ({relisted} scored as retries, {resumed} resumed); not publishing")
     left_out = {reason: left_out.get(reason, 0) for reason in LEFT_OUT_REASONS}  # every reason, every kind
-    expected = listed - skipped
-    if rows != expected or skipped < 0:
+    expected = listed - skipped + added
+    if rows != expected or skipped < 0 or added < 0:
         raise RuntimeError(f"row check failed: wrote {rows} rows, expected {expected} = {listed} inputs listed - "
-                           f"{skipped} skipped; not publishing")
-    return listed, excluded, skipped, left_out
+                           f"{skipped} skipped + {added} retries added back; not publishing")
+    return listed, excluded, skipped, left_out, added
 
 
 def run(cfg: ScoreJobConfig) -> ScoreManifest:
@@ -223,16 +236,17 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
     with target.lease(run_date, run_id, cfg.output.lease_ttl_s, cfg.output.take_over_lease) as lease:
         counts = InputCounts.remote()
         ds = inputs.dataset
-        skip = skip_sets(cfg, target, setup, run_date, since)
-        skipping, table = False, None
-        if skip is not None and cfg.input.kind == "tar":  # members are skipped in the read task, unread
-            ds = attach_member_skips(ds, skip, cfg.runtime.skip_broadcast_max_rows)
-        else:
-            table = skip_table(skip, [(target.night_uris([m.run_date]), m.at.timestamp())
-                                      for m in since.overlap_marks], cfg.runtime.skip_broadcast_max_rows)
-            if table is not None:  # one join marks what to skip; both sides are counted
-                ds, skipping = split_skipped(ds, table, counts), True
-        why_not = resume.resumable(cfg, hash_join=skipping and table.grouped is not None,
+        history, rules = skip_sets(cfg, target, setup, run_date, since)
+        overlap = [] if cfg.input.kind == "tar" else [(target.night_uris([m.run_date]), m.at.timestamp())
+                                                      for m in since.overlap_marks]
+        table = skip_table(None, overlap, cfg.runtime.skip_broadcast_max_rows, history, rules)
+        skipping = False
+        add_retries = since.source is not None and history is not None  # since: what to retry is not listed
+        if table is not None and cfg.input.kind == "tar":  # members are skipped in the read task, unread
+            ds = attach_member_skips(ds, table.done_uris(), cfg.runtime.skip_broadcast_max_rows)
+        elif table is not None:  # one join marks what to skip (and adds back what to retry); both sides are counted
+            ds, skipping = split_skipped(ds, table, counts, add_retries=add_retries), True
+        why_not = resume.resumable(cfg, hash_join=skipping and table.blocks is None, add_retries=skipping and add_retries,
                                    cluster_cpus=ray.cluster_resources().get("CPU", 0.0))
         # a resumable run stages under its command's key, so that a rerun of the command finds what it left
         stage_as = run_id if why_not else resume.staging_key(cfg, run_date, setup.model_id, setup.heads.class_set_hash)
@@ -262,7 +276,12 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                 t_score = time.perf_counter() - t0 - t_setup
                 resumed = resuming.resumed_rows(storage) if resuming is not None else 0
                 stats = staged_stats(staged, storage)
-                listed, excluded, skipped, left_out = row_check(cfg, inputs, counts, skipping, stats["rows"], resumed)
+                listed, excluded, skipped, left_out, added = row_check(cfg, inputs, counts, skipping, stats["rows"],
+                                                                       resumed)
+                retried = healed = None  # not tracked without either: every input is listed and scored every night
+                if cfg.output.skip_scored or cfg.input.since == "last_run":
+                    retried, healed = (outcome(staged, storage, table.retry_uris(), cfg.runtime.skip_broadcast_max_rows)
+                                       if table is not None and history is not None and stats["rows"] else (0, 0))
                 bank_built = None
                 if cfg.output.lake_bank:
                     bank_built = bank_path(target.bank_root, setup.model_id, setup.heads.class_set_hash, run_id)
@@ -280,6 +299,7 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                     negatives_id=setup.negatives_id, negatives_count=len(setup.negatives or ()),
                     classes=list(setup.classes), templates=list(setup.templates), inputs_listed=listed,
                     skipped_already_scored=skipped, excluded_by_watermark=excluded, since=since.after,
+                    retried=retried, healed=healed, retry_added=added,
                     left_out=left_out,
                     since_from_run=since.source.run_id if since.source else None,
                     since_overlap_nights=list(since.overlap), watermark=watermark,

@@ -70,9 +70,11 @@ def staging_key(cfg: ScoreJobConfig, run_date: dt.date, model_id: str, class_set
     return KEY_PREFIX + hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def resumable(cfg: ScoreJobConfig, hash_join: bool, cluster_cpus: float | None = None) -> str | None:
+def resumable(cfg: ScoreJobConfig, hash_join: bool, add_retries: bool = False,
+              cluster_cpus: float | None = None) -> str | None:
     """None when this run can resume a dead run of its command; otherwise why not (logged by the caller).
-    ``cluster_cpus``: the Ray cluster's CPUs (None: not checked)."""
+    ``hash_join``: the skip set is joined, not broadcast; ``add_retries``: ``since`` adds earlier nights'
+    transient failures back to the inputs; ``cluster_cpus``: the Ray cluster's CPUs (None: not checked)."""
     if not cfg.output.resume:
         return "output.resume is off"
     if cfg.output.iceberg is not None:
@@ -85,6 +87,10 @@ def resumable(cfg: ScoreJobConfig, hash_join: bool, cluster_cpus: float | None =
     if hash_join:
         return ("the skip set is over runtime.skip_broadcast_max_rows: its hash join reads a materialised "
                 "dataset, on which Ray does not apply its checkpoint filter")
+    if add_retries:
+        # the URIs added back come from the skip table in the object store, not from a Ray read: Ray would turn
+        # its checkpoint filter off for the whole plan
+        return "since: last_run adds transient failures of earlier nights back, which Ray's checkpoint cannot filter"
     rt = cfg.runtime
     needed = FILTER_CPUS + rt.pool_size * rt.cpus_per_actor + rt.decode_cpus
     if cluster_cpus is not None and cluster_cpus < needed:

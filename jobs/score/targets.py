@@ -24,7 +24,7 @@ import ray
 from clipn_core.errors import redact_uri
 from clipn_core.lake_bank import LakeBank, bank_from_bytes
 from clipn_core.storage import Storage, with_protocol
-from jobs.score import iceberg, incremental, publish
+from jobs.score import iceberg, incremental, publish, retry
 from jobs.score.lease import NightLease
 from schemas.manifest import ScoreManifest, Watermark
 from schemas.score_config import OutputConfig
@@ -56,8 +56,10 @@ class OutputTarget(Protocol):
     def night_uris(self, nights: list[dt.date]) -> ray.data.Dataset | None:
         """Every URI the published ``nights`` hold, as a Ray dataset."""
 
-    def scored_uris(self, run_date: dt.date, model_id: str, class_set_hash: str) -> ray.data.Dataset | None:
-        """URIs scored ok with this model and class set on other nights, as a Ray dataset."""
+    def history(self, run_date: dt.date, model_id: str, class_set_hash: str,
+                last: int | None = None) -> ray.data.Dataset | None:
+        """The rows of other nights with this model and class set, as :data:`jobs.score.retry.SOURCE` rows
+        (``last``: of the latest ``last`` nights before ``run_date`` only)."""
 
     def latest_bank(self, run_date: dt.date, model_id: str, class_set_hash: str) -> tuple[str, LakeBank] | None:
         """(URI, bank) built by the latest earlier night with this model and class set."""
@@ -119,8 +121,8 @@ class ParquetFolder:
     def night_uris(self, nights):
         return incremental.night_uris(self.root, nights, self.storage)
 
-    def scored_uris(self, run_date, model_id, class_set_hash):
-        return incremental.scored_uris(self.root, run_date, model_id, class_set_hash, self.storage)
+    def history(self, run_date, model_id, class_set_hash, last=None):
+        return retry.history(self.root, run_date, model_id, class_set_hash, self.storage, last)
 
     def latest_bank(self, run_date, model_id, class_set_hash):
         return incremental.latest_bank(self.root, run_date, model_id, class_set_hash, self.storage)
@@ -183,8 +185,8 @@ class IcebergTable:
     def night_uris(self, nights):
         return iceberg.night_uris(self.cfg, self.storage, nights)
 
-    def scored_uris(self, run_date, model_id, class_set_hash):
-        return iceberg.scored_uris(self.cfg, self.storage, run_date, model_id, class_set_hash)
+    def history(self, run_date, model_id, class_set_hash, last=None):
+        return iceberg.history(self.cfg, self.storage, run_date, model_id, class_set_hash, last)
 
     def latest_bank(self, run_date, model_id, class_set_hash):
         uri = iceberg.latest_bank_uri(self.cfg, self.storage, run_date, model_id, class_set_hash)
