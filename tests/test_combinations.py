@@ -116,7 +116,7 @@ def _image(i: int, colour: str) -> bytes:
 
 
 OLD = {f"img{i:02d}.jpg": _image(i, "blue") for i in range(OLD_OK)}
-OLD[BROKEN] = _image(99, "red")[:300]  # cut short: a non-ok row, which skip_scored retries
+OLD[BROKEN] = _image(99, "red")[:300]  # cut short: a permanent failure, which skip_scored does not score again
 FRESH = {f"new{i}.jpg": _image(50 + i, "green") for i in range(NEW)}
 UPDATED = "img00.jpg"  # since rows: overwritten on night 2
 
@@ -243,8 +243,9 @@ class Expected:
 def expected_second_night(combo: dict, lake: Lake) -> Expected:
     """Night 2 as the README describes it. ``since: last_run`` lists only what was modified after night 1's
     listing began (the new objects and the overwritten one) and scores them all: night 1 holds the overwritten
-    object's URI, but an older version of it; ``skip_scored`` leaves out what earlier nights scored ok (a non-ok
-    row is retried, the overwritten object too: skip_scored goes by URI); otherwise every input gets its row
+    object's URI, but an older version of it; ``skip_scored`` leaves out what earlier nights scored ok or
+    failed on for good (the cut-short object is ``truncated``, a permanent failure, and unchanged: not scored
+    again; the overwritten object is, with ``since``, through the listing); otherwise every input gets its row
     again."""
     everything = lake.inputs[NIGHT_2]
     new = frozenset(everything) - frozenset(lake.inputs[DAY])
@@ -253,8 +254,7 @@ def expected_second_night(combo: dict, lake: Lake) -> Expected:
         rows = new if combo["skip_scored"] else listed
         return Expected(rows, len(listed), skipped=len(listed - rows), excluded=len(everything) - len(listed))
     if combo["skip_scored"]:
-        rows = new | {u for u in everything if u.endswith(BROKEN)}
-        return Expected(rows, len(everything), skipped=len(everything) - len(rows))
+        return Expected(new, len(everything), skipped=len(everything) - len(new))
     return Expected(frozenset(everything), len(everything))
 
 

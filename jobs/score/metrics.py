@@ -69,6 +69,16 @@ def exported_names() -> set[str]:
     return out
 
 
+class _Unexported:
+    """A metric recorded where Ray is not installed: kept nowhere."""
+
+    def inc(self, value=1.0, tags=None) -> None:
+        pass
+
+    def observe(self, value, tags=None) -> None:
+        pass
+
+
 _lock = threading.Lock()
 _made: dict[str, object] = {}
 
@@ -78,8 +88,11 @@ def _instrument(spec: MetricSpec):
     with _lock:
         metric = _made.get(spec.name)
         if metric is None:
-            from ray.util import metrics  # only where something is recorded
-
+            try:
+                from ray.util import metrics  # only where something is recorded
+            except ImportError:  # no Ray installed (the GPU check's one process): nowhere to export to
+                metric = _made[spec.name] = _Unexported()
+                return metric
             if spec.kind == "histogram":
                 metric = metrics.Histogram(spec.name, spec.description, list(spec.boundaries), spec.tag_keys)
             else:
