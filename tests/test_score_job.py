@@ -244,6 +244,7 @@ def test_rerun_replaces_the_partition_and_skip_scored(lake):
 
     fs = fsspec.filesystem("s3", **lake["opts"])
     fs.pipe_file("lake/images/new_tonight.jpg", world.encode(world.render("triangle", "pink", 99, 48)))
+    fs.pipe_file("lake/images/new_broken.jpg", b"not an image either\n")
     try:
         # alerts with fail: the night is published, its manifest names the findings, and then the run fails
         with pytest.raises(DriftAlertError, match="error_share"):
@@ -252,11 +253,10 @@ def test_rerun_replaces_the_partition_and_skip_scored(lake):
         nxt = ScoreManifest.model_validate_json(fs.cat_file(f"lake/out2/run_date={DAY + dt.timedelta(days=1)}/"
                                                             "_manifest.json"))
         new = _read(lake, f"{out}/run_date={DAY + dt.timedelta(days=1)}")
-        # only the new image and the non-ok ones (retried) are scored again
-        retried = {n for n, (_, s) in ODD.items() if s != "ok"}
-        assert {u.rsplit("/", 1)[-1] for u in new.column("uri").to_pylist()} == {"new_tonight.jpg", *retried}
-        assert nxt.skipped_already_scored == len(GOOD) + 4
-        # alerts: the night holds mostly the retried failures, so its non-ok share left the band of the one before
+        # only tonight's new objects are scored: night 1's failures are all permanent and their objects unchanged
+        assert {u.rsplit("/", 1)[-1] for u in new.column("uri").to_pylist()} == {"new_tonight.jpg", "new_broken.jpg"}
+        assert nxt.skipped_already_scored == len(GOOD) + len(ODD) and (nxt.retried, nxt.healed) == (0, 0)
+        # alerts: half the night failed, so its non-ok share left the band of the night before
         assert any(a.startswith(f"{DAY + dt.timedelta(days=1)}: error_share") for a in nxt.alerts), nxt.alerts
         # a later night where everything is already scored publishes an empty partition, not an error
         empty_day = DAY + dt.timedelta(days=2)
@@ -268,7 +268,7 @@ def test_rerun_replaces_the_partition_and_skip_scored(lake):
         assert none_left.aggregates.rows == 0 and none_left.aggregates.ood_share is None
         assert fs.exists(f"lake/out2/run_date={empty_day}/_SUCCESS")
     finally:
-        fs.rm("lake/images/new_tonight.jpg")
+        fs.rm(["lake/images/new_tonight.jpg", "lake/images/new_broken.jpg"])
 
 
 def test_manifest_and_tar_inputs(lake):
