@@ -44,7 +44,7 @@ COMPARED = ["uri", "status", "predicted_class", "score_ctw", "score_atd", "score
 
 
 def config(lake: Path, out: Path, take_over: str | None = None) -> dict:
-    output = {"uri": str(out), "run_date": DAY}
+    output = {"uri": str(out), "run_date": DAY, "resume": True}
     if take_over:
         output["take_over_lease"] = take_over
     return {"input": {"kind": "prefix", "uri": str(lake)}, "output": output,

@@ -28,7 +28,7 @@ COMPARED = ["uri", "status", "predicted_class", "score_ctw", "score_atd", "score
 def _cfg(lake: str, out: str, **output) -> ScoreJobConfig:
     return ScoreJobConfig.model_validate({
         "input": {"kind": "prefix", "uri": lake},
-        "output": {"uri": out, "run_date": str(DAY), **output},
+        "output": {"uri": out, "run_date": str(DAY), "resume": True, **output},
         "model": {"architecture": "clipn-tiny", "seed": 3}, "classes": {"names": list(World().id_shapes)},
         "templates": "world", "negatives": {"enabled": False},
         # the session's Ray has 2 CPUs: the scorer takes half of one, so a resumed run has room for Ray's
