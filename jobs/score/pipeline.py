@@ -230,7 +230,8 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
     since = resolve_since(cfg, target, run_date)
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
-    inputs = input_dataset(cfg.input, storage, since.after)  # plans the listing: a missing or empty input fails here
+    # plans the listing: a missing or empty input fails here; a run that may resume lists in page-sized blocks
+    inputs = input_dataset(cfg.input, storage, since.after, page_blocks=cfg.output.resume)
     # the next night's since: when this listing began, on the store's clock
     watermark = inputs.listing.started_at if inputs.listing else dt.datetime.now(dt.timezone.utc)
     with target.lease(run_date, run_id, cfg.output.lease_ttl_s, cfg.output.take_over_lease) as lease:
