@@ -76,7 +76,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]
         aliases = [f"--{dotted.replace('_', '-')}"] if "_" in dotted else []
         flag = {"nargs": "?", "const": "true"} if info.annotation is bool else {}  # a bare --check means true
         group.add_argument(f"--{dotted}", *aliases, dest=f"field:{dotted}", metavar="VALUE", default=argparse.SUPPRESS,
-                           help=f"{info.description or ''} ({default})", **flag)
+                           # argparse %-formats help: a % in a description ("5 % quantiles") must be doubled
+                           help=f"{info.description or ''} ({default})".replace("%", "%%"), **flag)
 
 
 def build_config(model: type[BaseModel], args: argparse.Namespace):

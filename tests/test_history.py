@@ -80,6 +80,42 @@ def test_a_normal_night_passes(tmp_path, capsys):
     assert "drift:" not in capsys.readouterr().out
 
 
+def test_the_check_trails_only_nights_of_tonights_model_and_class_set():
+    """A new model (or class list) moves every share: the nights of the old one are not its band."""
+    old = [Night(FIRST + dt.timedelta(days=i), "", _aggregates(0.10), "m1/h") for i in range(14)]
+    new = [Night(FIRST + dt.timedelta(days=14 + i), "", _aggregates(0.30), "m2/h") for i in range(3)]
+    tonight = Night(FIRST + dt.timedelta(days=17), "", _aggregates(0.31), "m2/h")
+    assert check([*old, *new, tonight], DriftRule()) == []
+    # the same nights as one model's: tonight is 3x its trailing median
+    assert check([*old, *new, Night(tonight.run_date, "", tonight.aggregates, "m1/h")], DriftRule())
+    # a night whose model is unknown (an Iceberg night whose snapshot expired) still counts
+    unknown = [Night(n.run_date, "", n.aggregates, "") for n in old]
+    assert check([*unknown, tonight], DriftRule())
+
+
+def test_history_of_an_output_with_no_night_is_an_error_naming_it(tmp_path, capsys):
+    """A mistyped --output must not read as a night that passed its check."""
+    assert main(["history", "--output", str(tmp_path / "typo"), "--check"]) == 1
+    assert f"output {tmp_path / 'typo'} has no published night" in capsys.readouterr().err
+
+
+def _subcommands() -> list[str]:
+    from jobs.cli import make_parser
+
+    parser = make_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sorted(sub.choices)
+
+
+@pytest.mark.parametrize("command", _subcommands())
+def test_every_subcommand_prints_its_help(command, capsys):
+    """argparse %-formats help texts: a field description with a % sign crashed ``clipn history --help``."""
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
 def test_one_class_drifting_is_flagged_alone():
     nights = [Night(FIRST + dt.timedelta(days=i), "", _aggregates(s)) for i, s in enumerate(TRAILING)]
     tonight = Night(FIRST + dt.timedelta(days=14), "", _aggregates(0.10, dog_ood=0.40))

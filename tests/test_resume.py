@@ -4,6 +4,7 @@ rest, and publishes what a clean run publishes (jobs.score.resume)."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import subprocess
 import sys
@@ -187,3 +188,20 @@ def test_a_resumable_run_lists_one_block_per_folder_page(lake, ray_local):
     assert paged.num_blocks() <= ranges and paged.count() == N_IMAGES
     split = input_dataset(cfg.input, cfg.storage.bind()).dataset.materialize()
     assert split.num_blocks() > 2 * ranges and split.count() == N_IMAGES
+
+
+def test_a_since_night_with_nothing_to_retry_can_resume(lake, tmp_path, ray_local, caplog):
+    """Under ``since: last_run`` every night after the first has earlier nights, but only transient failures to
+    add back turn Ray's checkpoint filter off: a night without any must still be resumable."""
+    from jobs.score import run
+
+    def since_cfg(day: dt.date) -> ScoreJobConfig:
+        data = _cfg(str(lake), str(tmp_path / "out"), run_date=str(day)).model_dump(mode="json")
+        data["input"]["since"] = "last_run"
+        return ScoreJobConfig.model_validate(data)
+
+    first = run(since_cfg(DAY))
+    assert first.by_status == {"ok": N_IMAGES}  # nothing failed: nothing to retry on the next night
+    caplog.set_level(logging.INFO, logger="clipn.score")
+    run(since_cfg(DAY + dt.timedelta(days=1)))
+    assert not [r.message for r in caplog.records if "cannot resume" in r.message]

@@ -51,12 +51,15 @@ def _trailing(nights: list[Night], metric: Callable[[Night], float | None], coun
 
 
 def check(nights: list[Night], rule: DriftRule) -> list[str]:
-    """Findings for the last of ``nights`` (by date) against the ``rule.nights`` before it, one line each, each
-    starting with the night's date; [] when it stays in the band (or there is no night)."""
+    """Findings for the last of ``nights`` (by date) against the ``rule.nights`` before it that were scored by
+    the same model and class set (nights whose model is unknown count), one line each, each starting with the
+    night's date; [] when it stays in the band (or there is no night)."""
     if not nights:
         return []
     nights = sorted(nights, key=lambda n: n.run_date)
-    tonight, before = nights[-1], nights[:-1]
+    tonight = nights[-1]
+    # another model or class set moves every share: its nights are not tonight's trailing band
+    before = [n for n in nights[:-1] if not (n.model and tonight.model) or n.model == tonight.model]
     enough = rule.min_rows
 
     def ood(n: Night) -> float | None:

@@ -19,11 +19,19 @@ from schemas.manifest import NightAggregates
 
 @dataclass(frozen=True)
 class Night:
-    """One published night: its date, the run that published it (empty when unknown) and its aggregates."""
+    """One published night: its date, the run that published it (empty when unknown), its aggregates, and the
+    model that scored it (``<model id>/<class set hash>``, empty when unknown: the drift check compares a night
+    with nights of its own model only)."""
 
     run_date: dt.date
     run_id: str
     aggregates: NightAggregates
+    model: str = ""
+
+
+def model_key(model_id: str, class_set_hash: str) -> str:
+    """What a night's drift is compared within: the model and its class set (:attr:`Night.model`)."""
+    return f"{model_id}/{class_set_hash}"
 
 
 def parquet_nights(root: str, storage: Storage, exclude: dt.date | None = None) -> list[Night]:
@@ -37,7 +45,7 @@ def parquet_nights(root: str, storage: Storage, exclude: dt.date | None = None) 
         found = manifest.aggregates
         if found is None:
             found = agg.from_files(night_files(fs, part, manifest), arrow_fs)
-        out.append(Night(manifest.run_date, manifest.run_id, found))
+        out.append(Night(manifest.run_date, manifest.run_id, found, model_key(manifest.model_id, manifest.class_set_hash)))
     return out
 
 
@@ -51,6 +59,7 @@ def iceberg_nights(cfg, storage: Storage, exclude: dt.date | None = None) -> lis
         return []
     found: dict[dt.date, Night] = {}
     runs: dict[dt.date, str] = {}
+    models: dict[dt.date, str] = {}
     # every night with rows (a table created but never committed to has none: pyiceberg cannot inspect it)
     partitions = table.inspect.partitions().column("partition").to_pylist() if table.current_snapshot() else []
     for part in partitions:
@@ -59,19 +68,23 @@ def iceberg_nights(cfg, storage: Storage, exclude: dt.date | None = None) -> lis
             runs[day if isinstance(day, dt.date) else dt.date(1970, 1, 1) + dt.timedelta(days=day)] = ""
     for props in _snapshot_nights(table):  # their runs, where the snapshots are still there (latest last)
         if props.get("clipn.run_date"):
-            runs[dt.date.fromisoformat(props["clipn.run_date"])] = props.get("clipn.run_id", "")
+            day = dt.date.fromisoformat(props["clipn.run_date"])
+            runs[day] = props.get("clipn.run_id", "")
+            if props.get("clipn.model_id"):
+                models[day] = model_key(props["clipn.model_id"], props.get("clipn.class_set_hash", ""))
     for key, value in table.properties.items():
         if key.startswith(AGGREGATES_PROP):
             day = dt.date.fromisoformat(key[len(AGGREGATES_PROP):])
             record = json.loads(value)
-            found[day] = Night(day, record.get("run_id", ""), NightAggregates.model_validate(record["aggregates"]))
+            found[day] = Night(day, record.get("run_id", ""), NightAggregates.model_validate(record["aggregates"]),
+                               record.get("model", ""))
     for day, run_id in runs.items():
         if day not in found:  # committed before aggregates were recorded: from its rows, one batch at a time
             scan = table.scan(row_filter=f"{RUN_DATE} = '{night(day).isoformat()}'")
             reader = scan.to_arrow_batch_reader()
             wanted = agg.columns(reader.schema)
             found[day] = Night(day, run_id, agg.merge((agg.partial(b.select(wanted)) for b in reader if b.num_rows),
-                                                      computed_from="rows"))
+                                                      computed_from="rows"), models.get(day, ""))
     return [n for d, n in sorted(found.items()) if d != exclude]
 
 

@@ -229,6 +229,7 @@ def night_properties(table, manifest: ScoreManifest) -> tuple[dict[str, str], li
         props[f"{BANK_PROP}{day}.{manifest.model_id[:16]}.{manifest.class_set_hash}"] = manifest.lake_bank_built
     if manifest.aggregates is not None:
         props[f"{AGGREGATES_PROP}{day}"] = json.dumps({"run_id": manifest.run_id,
+                                                       "model": f"{manifest.model_id}/{manifest.class_set_hash}",
                                                        "aggregates": manifest.aggregates.model_dump(mode="json")},
                                                       separators=(",", ":"))
     nights = sorted({k[len(WATERMARK_PROP):] for k in table.properties if k.startswith(WATERMARK_PROP)} | {day})

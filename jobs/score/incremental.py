@@ -88,6 +88,10 @@ class SkipTable:
         return self.verdicts.map_batches(_uris_where, batch_format="pyarrow", batch_size=None, num_cpus=0.1,
                                          fn_kwargs={"column": RETRY, "value": True})
 
+    def retry_count(self) -> int:
+        """How many URIs :meth:`retry_uris` holds (one small Ray pass over the materialised verdicts)."""
+        return self.retry_uris().count()
+
     def done_uris(self) -> ray.data.Dataset:
         """The URIs skipped whatever their modification time (a ``uri`` column): what tar reads leave unread."""
         return self.verdicts.map_batches(_uris_where, batch_format="pyarrow", batch_size=None, num_cpus=0.1,

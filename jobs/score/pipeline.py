@@ -30,7 +30,7 @@ from jobs import failpoints
 from jobs.calibration import check_fits, check_threshold, load_calibration
 from jobs.history.aggregates import from_staged
 from jobs.history.check import check as check_drift
-from jobs.history.read import Night, output_nights
+from jobs.history.read import Night, model_key, output_nights
 from jobs.score import resume
 from jobs.score.counts import KEPT, LISTED, RELISTED, RETRY_ADDED, SKIPPED, InputCounts
 from jobs.score.counts import totals as count_totals
@@ -242,7 +242,9 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                                                       for m in since.overlap_marks]
         table = skip_table(None, overlap, cfg.runtime.skip_broadcast_max_rows, history, rules)
         skipping = False
-        add_retries = since.source is not None and history is not None  # since: what to retry is not listed
+        # since: what to retry is not listed, so it is added back; only when there is some, because the added
+        # rows come from Ray's object store, not from a Ray read, and Ray then turns its checkpoint filter off
+        add_retries = since.source is not None and history is not None and table is not None and table.retry_count() > 0
         if table is not None and cfg.input.kind == "tar":  # members are skipped in the read task, unread
             ds = attach_member_skips(ds, table.done_uris(), cfg.runtime.skip_broadcast_max_rows)
         elif table is not None:  # one join marks what to skip (and adds back what to retry); both sides are counted
@@ -290,7 +292,8 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                                                                                stats["by_status"].get("ok", 0))))
                 t_aggregates = time.perf_counter()
                 aggregates = from_staged(staged, storage, stats["rows"])
-                alerts = drift_alerts(cfg, storage, run_date, run_id, aggregates)
+                alerts = drift_alerts(cfg, storage, run_date, run_id, aggregates,
+                                      model_key(setup.model_id, setup.heads.class_set_hash))
                 t_aggregates = time.perf_counter() - t_aggregates
                 failpoints.hit("score.staged")  # a driver crash with everything staged, nothing published
                 manifest = ScoreManifest(
@@ -326,13 +329,13 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
 
 
 def drift_alerts(cfg: ScoreJobConfig, storage: Storage, run_date: dt.date, run_id: str,
-                 aggregates: NightAggregates) -> list[str] | None:
-    """The ``alerts:`` check of this night's aggregates against the output's earlier nights (None when off); each
-    finding is also logged as a warning."""
+                 aggregates: NightAggregates, model: str) -> list[str] | None:
+    """The ``alerts:`` check of this night's aggregates against the output's earlier nights of the same ``model``
+    (:func:`jobs.history.read.model_key`; None when off); each finding is also logged as a warning."""
     if cfg.alerts is None:
         return None
     earlier = [n for n in output_nights(cfg.output, storage, exclude=run_date) if n.run_date < run_date]
-    findings = check_drift([*earlier, Night(run_date, run_id, aggregates)], cfg.alerts)
+    findings = check_drift([*earlier, Night(run_date, run_id, aggregates, model)], cfg.alerts)
     for line in findings:
         log.warning("drift: %s", line)
     return findings
