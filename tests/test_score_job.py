@@ -150,9 +150,10 @@ def _assert_run_metrics(manifest, table) -> dict:
     return flagged
 
 
-def test_prefix_job_one_row_per_image_statuses_schema_and_scores(lake, tmp_path):
+def test_prefix_job_one_row_per_image_statuses_schema_and_scores(lake):
     out = "s3://lake/out1"
-    manifest = run(_cfg(lake, out, output__embeddings=True, runtime__cache_dir=str(tmp_path), runtime__preprocess="exact"))
+    # the session's cache (CLIPN_CACHE_DIR): the lake model's negative labels are mined once for every test of it
+    manifest = run(_cfg(lake, out, output__embeddings=True, runtime__preprocess="exact"))
     fs = fsspec.filesystem("s3", **lake["opts"])
     part = f"lake/out1/run_date={DAY}"
     assert fs.exists(f"{part}/_SUCCESS") and fs.exists(f"{part}/_manifest.json")
@@ -184,7 +185,7 @@ def test_prefix_job_one_row_per_image_statuses_schema_and_scores(lake, tmp_path)
     names = list(GOOD)
     batch = torch.stack([cc.decode_image(GOOD[n], tf).tensor for n in names])
     # the negative labels the job mined (the shipped lexicon, default settings), from the job's cache
-    negatives = negative_labels(model, manifest.model_id, heads, NegativesConfig(), Storage({}), str(tmp_path))
+    negatives = negative_labels(model, manifest.model_id, heads, NegativesConfig(), Storage({}), None)
     assert manifest.negatives_id == negatives.id and manifest.negatives_count == len(negatives) == 10_000
     scorer = cc.BatchScorer(model, heads, negatives=negatives.yes)
     direct = scorer(batch)
