@@ -179,8 +179,9 @@ def _write_shards(folder, pairs_per_shard: int, shards: int) -> int:
 def test_worker_killed_mid_run_resumes_from_its_checkpoint(ray_local, tmp_path, monkeypatch):
     bad = _write_shards(tmp_path / "shards", 40, 4)
     marker = tmp_path / "killed"
-    # rank 1 dies after step 5, once, 5 s after reporting (Ray Train registers checkpoints when it polls, every 2 s)
-    monkeypatch.setenv(FAILPOINTS_ENV, f"train.step=kill,step=5,rank=1,once={marker},wait=5")
+    # rank 1 dies after step 5, once, as soon as Ray Train has registered what it reported (no sleep: a loaded
+    # machine must not decide which checkpoint the restart finds)
+    monkeypatch.setenv(FAILPOINTS_ENV, f"train.step=kill,step=5,rank=1,once={marker}")
     cfg = TrainJobConfig.model_validate(train_cfg(
         str(tmp_path / "shards"), tmp_path, "crash", data__kind="webdataset",
         loop__steps=8, loop__batch_size=8, loop__checkpoint_every=3, run__max_failures=1,
@@ -200,7 +201,9 @@ def test_rerun_with_the_same_name_resumes(ray_local, tmp_path, monkeypatch):
     marker = tmp_path / "killed"
     base = train_cfg(str(tmp_path / "pairs.parquet"), tmp_path, "rerun", loop__steps=6, loop__batch_size=8,
                      loop__checkpoint_every=2, run__max_failures=0, run__num_workers=1, run__cpus_per_worker=1)
-    monkeypatch.setenv(FAILPOINTS_ENV, f"train.step=kill,step=3,rank=0,once={marker},wait=5")
+    # killed right after step 3: the step-2 checkpoint it reported was registered first (the failpoint waits for
+    # that, not for a guessed time), so the rerun resumes from it
+    monkeypatch.setenv(FAILPOINTS_ENV, f"train.step=kill,step=3,rank=0,once={marker}")
     with pytest.raises(TrainingError, match="rerun"):
         run(TrainJobConfig.model_validate(base))
     assert marker.exists() and not (tmp_path / "out" / "rerun.safetensors").exists()
