@@ -15,6 +15,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train runs (read at each fit, handed to its controller): no preemption watcher, an actor process per worker
+# group start that only listens for cloud preemption notices; the controller polls its workers every 0.5 s, not
+# 2 s, so a run's end, a report's checkpoint and a dead worker are seen sooner.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # A fresh local cache (weights, class heads, negatives) per session: an entry a past run left under a key
 # that no longer says everything would otherwise let a test pass on stale heads.
 _CACHE = tempfile.mkdtemp(prefix="clipn-test-cache-")
