@@ -11,7 +11,8 @@ crash) or ``pause`` (block until the file named by ``until`` exists, then carry 
 * ``at=N``: fire at the N-th time this process reaches the point (default: every time);
 * ``once=PATH``: fire in one process only: the first to reach the point creates ``PATH``; later
   processes (a retried task, a restarted actor) see it and carry on;
-* ``wait=S``: sleep S seconds before acting;
+* ``wait=S``: sleep S seconds before acting (a point that must first reach a defined state says so with
+  ``settle``, see :func:`hit`: never a guess of how long that takes);
 * ``until=PATH`` (``pause``): the file whose appearance ends the pause (at most :data:`PAUSE_LIMIT_S`);
 * any other ``KEY=VALUE``: fire only when the point's context has ``KEY`` equal to ``VALUE``
   (``train.step`` passes ``step`` and ``rank``).
@@ -149,11 +150,14 @@ def check() -> None:
     _active()
 
 
-def hit(point: str, error: Callable[[], BaseException] | None = None, **context) -> None:
+def hit(point: str, error: Callable[[], BaseException] | None = None, settle: Callable[[], object] | None = None,
+        **context) -> None:
     """Reach ``point``: nothing unless :data:`ENV` names it (and its options match), else raise, die or pause.
 
-    ``error``: what ``raise`` raises at this point (default :class:`FailpointError`); ``context``: values the
-    spec's ``KEY=VALUE`` filters compare with (as strings)."""
+    ``error``: what ``raise`` raises at this point (default :class:`FailpointError`); ``settle``: called once the
+    failpoint fires, before ``wait`` and the action, to block until what the process started has landed (so a
+    fault at ``train.step`` follows the registration of the checkpoint just reported, however slow the machine);
+    ``context``: values the spec's ``KEY=VALUE`` filters compare with (as strings)."""
     if point not in POINTS:
         raise FailpointError(f"undeclared failpoint {point!r}")
     fp = _active().get(point)
@@ -174,6 +178,8 @@ def hit(point: str, error: Callable[[], BaseException] | None = None, **context)
             return
         os.write(fd, f"{point} {fp.action} in process {os.getpid()}\n".encode())
         os.close(fd)
+    if settle is not None:
+        settle()
     if fp.wait_s:
         time.sleep(fp.wait_s)
     log.warning("failpoint %s: %s (process %d, hit %d)", point, fp.action, os.getpid(), _hits[point])

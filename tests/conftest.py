@@ -15,6 +15,15 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train runs (read at each fit, handed to its controller): no preemption watcher, an actor process per worker
+# group start that only listens for cloud preemption notices; the controller polls its workers every 0.5 s, not
+# 2 s, so a run's end, a report's checkpoint and a dead worker are seen sooner.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray starts its workers at nice 15 (to keep its own daemons responsive): beside any CPU-bound process at nice 0 (a
+# shared CI machine, `stress-ng --cpu 2`) every Ray task, actor and Ray Train worker gets about 3% of a CPU and the
+# suite crawls. Test workers compete as the test process itself does.
+os.environ.setdefault("RAY_worker_niceness", "0")
 # A fresh local cache (weights, class heads, negatives) per session: an entry a past run left under a key
 # that no longer says everything would otherwise let a test pass on stale heads.
 _CACHE = tempfile.mkdtemp(prefix="clipn-test-cache-")

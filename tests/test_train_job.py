@@ -130,19 +130,40 @@ def test_final_checkpoint_loads_in_the_score_job(s3_run):
     assert manifest.model_id == s3_run["summary"]["model_id"]
 
 
+def _first_step_in_process(cfg: TrainJobConfig, pairs) -> dict:
+    """The job's first step on all of ``pairs`` as one batch in this process (what one worker computes, without
+    Ray): the job's decode, its stage, its schedule."""
+    from clipn_core.training import warmup_cosine
+    from jobs.train.data import decode_pairs_batch
+    from jobs.train.stages import STAGES
+
+    stage = STAGES[cfg.stage](cfg, {})
+    rows = decode_pairs_batch({"image": [p[0] for p in pairs], "caption": [p[1] for p in pairs]},
+                              stage.preprocess_cfg, stage.context_length, cfg.data.augment, cfg.data.max_pixels)
+    assert rows["ok"].all()
+    batch = {k: torch.from_numpy(rows[k]) for k in ("pixels", "tokens", "caption_id", "sample_id")}
+    optimizer = stage.optimizer()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.optim.warmup_steps, cfg.loop.steps))
+    metrics = stage.step(stage.module, batch, 0, optimizer, scheduler, None, None)
+    return {**metrics.as_dict(), "global_batch": len(pairs)}
+
+
 def test_one_and_two_workers_take_the_same_first_step(ray_local, tmp_path):
-    """Same global batch of 16 pairs: 1 worker x 16 or 2 workers x 8 give the same loss and gradient norm."""
-    pq.write_table(pairs_table(make_pairs(16)), tmp_path / "pairs.parquet")
-    results = {}
-    for workers in (1, 2):
-        cfg = TrainJobConfig.model_validate(train_cfg(
-            str(tmp_path / "pairs.parquet"), tmp_path, f"w{workers}", data__augment=False,
-            loop__steps=1, loop__batch_size=16 // workers, loop__log_every=1, optim__warmup_steps=0,
-            optim__grad_clip_norm=None, run__num_workers=workers,
-        ))
-        summary = run(cfg)
-        (results[workers],) = history(summary["checkpoint"])
-    one, two = results[1], results[2]
+    """Same global batch of 16 pairs: 1 worker x 16 or 2 workers x 8 give the same loss and gradient norm.
+
+    The 1-worker side is the job's step in this process (a 1-worker job adds no gathering: the Ray Train runs of
+    the rerun and storage-fault tests take that path), which saves a second Ray Train run."""
+    pairs = make_pairs(16)
+    pq.write_table(pairs_table(pairs), tmp_path / "pairs.parquet")
+    common = {"data__augment": False, "loop__steps": 1, "loop__log_every": 1, "optim__warmup_steps": 0,
+              "optim__grad_clip_norm": None}
+    two_cfg = TrainJobConfig.model_validate(train_cfg(
+        str(tmp_path / "pairs.parquet"), tmp_path, "w2", loop__batch_size=8, run__num_workers=2, **common))
+    one_cfg = TrainJobConfig.model_validate(train_cfg(
+        str(tmp_path / "pairs.parquet"), tmp_path, "w1", loop__batch_size=16, run__num_workers=1, **common))
+    (two,) = history(run(two_cfg)["checkpoint"])
+    one = _first_step_in_process(one_cfg, pairs)
     assert one["global_batch"] == two["global_batch"] == 16
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
     assert two["itbo"] == pytest.approx(one["itbo"], rel=1e-5)
@@ -179,8 +200,9 @@ def _write_shards(folder, pairs_per_shard: int, shards: int) -> int:
 def test_worker_killed_mid_run_resumes_from_its_checkpoint(ray_local, tmp_path, monkeypatch):
     bad = _write_shards(tmp_path / "shards", 40, 4)
     marker = tmp_path / "killed"
-    # rank 1 dies after step 5, once, 5 s after reporting (Ray Train registers checkpoints when it polls, every 2 s)
-    monkeypatch.setenv(FAILPOINTS_ENV, f"train.step=kill,step=5,rank=1,once={marker},wait=5")
+    # rank 1 dies after step 5, once, as soon as Ray Train has registered what it reported (no sleep: a loaded
+    # machine must not decide which checkpoint the restart finds)
+    monkeypatch.setenv(FAILPOINTS_ENV, f"train.step=kill,step=5,rank=1,once={marker}")
     cfg = TrainJobConfig.model_validate(train_cfg(
         str(tmp_path / "shards"), tmp_path, "crash", data__kind="webdataset",
         loop__steps=8, loop__batch_size=8, loop__checkpoint_every=3, run__max_failures=1,
@@ -200,7 +222,9 @@ def test_rerun_with_the_same_name_resumes(ray_local, tmp_path, monkeypatch):
     marker = tmp_path / "killed"
     base = train_cfg(str(tmp_path / "pairs.parquet"), tmp_path, "rerun", loop__steps=6, loop__batch_size=8,
                      loop__checkpoint_every=2, run__max_failures=0, run__num_workers=1, run__cpus_per_worker=1)
-    monkeypatch.setenv(FAILPOINTS_ENV, f"train.step=kill,step=3,rank=0,once={marker},wait=5")
+    # killed right after step 3: the step-2 checkpoint it reported was registered first (the failpoint waits for
+    # that, not for a guessed time), so the rerun resumes from it
+    monkeypatch.setenv(FAILPOINTS_ENV, f"train.step=kill,step=3,rank=0,once={marker}")
     with pytest.raises(TrainingError, match="rerun"):
         run(TrainJobConfig.model_validate(base))
     assert marker.exists() and not (tmp_path / "out" / "rerun.safetensors").exists()

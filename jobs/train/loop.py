@@ -132,6 +132,12 @@ def _report(metrics: dict, parts: list[str], state: dict, rank: int, total_steps
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
+def _reports_processed() -> None:
+    """Block until Ray Train's controller has processed every report of this worker so far (the checkpoints
+    among them registered: the latest is what a restart or a rerun with the same name resumes from)."""
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
 def _restore(ckpt: ray.train.Checkpoint, trained, optimizer, scheduler, scaler, identity: dict) -> tuple[dict, list]:
     with ckpt.as_directory() as d:
         state = json.loads(Path(d, "state.json").read_text())
@@ -214,9 +220,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 folder = (_save_ray_checkpoint(stage.trained, optimizer, scheduler, scaler, state, history)
                           if (is_last or is_ckpt) and rank == 0 else None)
                 _report(history[-1], list(step_metrics.parts), state, rank, loop.steps, folder)
-            # Ray Train registers a reported checkpoint when it polls the workers (every 2 s): a test that kills a
-            # worker here waits first (failpoint option wait=S) to model a crash after the checkpoint was registered
-            failpoints.hit("train.step", step=step, rank=rank)
+            # Ray Train registers a reported checkpoint when its controller next polls the workers: a fault here
+            # first waits for that, so it models a crash after the checkpoint was registered on any machine
+            failpoints.hit("train.step", settle=_reports_processed, step=step, rank=rank)
             if is_last:
                 break
         else:  # the epoch ran out
