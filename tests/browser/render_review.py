@@ -3,8 +3,10 @@
 Not part of ``make test`` (pytest never collects this file): it needs Chromium, which ``make test-browser``
 installs with apt-get (Debian's ``chromium`` package). It builds a small night without Ray (tests/review_night.py),
 writes its page with ``clipn review``'s own code, screenshots it, and checks the PNG: its pixels vary (a blank or
-error page is one flat colour), and the red and green of the world's shapes and the histogram's bars are there
-(an image that did not load leaves a grey box). Prints the PNG's path; exits 1 on a failed check.
+error page is one flat colour), and the red and green of the world's shapes and the histogram's bars are there.
+Colours alone cannot tell a missing thumbnail (the bars and the red OOD labels pass without any), so Chromium
+also loads a copy of the page, beside it, with a script that counts the images it decoded, and every image
+must be. Prints the PNG's path; exits 1 on a failed check.
 
     python -m tests.browser.render_review [--out folder] [--chromium /usr/bin/chromium]
 """
@@ -32,6 +34,29 @@ def screenshot(chromium: str, page: Path, png: Path, size: tuple[int, int] = (12
                     "--allow-file-access-from-files", f"--window-size={size[0]},{size[1]}",
                     f"--screenshot={png}", page.resolve().as_uri()],
                    check=True, timeout=120, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+# appended to a copy of the page only (the shipped page has no script): after the load event, the title says how
+# many <img> Chromium decoded, which --dump-dom prints
+_COUNT_IMAGES = """<script>window.addEventListener("load", () => {
+  const imgs = [...document.images];
+  document.title = `images ${imgs.filter(i => i.complete && i.naturalWidth > 0).length}/${imgs.length}`;
+});</script>"""
+
+
+def images_loaded(chromium: str, page: Path) -> tuple[int, int]:
+    """(images Chromium decoded, images on the page) for ``page``, from a copy beside it (same relative links)."""
+    probe = page.with_name(f"_probe_{page.name}")
+    probe.write_text(page.read_text(encoding="utf-8") + _COUNT_IMAGES, encoding="utf-8")
+    try:
+        dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+                              "--virtual-time-budget=10000", "--dump-dom", probe.resolve().as_uri()],
+                             check=True, timeout=120, capture_output=True, text=True).stdout
+    finally:
+        probe.unlink()
+    title = dom.split("<title>images ", 1)[1].split("</title>", 1)[0] if "<title>images " in dom else "0/0"
+    loaded, total = (int(x) for x in title.split("/"))
+    return loaded, total
 
 
 def check(png: Path) -> list[str]:
@@ -63,6 +88,10 @@ def main() -> int:
     png = out / "review.png"
     screenshot(args.chromium, page, png)
     problems = check(png)
+    loaded, total = images_loaded(args.chromium, page)
+    print(f"{page}: {loaded} of {total} images decoded by Chromium")
+    if total == 0 or loaded < total:
+        problems.append(f"{total - loaded} of {total} images did not load")
     for p in problems:
         print(f"FAILED: {p}", file=sys.stderr)
     print(f"page {page}\nscreenshot {png}")
