@@ -95,10 +95,10 @@ class OutputConfig(StrictModel):
                                "(the store's clock) belongs to a dead run and is broken by the next run of the night")
     take_over_lease: str | None = Field(None, description="run id of a run known to be dead (the one a refused run "
                                         "names): take its lease at once instead of waiting lease_ttl_s")
-    resume: bool = Field(False, description="beta, off by default (its rerun is slower than a full run so far: "
-                         "README, Resume): a rerun of the same command (config and run date) after a dead run "
-                         "keeps the rows that run staged and scores only the rest (prefix inputs into a Parquet "
-                         "folder: jobs.score.resume)")
+    resume: bool = Field(False, description="beta, opt-in (Ray Data's checkpointing is beta in Ray 2.60): a rerun "
+                         "of the same command (config and run date) after a dead run keeps the rows that run "
+                         "staged and scores only the rest (prefix inputs into a Parquet folder; blocks and write "
+                         "files of one listing page: jobs.score.resume, README Resume)")
     lake_bank: bool = Field(False, description="build a lake bank (image proxies of the surest OOD and ID ok rows) for "
                             "the next night's clipn_neg_lake, and use the latest earlier one (needs embeddings)")
 

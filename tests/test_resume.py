@@ -121,6 +121,7 @@ def test_a_killed_driver_resumes_with_the_same_command_and_publishes_a_clean_run
     while len(_committed(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     proc.kill()  # SIGKILL: no cleanup, no finally, its lease and staging stay behind
+    killed_at = dt.datetime.now(dt.timezone.utc)
     _, err = proc.communicate(timeout=60)
     committed = _committed(out)
     assert len(committed) >= 2, err[-3000:]
@@ -143,6 +144,9 @@ def test_a_killed_driver_resumes_with_the_same_command_and_publishes_a_clean_run
     # the night's aggregates count the published rows, not the checkpoint's files beside the staged ones
     assert resumed.aggregates.rows == N_IMAGES and resumed.aggregates.by_status == resumed.by_status
     assert not (out / "_staging").exists() and not (out / "_leases").exists()  # publish removed the checkpoint too
+    # the night's watermark is when the dead run began its listing: the kept rows were read after it, so an
+    # object changed since then is listed again by the next since night
+    assert resumed.watermark < killed_at
 
 
 def test_a_changed_command_does_not_resume_another_commands_half_work(lake, tmp_path, ray_local):
@@ -174,6 +178,16 @@ def test_a_changed_command_does_not_resume_another_commands_half_work(lake, tmp_
     again = run(dead_cfg)  # the dead run's own command resumes it
     assert again.resumed_rows == N_IMAGES // 2 and again.rows == N_IMAGES
     assert not staged.exists()
+
+
+def test_the_first_runs_listing_time_is_the_nights_watermark(tmp_path):
+    from clipn_core.storage import Storage
+
+    staged = resume.prepare(str(tmp_path / "staged"), Storage())
+    first = dt.datetime(2026, 11, 24, 1, 0, tzinfo=dt.timezone.utc)
+    assert staged.first_listing(Storage(), first) == first
+    assert staged.first_listing(Storage(), first + dt.timedelta(hours=2)) == first  # the rerun lists later
+    assert staged.first_listing(Storage(), first - dt.timedelta(hours=1)) == first - dt.timedelta(hours=1)
 
 
 def test_a_resumable_run_lists_one_block_per_folder_page(lake, ray_local):

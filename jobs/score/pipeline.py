@@ -269,6 +269,7 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                                             num_cpus=WRITE_CPUS)
                 resuming = None if why_not else resume.prepare(staged, storage)
                 if resuming is not None:  # Ray filters the staged URIs after the listing and checkpoints each write
+                    watermark = resuming.first_listing(storage, watermark)
                     rows.context.checkpoint_config = resuming.checkpoint
                     staged_p = storage.arrow(resuming.rows_dir)[1]
                 try:

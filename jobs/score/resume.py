@@ -47,6 +47,8 @@ log = logging.getLogger("clipn.score")
 ID_COLUMN = "uri"
 ROWS = "rows"
 CHECKPOINT = "_checkpoint"
+# when the first run of the command began its listing: the watermark its night publishes, however often resumed
+LISTING = "_listing.json"
 KEY_PREFIX = "resume-"
 # Ray's checkpoint filter runs in an actor pool that Ray Data gives one CPU per actor (no knob in Ray 2.60)
 FILTER_CPUS = 1.0
@@ -112,6 +114,19 @@ class Resume:
     @property
     def rows_dir(self) -> str:
         return f"{self.staged.rstrip('/')}/{ROWS}"
+
+    def first_listing(self, storage: Storage, started_at: dt.datetime) -> dt.datetime:
+        """The night's watermark: when the first run of this command began its listing. Recorded in the staging
+        folder by that run (before any write); a rerun returns the earlier of the recorded time and its own
+        ``started_at``. A row kept from a dead run was read after that run's listing began, so an object changed
+        between the two listings is listed again by the next ``since`` night (and a permanent failure's
+        ``skip_until`` does not hide its new version)."""
+        path = f"{self.staged.rstrip('/')}/{LISTING}"
+        if storage.exists(path):
+            recorded = dt.datetime.fromisoformat(json.loads(storage.read_bytes(path))["listing_started_at"])
+            return min(recorded, started_at)
+        storage.write_bytes(path, json.dumps({"listing_started_at": started_at.isoformat()}).encode())
+        return started_at
 
     def resumed_rows(self, storage: Storage) -> int:
         """Rows kept from the dead run once the write is done: those of its rows files that Ray did not delete
