@@ -13,6 +13,7 @@ eval mode), so :class:`~clipn_core.feature_cache.ImageFeatureCache` computes the
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import safetensors.torch
@@ -58,9 +59,9 @@ def read_state_dict(uri: str, field: str, storage_options: dict | None = None,
             state = safetensors.torch.load_file(str(local), device="cpu")
         else:
             state = torch.load(str(local), map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:
+    except (SafetensorError, pickle.UnpicklingError, OSError, RuntimeError, EOFError, ValueError) as e:
         raise WeightsError(f"{field}: {redact_uri(uri)} is not a readable state dict "
-                           f"(.safetensors or a torch file): {type(e).__name__}: {e}") from e
+                           f"(.safetensors or a torch file): {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

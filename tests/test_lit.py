@@ -123,6 +123,9 @@ def test_image_weights_load_strictly_and_name_the_keys_at_fault(arch, trunk_weig
     assert err.value.missing == [dropped] and err.value.unexpected == ["extra.weight"]
     with pytest.raises(cc.WeightsError, match="model.image_weights"):
         STAGES["lit"](lit_cfg(tmp_path, str(tmp_path / "missing.safetensors")), {})
+    (tmp_path / "garbage.pt").write_bytes(b"not a state dict")
+    with pytest.raises(cc.WeightsError, match="model.image_weights: .*garbage.pt is not a readable state dict"):
+        STAGES["lit"](lit_cfg(tmp_path, str(tmp_path / "garbage.pt")), {})
 
 
 def _timm_to_pypi_lite0(state: dict) -> dict:
