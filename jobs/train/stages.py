@@ -10,7 +10,7 @@ image tower's pretrained part is loaded from ``model.image_weights`` and frozen
 (:mod:`clipn_core.lit`); its features are computed once per image and cached in the
 worker's memory (:mod:`clipn_core.feature_cache`).
 
-The training loop (:mod:`jobs.train.loop`) is the same for both: it only sees
+The training loop (:mod:`jobs.train.loop`) is the same for every stage: it only sees
 ``module`` (what Ray Train wraps), ``trained`` (whose state goes into run checkpoints),
 ``params`` (clipped and counted), ``optimizer``, ``step`` and ``save_final``; the driver
 reads ``preprocess_cfg`` and ``context_length`` for the decode step.
