@@ -13,6 +13,11 @@ when ``pretrained`` is a tag, the configuration a weights file names
 (``pretrained_config: openai``), or the architecture's plain config (``plain``: weights
 trained here by ``clipn train --stage clip``, or none). The choice is recorded in the
 checkpoint sidecar's ``base_weights`` and every rebuild follows it.
+
+An architecture whose image tower is a timm model (``timm_model_name`` in its vision config)
+takes, in its plain config, the preprocessing of that timm model's pretrained config (mean,
+std, interpolation): its image weights come from timm-layout state dicts (``clipn train
+--stage lit``), which were trained with that normalisation, not with OpenAI CLIP's.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ class PretrainedConfig:
 
     ``tag``: the open_clip pretrained tag whose configuration applies, or None for the
     architecture's plain config. ``quick_gelu``: build with QuickGELU activations.
-    ``preprocess``: the tag's preprocessing fields (``PREPROCESS_KEYS``), empty for plain.
+    ``preprocess``: the tag's preprocessing fields (``PREPROCESS_KEYS``); for plain, those of the
+    image tower's timm model (:func:`plain_preprocess`), else empty.
     """
 
     tag: str | None
@@ -105,8 +111,23 @@ def resolve(architecture: str, pretrained: str | None, pretrained_config: str | 
     if pretrained_config is None or pretrained_config == PLAIN:
         if pretrained_config is None and pretrained is not None:
             _warn_unnamed(architecture)
-        return PretrainedConfig(None, False, {})
+        return PretrainedConfig(None, False, plain_preprocess(architecture))
     return tag_config(architecture, pretrained_config)
+
+
+def plain_preprocess(architecture: str) -> dict:
+    """The preprocessing fields (``PREPROCESS_KEYS`` but ``resize_mode``) of the plain config of ``architecture``:
+    for a timm image tower, those of timm's default pretrained config of ``timm_model_name`` (e.g.
+    ``tf_efficientnet_lite0``: mean = std = (0.5, 0.5, 0.5), bicubic); empty otherwise (open_clip's defaults)."""
+    name = ((open_clip.get_model_config(architecture) or {}).get("vision_cfg") or {}).get("timm_model_name")
+    if not name:
+        return {}
+    from timm.models import get_pretrained_cfg  # timm comes with open_clip's timm towers
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return {}
+    return {"mean": tuple(cfg.mean), "std": tuple(cfg.std), "interpolation": cfg.interpolation}
 
 
 def _clean(tag: str) -> str:

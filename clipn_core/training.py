@@ -65,6 +65,11 @@ def text_id(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
+def image_id(image: bytes) -> int:
+    """Stable signed 64-bit id of an image's encoded bytes (the key of its cached features in stage lit)."""
+    return int.from_bytes(hashlib.blake2b(image, digest_size=8, person=b"clipn-image").digest(), "little", signed=True)
+
+
 def sample_id(image: bytes, caption: str) -> int:
     """Stable signed 64-bit id of one image-text pair."""
     h = hashlib.blake2b(digest_size=8)

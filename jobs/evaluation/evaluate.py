@@ -7,7 +7,8 @@ the nightly job would do with that setup. Writes to ``output.dir``: ``report.jso
 (:class:`schemas.reports.EvalReport`), ``report.md``, ``roc.png``, ``histograms.png``
 and ``scores.parquet`` (one row per scored image: label, prediction, every score and
 decision). With ``calibration``, the report adds the ID and OOD shares each calibrated
-threshold flags.
+threshold flags. With ``data.split_column`` the report also gives every score's metrics per OOD split
+(e.g. near and far OOD: each split's OOD images against all ID images).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from schemas.reports import (
     ModelRef,
     RuleRates,
     ScoreMetrics,
+    SplitMetrics,
 )
 
 log = logging.getLogger("clipn.evaluate")
@@ -44,15 +46,17 @@ REPORT_FILES = ("report.json", "report.md", "roc.png", "histograms.png", "scores
 
 
 def read_eval_set(cfg: EvalDataConfig, storage: Storage) -> pa.Table:
-    """The labelled set with columns ``image``, ``is_id`` and (when configured) ``label``.
+    """The labelled set with columns ``image``, ``is_id`` and (when configured) ``label`` and ``split``.
 
     Raises :class:`InputError` naming the URI or the config field at fault (missing
-    path or column, wrong type, no ID or no OOD row).
+    path or column, wrong type, no ID or no OOD row, an OOD row without a split).
     """
     wanted = {"image": ("data.image_column", cfg.image_column, (pa.binary(), pa.large_binary())),
               "is_id": ("data.is_id_column", cfg.is_id_column, (pa.bool_(),))}
     if cfg.label_column is not None:
         wanted["label"] = ("data.label_column", cfg.label_column, (pa.string(), pa.large_string()))
+    if cfg.split_column is not None:
+        wanted["split"] = ("data.split_column", cfg.split_column, (pa.string(), pa.large_string()))
     ds = checked_parquet(cfg.uri, "data.uri", storage,
                          {field: (column, kinds) for field, column, kinds in wanted.values()})
     table = ds.to_table(columns=[c for _, c, _ in wanted.values()]).rename_columns(list(wanted))
@@ -62,6 +66,12 @@ def read_eval_set(cfg: EvalDataConfig, storage: Storage) -> pa.Table:
     if is_id.all() or not is_id.any():
         raise InputError(f"{redact_uri(cfg.uri)}: needs both ID and OOD images; found {int(is_id.sum())} ID "
                          f"and {int((~is_id).sum())} OOD ({cfg.is_id_column!r})")
+    if "split" in table.column_names:
+        splits = table["split"].to_pylist()
+        unnamed = [i for i, (s, ok) in enumerate(zip(splits, is_id)) if not ok and not s]
+        if unnamed:
+            raise InputError(f"{redact_uri(cfg.uri)}: OOD rows {unnamed[:5]} have no split in column "
+                             f"{cfg.split_column!r} (data.split_column)")
     return table
 
 
@@ -85,6 +95,19 @@ def summarize(scores: dict[str, np.ndarray], decisions: dict[str, np.ndarray], i
     }
     if predicted is not None and labels is not None:
         out["id_accuracy"] = top1_accuracy(predicted[is_id], labels[is_id])
+    return out
+
+
+def split_metrics(scores: dict[str, np.ndarray], is_id: np.ndarray, splits: list) -> dict[str, SplitMetrics]:
+    """Per OOD split (``splits[i]``: row i's split name; ID rows' are ignored), in order of first appearance among
+    the OOD rows: every score's metrics of that split's OOD rows against all ID rows."""
+    names = list(dict.fromkeys(s for s, ok in zip(splits, is_id) if not ok))
+    split_of = np.array(splits, dtype=object)
+    out = {}
+    for name in names:
+        ood = ~is_id & (split_of == name)
+        out[name] = SplitMetrics(ood=int(ood.sum()), scores={
+            k: ScoreMetrics(**ood_metrics(s[is_id], s[ood]).as_dict()) for k, s in scores.items()})
     return out
 
 
@@ -133,6 +156,9 @@ def run(cfg: EvalJobConfig) -> EvalReport:
     labels = labels_all[result.kept] if labels_all is not None else None
     summary = summarize(result.scores, result.decisions, is_id, result.predicted if labels is not None else None,
                         labels)
+    splits = None
+    if "split" in table.column_names:
+        splits = split_metrics(result.scores, is_id, table["split"].take(pa.array(result.kept)).to_pylist())
     report = EvalReport(
         model=ModelRef(id=setup.model_id, checkpoint=redact_uri(cfg.model.checkpoint) if cfg.model.checkpoint else None,
                        architecture=cfg.model.architecture),
@@ -144,6 +170,7 @@ def run(cfg: EvalJobConfig) -> EvalReport:
         data=EvalData(uri=redact_uri(cfg.data.uri), rows=len(table), id=int(is_id.sum()), ood=int((~is_id).sum()),
                       undecodable=len(result.undecodable), undecodable_rows=result.undecodable[:20]),
         **summary,
+        splits=splits,
         calibration=calibration.id if calibration else None,
         calibrated=calibrated_rates(calibration, result.scores, is_id) if calibration else [],
         files=list(REPORT_FILES), seconds=round(time.perf_counter() - t0, 1),
@@ -155,8 +182,9 @@ def run(cfg: EvalJobConfig) -> EvalReport:
 def _write(out_dir: str, report: EvalReport, result: LocalScores, is_id, classes, table, storage: Storage) -> None:
     root = out_dir.rstrip("/")
     per_image = {"row": result.kept, "is_id": is_id, "predicted_class": [classes[i] for i in result.predicted]}
-    if "label" in table.column_names:
-        per_image["label"] = table["label"].take(pa.array(result.kept))
+    for column in ("label", "split"):
+        if column in table.column_names:
+            per_image[column] = table[column].take(pa.array(result.kept))
     per_image.update({f"score_{k}": v for k, v in result.scores.items()})
     per_image.update({f"is_ood_{k}": v for k, v in result.decisions.items()})
     buf = io.BytesIO()
@@ -167,4 +195,6 @@ def _write(out_dir: str, report: EvalReport, result: LocalScores, is_id, classes
     storage.write_bytes(f"{root}/roc.png", roc_png(result.scores, is_id, auroc))
     storage.write_bytes(f"{root}/histograms.png", histograms_png(result.scores, is_id))
     storage.write_bytes(f"{root}/report.md", markdown(report).encode())
-    storage.write_bytes(f"{root}/report.json", report.model_dump_json(indent=2).encode())
+    # without a split column the report is as it was before splits existed
+    storage.write_bytes(f"{root}/report.json", report.model_dump_json(
+        indent=2, exclude={"splits"} if report.splits is None else None).encode())

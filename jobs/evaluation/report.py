@@ -113,6 +113,23 @@ def histograms_png(scores: dict[str, np.ndarray], is_id: np.ndarray) -> bytes:
     return _png(fig)
 
 
+def split_table(report: EvalReport) -> list[str]:
+    """Markdown lines of the per-split metrics: a line of each split's OOD count, then a table with a row per score
+    and AUROC and FPR95 (percent) per split; no lines without splits."""
+    if not report.splits:
+        return []
+    names = list(report.splits)
+    counts = ", ".join(f"{n} {report.splits[n].ood}" for n in names)
+    lines = [f"Per OOD split, its OOD images against all {report.data.id} ID images (OOD images: {counts}):", "",
+             "| score | " + " | ".join(f"{n} AUROC | {n} FPR95" for n in names) + " |",
+             "|---|" + "---:|" * (2 * len(names))]
+    for score in report.scores:
+        cells = " | ".join(f"{report.splits[n].scores[score].auroc:.2f} | {report.splits[n].scores[score].fpr95:.2f}"
+                           for n in names)
+        lines.append(f"| {score} | {cells} |")
+    return lines
+
+
 def markdown(report: EvalReport) -> str:
     """The report as Markdown: setup, the metrics table, decision rates, ID accuracy and the plots."""
     d = report.data
@@ -132,6 +149,8 @@ def markdown(report: EvalReport) -> str:
     for name, m in report.scores.items():
         lines.append(f"| {name} | {m.auroc:.2f} | {m.fpr95:.2f} | {m.aupr_in:.2f} | {m.aupr_out:.2f} |")
     lines += ["", "All in percent; ID is the positive class, FPR95 = OOD accepted at 95% ID recall.", ""]
+    if report.splits:
+        lines += [*split_table(report), ""]
     if report.decisions:
         lines += ["| threshold-free rule | ID flagged OOD (%) | OOD flagged OOD (%) |", "|---|---:|---:|"]
         for name, r in report.decisions.items():

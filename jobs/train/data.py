@@ -3,7 +3,7 @@
 Sources: Parquet (an image-bytes column and a caption column) or WebDataset tar shards
 as img2dataset writes them (``NNNN.jpg`` + ``NNNN.txt`` per sample). Every pair
 yields one row from :func:`decode_pairs_batch`: ``pixels`` uint8 [3, H, W],
-``tokens`` int64 [context], ``caption_id`` and ``sample_id`` (stable int64 hashes)
+``tokens`` int64 [context], ``caption_id``, ``sample_id`` and ``image_id`` (stable int64 hashes)
 and ``ok``. A pair that cannot be used (undecodable image, missing image or caption,
 unreadable shard) keeps its row with ``ok = False``: the training loop skips and
 counts it, so nothing crashes and nothing is silently lost.
@@ -22,7 +22,7 @@ import ray
 from clipn_core.errors import InputError, redact_uri
 from clipn_core.images import DecodeError, load_rgb, split_preprocessor
 from clipn_core.storage import Storage
-from clipn_core.training import sample_id, text_id
+from clipn_core.training import image_id, sample_id, text_id
 from jobs.inputs import checked_parquet, list_objects, tar_members
 from schemas.train_config import TrainDataConfig
 
@@ -113,6 +113,7 @@ def decode_pairs_batch(batch: dict, preprocess_cfg: dict, context_length: int, a
     ok = np.zeros(n, dtype=bool)
     caption_ids = np.zeros(n, dtype=np.int64)
     sample_ids = np.zeros(n, dtype=np.int64)
+    image_ids = np.zeros(n, dtype=np.int64)
     captions = []
     for i, (image, caption) in enumerate(zip(batch["image"], batch["caption"])):
         image = bytes(image) if image is not None else b""
@@ -130,5 +131,7 @@ def decode_pairs_batch(batch: dict, preprocess_cfg: dict, context_length: int, a
         ok[i] = True
         caption_ids[i] = text_id(caption)
         sample_ids[i] = sample_id(image, caption)
+        image_ids[i] = image_id(image)
     tokens = tokenizer(captions).numpy() if n else np.zeros((0, context_length), dtype=np.int64)
-    return {"pixels": pixels, "tokens": tokens, "caption_id": caption_ids, "sample_id": sample_ids, "ok": ok}
+    return {"pixels": pixels, "tokens": tokens, "caption_id": caption_ids, "sample_id": sample_ids, "image_id": image_ids,
+            "ok": ok}

@@ -75,6 +75,9 @@ def run(cfg: TrainJobConfig) -> dict:
         fn_kwargs={"preprocess_cfg": preprocess_cfg, "context_length": context_length,
                    "augment": cfg.data.augment, "max_pixels": cfg.data.max_pixels},
     )
+    if cfg.stage == "lit":
+        log.info("stage lit: frozen image features computed once per image and kept in each worker's memory; "
+                 "no image augmentation")
     log.info("training stage %s of %s (%d trainable parameters) on %s with %d worker(s), global batch %d, %d steps",
              cfg.stage, cfg.model.architecture, n_trainable, redact_uri(cfg.data.uri), cfg.run.num_workers,
              cfg.loop.batch_size * cfg.run.num_workers, cfg.loop.steps)

@@ -204,7 +204,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
             if min_ok == 0:  # a rank has nothing usable: every rank skips this step together
                 state["skipped_batches"] += 1
                 continue
-            usable = {k: batch[k][ok].to(device) for k in ("pixels", "tokens", "caption_id", "sample_id")}
+            usable = {k: batch[k][ok].to(device) for k in ("pixels", "tokens", "caption_id", "sample_id", "image_id")}
             step_metrics = stage.step(model, usable, state["step"], optimizer, scheduler, autocast, scaler)
             steps_this_epoch += 1
             state["step"] += 1

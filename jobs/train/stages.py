@@ -5,8 +5,12 @@ output is a CLIPN checkpoint for the scoring job. ``clip``: a whole open_clip CL
 trained contrastively (both towers and the logit scale); the final output is base CLIP
 weights that ``model.pretrained`` of a ``clipn`` run loads. The demo world uses
 ``clip`` to make its tiny base model, since no pretrained weights can be downloaded.
+``lit`` (locked-image tuning): the same contrastive training and output as ``clip``, but the
+image tower's pretrained part is loaded from ``model.image_weights`` and frozen
+(:mod:`clipn_core.lit`); its features are computed once per image and cached in the
+worker's memory (:mod:`clipn_core.feature_cache`).
 
-The training loop (:mod:`jobs.train.loop`) is the same for both: it only sees
+The training loop (:mod:`jobs.train.loop`) is the same for every stage: it only sees
 ``module`` (what Ray Train wraps), ``trained`` (whose state goes into run checkpoints),
 ``params`` (clipped and counted), ``optimizer``, ``step`` and ``save_final``; the driver
 reads ``preprocess_cfg`` and ``context_length`` for the decode step.
@@ -22,7 +26,9 @@ from torch import nn
 
 import clipn_core as cc
 from clipn_core.errors import redact_uri
+from clipn_core.feature_cache import ImageFeatureCache
 from clipn_core.images import SplitPreprocessor
+from clipn_core.lit import LockedImageCLIP, load_locked_tower
 from clipn_core.model import check_standard_text_tower
 from clipn_core.pretrained_config import tag_adds_quick_gelu
 from clipn_core.training import (
@@ -45,6 +51,8 @@ def base_identity(cfg: TrainJobConfig) -> dict:
                 "seed": m.seed if m.pretrained is None else None}
     if cfg.stage == "clipn":
         identity["num_prompts"] = m.num_prompts
+    if cfg.stage == "lit":
+        identity.update(image_weights=m.image_weights, image_weights_layout=m.image_weights_layout)
     if m.pretrained_config is not None:  # only when named, so runs from before the field resume as they were
         identity["pretrained_config"] = m.pretrained_config
     if tag_adds_quick_gelu(m.architecture, m.pretrained, m.pretrained_config):
@@ -123,4 +131,43 @@ class ClipStage(_Stage):
         return digest
 
 
-STAGES = {"clipn": ClipnStage, "clip": ClipStage}
+class LitStage(_Stage):
+    """Train a base CLIP's text tower, projections and logit scale on a locked pretrained image tower (LiT).
+
+    The base is ``model.architecture`` built from ``model.seed``; the image tower's locked part
+    (:func:`clipn_core.lit.split_image_tower`) is then loaded from ``model.image_weights`` with strict keys
+    (a mismatch raises :class:`~clipn_core.errors.CheckpointKeyError` on the driver, before any Ray work).
+    """
+
+    def __init__(self, cfg: TrainJobConfig, storage_options: dict):
+        m = cfg.model
+        self.clip, _, _ = create_base_clip(m.architecture, None, storage_options, cfg.run.cache_dir, m.seed,
+                                           m.pretrained_config)
+        check_standard_text_tower(self.clip)
+        self.architecture = m.architecture
+        self.image_weights = load_locked_tower(self.clip, m.image_weights, m.image_weights_layout, storage_options,
+                                               cfg.run.cache_dir)
+        self.locked = LockedImageCLIP(self.clip).train()
+        self._setup(self.locked, self.locked, dict(open_clip.get_model_preprocess_cfg(self.clip)),
+                    int(self.clip.positional_embedding.shape[0]), cfg)
+        self.features = ImageFeatureCache(self.locked.locked)
+
+    def step(self, model, batch: dict, step: int, optimizer, scheduler, autocast, scaler) -> StepMetrics:
+        """One step on a batch of usable rows already on the device (``pixels`` uint8, ``image_id``): the locked
+        tower runs only on images the worker has not seen yet."""
+        features = self.features(batch["image_id"], batch["pixels"], self.normalize)
+        return clip_train_step(model, self.clip, features, batch["tokens"], batch["caption_id"], optimizer,
+                               scheduler, self.params, self.clip_norm, autocast, scaler)
+
+    def save_final(self, uri: str, storage_options: dict) -> str:
+        """Write the base CLIP weights, locked image tower included (open_clip-loadable .safetensors); returns their
+        sha256. Used like the clip stage's: ``model.pretrained`` with ``model.pretrained_config: plain``."""
+        self.clip.eval()
+        digest = cc.save_base_clip(self.clip, uri, storage_options)
+        log.info("LiT base CLIP written to %s (image tower %s, sha256 %s): use it as model.pretrained of "
+                 "model.architecture %s with model.pretrained_config: plain", redact_uri(uri),
+                 self.image_weights["image_weights"], self.image_weights["sha256"][:16], self.architecture)
+        return digest
+
+
+STAGES = {"clipn": ClipnStage, "clip": ClipStage, "lit": LitStage}

