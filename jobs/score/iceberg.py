@@ -44,6 +44,7 @@ import pyarrow as pa
 from clipn_core.errors import CommitConflictError, CommitUnknownError, InputError, redact_uri
 from clipn_core.storage import Storage, is_remote
 from jobs import failpoints
+from jobs.history.read import model_key
 from schemas.manifest import ScoreManifest, Watermark
 from schemas.score_config import IcebergConfig
 
@@ -229,7 +230,7 @@ def night_properties(table, manifest: ScoreManifest) -> tuple[dict[str, str], li
         props[f"{BANK_PROP}{day}.{manifest.model_id[:16]}.{manifest.class_set_hash}"] = manifest.lake_bank_built
     if manifest.aggregates is not None:
         props[f"{AGGREGATES_PROP}{day}"] = json.dumps({"run_id": manifest.run_id,
-                                                       "model": f"{manifest.model_id}/{manifest.class_set_hash}",
+                                                       "model": model_key(manifest.model_id, manifest.class_set_hash),
                                                        "aggregates": manifest.aggregates.model_dump(mode="json")},
                                                       separators=(",", ":"))
     nights = sorted({k[len(WATERMARK_PROP):] for k in table.properties if k.startswith(WATERMARK_PROP)} | {day})
