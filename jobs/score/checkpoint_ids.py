@@ -9,7 +9,9 @@ README "Resume a dead run"). :class:`DriverCheckpointLoader` does the same work 
 for the checkpoint at that point anyway: one listing of each folder and a threaded pyarrow read, in tens of
 milliseconds. It plugs in through ``CheckpointConfig(checkpoint_manager_cls=...)``, Ray's public extension
 point, and returns what Ray's own manager does: a sorted NumPy array of the ids in the object store and its
-size, so that Ray's own ``NumpyArrayBasedCheckpointFilter`` filters the listing with it.
+size, so that Ray's own ``NumpyArrayBasedCheckpointFilter`` filters the listing with it. The price: the
+driver holds the committed ids while it loads them (an Arrow array, then the object ndarray Ray's filter takes)
+until they are in the object store; Ray's loader held them in a worker.
 
 Ray's two-phase commit is kept: a write task writes ``<name>.pending.parquet`` before its rows file
 ``<name>...parquet`` and renames it to ``<name>.parquet`` after; :func:`committed_ids` first deletes every rows
