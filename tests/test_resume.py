@@ -219,3 +219,61 @@ def test_a_since_night_with_nothing_to_retry_can_resume(lake, tmp_path, ray_loca
     caplog.set_level(logging.INFO, logger="clipn.score")
     run(since_cfg(DAY + dt.timedelta(days=1)))
     assert not [r.message for r in caplog.records if "cannot resume" in r.message]
+
+
+# ------------------------------------------------------------------ the checkpoint's ids, loaded on the driver
+
+# URIs whose str order and UTF-8 byte order must agree: Ray's filter binary-searches Python strs in the sorted ids
+_IDS = ["s3://b/Z.png", "s3://b/a.png", "s3://b/é.png", "s3://b/日本.png", "s3://b/z.png"]
+
+
+def _checkpoint_with_an_unfinished_write(staged: Path) -> tuple[Path, Path]:
+    """Two committed writes and one killed between its pending checkpoint and its rename; returns the dead write's
+    rows file and pending file."""
+    import pyarrow as pa
+
+    rows, ckpt = staged / resume.ROWS, staged / resume.CHECKPOINT
+    rows.mkdir(parents=True)
+    ckpt.mkdir()
+    for name, ids in (("part-a-000000", _IDS[3:]), ("part-a-000001", _IDS[:3])):
+        pq.write_table(pa.table({"uri": ids}), ckpt / f"{name}.parquet")
+        pq.write_table(pa.table({"uri": ids}), rows / f"{name}.parquet")
+    pq.write_table(pa.table({"uri": ["s3://b/dead.png"]}), ckpt / "part-a-000002.pending.parquet")
+    pq.write_table(pa.table({"uri": ["s3://b/dead.png"]}), rows / "part-a-000002.parquet")
+    return rows / "part-a-000002.parquet", ckpt / "part-a-000002.pending.parquet"
+
+
+def test_the_driver_loads_committed_ids_sorted_and_removes_an_unfinished_writes_rows(tmp_path):
+    import pyarrow.fs as pafs
+
+    from jobs.score.checkpoint_ids import committed_ids, remove_pending
+
+    staged = tmp_path / "staged"
+    dead_rows, pending = _checkpoint_with_an_unfinished_write(staged)
+    fs = pafs.LocalFileSystem()
+    ckpt, rows = str(staged / resume.CHECKPOINT), str(staged / resume.ROWS)
+    assert remove_pending(fs, ckpt, fs, rows) == 1
+    assert not dead_rows.exists() and not pending.exists()  # two-phase commit: its rows are not kept
+    assert sorted(p.name for p in (staged / resume.ROWS).iterdir()) == ["part-a-000000.parquet", "part-a-000001.parquet"]
+    assert committed_ids(fs, ckpt, "uri").to_pylist() == sorted(_IDS)  # Python's order, the pending file's id absent
+    assert remove_pending(fs, ckpt, fs, rows) == 0
+    assert committed_ids(fs, str(tmp_path / "none"), "uri") is None
+
+
+def test_rays_filter_drops_the_committed_ids_the_driver_loaded(tmp_path, ray_local):
+    """Through Ray's own interfaces: the manager Ray plans the write with, and Ray's filter fed by its result."""
+    import pyarrow as pa
+    from ray.data.checkpoint import NumpyArrayBasedCheckpointFilter
+    from ray.data.context import DataContext
+
+    from clipn_core.storage import Storage
+
+    staged = tmp_path / "staged"
+    dead_rows, _ = _checkpoint_with_an_unfinished_write(staged)
+    config = resume.prepare(str(staged), Storage()).checkpoint
+    manager = config.checkpoint_manager_cls(checkpoint_config=config, data_context=DataContext.get_current())
+    ref, size = manager.load_checkpoint(str(staged / resume.ROWS), config.filesystem)
+    assert not dead_rows.exists() and size > 0
+    listed = pa.table({"uri": ["s3://b/new.png", *_IDS, "s3://b/dead.png"]})
+    kept = NumpyArrayBasedCheckpointFilter(config, ref).filter_rows_for_block(listed)
+    assert kept["uri"].to_pylist() == ["s3://b/new.png", "s3://b/dead.png"]  # the dead write's URI is scored again

@@ -17,9 +17,11 @@ Ray 2.60) does the work, with ``uri`` as the id column:
 * each write task first writes ``_checkpoint/<file>.pending.parquet`` (the ids it is about to
   write), then ``rows/<file>.parquet``, then renames the pending checkpoint to
   ``<file>.parquet`` (two-phase commit);
-* when the rerun's write starts, Ray deletes every rows file whose checkpoint is still pending
-  (a task killed mid-write), loads the committed ids, and drops those URIs right after the
-  listing's read tasks, before anything is fetched, decoded or scored;
+* when the rerun's write starts, every rows file whose checkpoint is still pending (a task killed
+  mid-write) is deleted and the committed ids are loaded, on the driver
+  (:mod:`jobs.score.checkpoint_ids`, Ray's ``checkpoint_manager_cls`` hook: Ray's own loader is a Ray
+  Data read of its own that cost a resumed run seconds); Ray's filter then drops those URIs right
+  after the listing's read tasks, before anything is fetched, decoded or scored;
 * the rows files of committed tasks stay in ``rows/`` beside the new ones, and the publish
   moves both in.
 
@@ -41,6 +43,7 @@ import pyarrow.parquet as pq
 from ray.data.checkpoint import CheckpointConfig
 
 from clipn_core.storage import Storage
+from jobs.score.checkpoint_ids import DriverCheckpointLoader
 from schemas.score_config import ScoreJobConfig
 
 log = logging.getLogger("clipn.score")
@@ -142,7 +145,7 @@ def prepare(staged: str, storage: Storage) -> Resume:
     rows = f"{path.rstrip('/')}/{ROWS}"
     before = tuple(sorted(p for p in fs.find(rows) if p.endswith(".parquet"))) if fs.exists(rows) else ()
     config = CheckpointConfig(ID_COLUMN, f"{path.rstrip('/')}/{CHECKPOINT}", override_filesystem=arrow_fs,
-                              delete_checkpoint_on_success=False)
+                              delete_checkpoint_on_success=False, checkpoint_manager_cls=DriverCheckpointLoader)
     if before:
         log.info("resuming: %d rows files staged by a dead run of this command are kept where their write "
                  "committed", len(before))
