@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 
@@ -108,7 +107,9 @@ def ray_local(s3_server):
     # own actors count), so each job's read, decode and write tasks paid a fresh interpreter and its imports
     # again: kept for the session, a 30-image job took 4.9 s instead of 5.8 (mean of 8 warm runs each).
     keep_workers = {"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 600_000}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+    # "local": always a new instance, never a cluster another process started (under pytest-xdist each worker
+    # process has its own session, and so its own Ray)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
              _system_config=keep_workers)
     # A hash shuffle (the skip join's groupby and join) starts one aggregator actor, a fresh process, per CPU
     # and shuffle; on this 2-CPU session one holds all its partitions, so a hash-join night starts half as many.
@@ -129,10 +130,20 @@ def pytest_collection_modifyitems(items):
             item.add_marker("slow")
 
 
+_RELIABILITY_ROWS: list[tuple] = []
+
+
+def pytest_runtest_logreport(report):
+    """Collect the reliability table's rows from test reports (in the controller too, under pytest-xdist)."""
+    if report.when == "teardown":
+        _RELIABILITY_ROWS.extend(v for k, v in report.user_properties if k == "reliability_row")
+
+
 def pytest_terminal_summary(terminalreporter):
     """Print the reliability table (fault, injected, rows expected/written/lost/duplicated) when its cases ran."""
-    module = sys.modules.get("tests.test_reliability") or sys.modules.get("test_reliability")
-    if module is not None and module.ROWS:
+    if _RELIABILITY_ROWS:
+        from tests.test_reliability import table_lines
+
         terminalreporter.write_sep("-", "reliability: every input exactly once")
-        for line in module.table_lines():
+        for line in table_lines(_RELIABILITY_ROWS):
             terminalreporter.write_line(line)

@@ -41,13 +41,25 @@ DAY = dt.date(2026, 11, 24)
 N_IMAGES = 40
 BROKEN = {"broken_empty.jpg": b"", "broken_text.jpg": b"plain text\n"}
 ROWS: list[tuple] = []
+# the name of the test report property that carries a test's table rows to conftest's terminal summary (under
+# pytest-xdist the test runs in a worker process, the summary in the controller)
+PROPERTY = "reliability_row"
 
 
-def table_lines() -> list[str]:
-    """The reliability table of this session's cases (printed by conftest's terminal summary)."""
+def table_lines(rows: list[tuple]) -> list[str]:
+    """The reliability table of ``rows`` (this session's cases; printed by conftest's terminal summary)."""
     head = ("fault", "injected", "rows expected", "rows written", "rows lost", "rows duplicated")
-    widths = [max(len(str(r[i])) for r in [head, *ROWS]) for i in range(len(head))]
-    return ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in [head, *ROWS]]
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    return ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in [head, *rows]]
+
+
+@pytest.fixture(autouse=True)
+def _report_rows(request):
+    """Hand the rows a test adds to its report (its ``user_properties``), which reach the terminal summary from
+    any process."""
+    before = len(ROWS)
+    yield
+    request.node.user_properties.extend((PROPERTY, row) for row in ROWS[before:])
 
 
 def record(fault: str, injected: int, expected: list[str], written: list[str]) -> None:
