@@ -289,21 +289,6 @@ def test_a_failed_run_leaves_no_staging_lease_or_partition_behind(tmp_path, chec
     assert not fresh.parent.exists()
 
 
-def test_the_lake_bank_does_not_depend_on_row_order():
-    from clipn_core.lake_bank import bank_bytes, bank_from_bytes, build_bank
-
-    rng = np.random.default_rng(0)
-    feats = rng.normal(size=(200, 8)).astype(np.float32)
-    scores = rng.random(200)
-    uris = [f"s3://b/{i:03d}.jpg" for i in range(200)]
-    bank = build_bank(feats, scores, uris, clusters=8)
-    perm = rng.permutation(200)
-    shuffled = build_bank(feats[perm], scores[perm], [uris[i] for i in perm], clusters=8)
-    assert bank.id == shuffled.id and len(bank.id_proxies) == len(bank.ood_proxies) == 5  # 20 rows a decile, 4 each
-    assert bank_from_bytes(bank_bytes(bank)).id == bank.id
-    assert build_bank(feats[:5], scores[:5], uris[:5]).empty  # too few rows: an empty bank, clipn_neg unchanged
-
-
 def test_a_night_builds_a_lake_bank_and_the_next_scores_with_it_whatever_the_order(tmp_path, checkpoints, ray_local):
     lake, out = tmp_path / "lake", tmp_path / "out"
     _lake(lake, [f"img{i:02d}.jpg" for i in range(48)])
