@@ -9,15 +9,19 @@ features, each clustered to at most ``clusters`` centroids:
   decision; the scoring job chooses, :func:`jobs.score.incremental.build_lake_bank`). A
   mostly-ID night's lowest tenth is hard ID images; taking them as OOD proxies would push
   the next night's ID images like them down, and the night after would learn from that.
-  Fewer than ``min_ood_rows`` such rows leave the OOD side empty: a centroid stands for at
-  least that many images (the clustering's own size, ``rows // 4``);
+  The bank's influence is capped by a minimum: fewer such rows than ``min_ood_share`` (half)
+  of the lowest ``quantile``, or than ``min_ood_rows`` (4, the clustering's own size of a
+  centroid, ``rows // 4``), leave the OOD side empty. Below half, the flags are at the rate
+  of ATD's own false positives on ID images (1.5% of the demo's ID evaluation images, 3.2%
+  of its ID calibration sample: ``benchmarks/bench_negatives.py``), so the proxies would
+  stand for ID images as much as for OOD ones; the bank is for a lake's recurring OOD;
 * ID proxies: rows in the highest ``quantile`` that the evidence does not flag.
 
 The next night scores an image also by which side its nearest proxy lies on:
-``S_img = sigmoid(s (max_k cos(f, id_k) - max_k cos(f, ood_k)))``, and ``clipn_neg_lake =
-clipn_neg * (1 - w + w S_img)`` (:mod:`clipn_core.scores`; ``w`` bounds the bank's
-influence). A bank with an empty side is no bank: ``clipn_neg_lake`` then equals ``clipn_neg``.
-``meta`` says how many rows and proxies each side has and, for an empty side, why.
+``S_img = sigmoid(s (max_k cos(f, id_k) - max_k cos(f, ood_k)))``, and
+``clipn_neg_lake = clipn_neg * S_img`` (:mod:`clipn_core.scores`). A bank with an empty
+side is no bank: ``clipn_neg_lake`` then equals ``clipn_neg``. ``meta`` says how many rows
+and proxies each side has and, for an empty side, why.
 
 The bank depends only on the rows, not on their order: rows are sampled by a hash of
 their URI (at most ``max_rows`` of them), sorted by URI, and clustered with a fixed seed.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +44,7 @@ DEFAULT_QUANTILE = 0.1
 DEFAULT_CLUSTERS = 128
 DEFAULT_MAX_ROWS = 50_000
 DEFAULT_MIN_OOD_ROWS = 4
+DEFAULT_MIN_OOD_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,8 @@ def keep_for_bank(uri: str, rate: float) -> bool:
 
 def build_bank(features: np.ndarray, id_scores: np.ndarray, flagged_ood: np.ndarray, uris: list[str],
                quantile: float = DEFAULT_QUANTILE, clusters: int = DEFAULT_CLUSTERS,
-               min_ood_rows: int = DEFAULT_MIN_OOD_ROWS, seed: int = 0, evidence: str = "ood_atd") -> LakeBank:
+               min_ood_rows: int = DEFAULT_MIN_OOD_ROWS, min_ood_share: float = DEFAULT_MIN_OOD_SHARE, seed: int = 0,
+               evidence: str = "ood_atd") -> LakeBank:
     """Proxies from ``features`` [n, D] (float) of ``ok`` rows, their ATD ID scores [n] and the evidence's OOD
     flags ``flagged_ood`` [n] (bool; ``evidence`` names it in ``meta``), as the module docstring says.
 
@@ -87,15 +94,18 @@ def build_bank(features: np.ndarray, id_scores: np.ndarray, flagged_ood: np.ndar
     feats, scores = np.asarray(features, dtype=np.float32)[order], np.asarray(id_scores, dtype=np.float64)[order]
     flagged = np.asarray(flagged_ood, dtype=bool)[order]
     meta = {"rows": int(len(feats)), "quantile": quantile, "clusters": clusters, "seed": seed, "evidence": evidence,
-            "min_ood_rows": min_ood_rows, "flagged_ood": int(flagged.sum()), "ood_rows": 0, "id_rows": 0}
+            "min_ood_rows": min_ood_rows, "min_ood_share": min_ood_share, "flagged_ood": int(flagged.sum()),
+            "ood_rows": 0, "id_rows": 0}
     dim = feats.shape[1] if feats.ndim == 2 else 0
     empty = torch.zeros((0, dim))
     if len(feats) < 2 / quantile:
         return LakeBank(empty, empty, {**meta, "ood_proxies": 0, "id_proxies": 0,
                                        "empty": f"{len(feats)} rows, fewer than 2 / quantile"})
     low, high = np.quantile(scores, quantile), np.quantile(scores, 1 - quantile)
-    ood_rows, id_rows = flagged & (scores <= low), ~flagged & (scores >= high)
-    meta.update(ood_rows=int(ood_rows.sum()), id_rows=int(id_rows.sum()))
+    lowest = scores <= low
+    ood_rows, id_rows = flagged & lowest, ~flagged & (scores >= high)
+    needed = max(min_ood_rows, math.ceil(min_ood_share * lowest.sum()))
+    meta.update(ood_rows=int(ood_rows.sum()), id_rows=int(id_rows.sum()), ood_rows_needed=needed)
 
     def centroids(rows: np.ndarray) -> torch.Tensor:
         k = max(1, min(clusters, len(rows) // 4))
@@ -103,9 +113,9 @@ def build_bank(features: np.ndarray, id_scores: np.ndarray, flagged_ood: np.ndar
         return F.normalize(torch.from_numpy(km.cluster_centers_.astype(np.float32)), dim=-1)
 
     reasons = []
-    if ood_rows.sum() < min_ood_rows:
-        reasons.append(f"{int(ood_rows.sum())} rows of the lowest {quantile:g} flagged OOD by {evidence}, "
-                       f"fewer than {min_ood_rows}")
+    if ood_rows.sum() < needed:
+        reasons.append(f"{int(ood_rows.sum())} of the {int(lowest.sum())} rows of the lowest {quantile:g} flagged OOD "
+                       f"by {evidence}, fewer than {needed}")
     if not id_rows.any():
         reasons.append(f"no row of the highest {quantile:g} left unflagged by {evidence}")
     if reasons:  # one empty side is no bank (ScoreInputs): keep neither, so the file says so plainly

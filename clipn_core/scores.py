@@ -32,11 +32,8 @@ released code (github.com/xmed-lab/CLIPN); the others cite their own papers belo
   ATD's threshold-free rule does not carry over (the negatives' mass would count as
   p_ood and flag nearly everything): threshold it with ``clipn calibrate``.
 * with a lake bank of ID and OOD image proxies (:mod:`clipn_core.lake_bank`):
-  ``S_img = sigmoid(s (max_k cos(f, id_k) - max_k cos(f, ood_k)))`` and CLIPN-Neg-Lake
-  ``clipn_neg * (1 - w + w S_img)`` with ``w =`` :data:`BANK_WEIGHT` (0.5): the bank can at
-  most halve an image's ``clipn_neg``, so it reorders images the negatives score alike but
-  never overturns a confident text verdict (AdaNeg's unbounded product let one stray proxy
-  send ID images to the bottom); without a bank it is CLIPN-Neg.
+  CLIPN-Neg-Lake ``clipn_neg * sigmoid(s (max_k cos(f, id_k) - max_k cos(f, ood_k)))``;
+  without a bank it is CLIPN-Neg.
 
 ``SCORES`` is the only list of scores in the project: jobs, the CLI, the output schema
 and the evaluation report all iterate over it.
@@ -53,7 +50,6 @@ import torch
 DEFAULT_LOGIT_SCALE = 100.0  # ScoreInputs built by hand only: OpenAI CLIP's learned scale; the jobs pass the model's
 DEFAULT_MCM_TEMPERATURE = 1.0
 DEFAULT_NEGATIVE_GROUPS = 100  # NegLabel's grouping: the score is averaged over this many groups of negatives
-BANK_WEIGHT = 0.5  # the share of clipn_neg the lake bank can take away (clipn_neg_lake >= (1 - w) clipn_neg)
 
 
 @dataclass(frozen=True)
@@ -269,10 +265,8 @@ def clipn_neg(x: ScoreInputs) -> ScoreResult:
 
 @register("clipn_neg_lake", needs_no_tower=True, needs_negatives=True, uses_bank=True)
 def clipn_neg_lake(x: ScoreInputs) -> ScoreResult:
-    """Lake-adaptive CLIPN-Neg: clipn_neg times (1 - w + w S_img), S_img from the lake bank (clipn_neg without one)."""
-    if x.bank is None:  # exactly clipn_neg, not a float product that could round
-        return clipn_neg(x)
-    return ScoreResult(clipn_neg(x).id_score * (1.0 - BANK_WEIGHT + BANK_WEIGHT * x.bank_id_share))
+    """Lake-adaptive CLIPN-Neg: clipn_neg times the lake bank's S_img (clipn_neg itself without a bank)."""
+    return ScoreResult(clipn_neg(x).id_score * x.bank_id_share)
 
 
 def applicable(inputs: ScoreInputs) -> list[str]:

@@ -9,7 +9,6 @@ import time
 import types
 from pathlib import Path
 
-import numpy as np
 import pyarrow.dataset as pads
 import pytest
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from clipn_core.scores import BANK_WEIGHT, SCORES, ScoreInputs, compute_scores
+from clipn_core.scores import SCORES, ScoreInputs, compute_scores
 
 # Two images, three classes, D = 3, logit scale 1 so the arithmetic stays readable.
 F1 = [0.6, 0.8, 0.0]
@@ -130,16 +130,14 @@ def test_without_negatives_clipn_neg_is_atd_and_negative_scores_are_not_computed
     torch.testing.assert_close(with_none["clipn_neg"].id_score, with_none["atd"].id_score)
 
 
-def test_the_lake_bank_scales_clipn_neg_by_the_nearest_proxy_side_within_its_bound():
+def test_the_lake_bank_scales_clipn_neg_by_the_nearest_proxy_side():
     id_p, ood_p = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     base = dict(logit_scale=1.0, negatives=torch.tensor(W_NEG), negative_groups=1)
     x = ScoreInputs(torch.tensor([F1, F2]), torch.tensor(W_YES), torch.tensor(W_NO), bank=(id_p, ood_p), **base)
     r = compute_scores(x, ["clipn_neg", "clipn_neg_lake"])
-    # image 1: nearest ID proxy .6, nearest OOD proxy .8 -> S_img sigmoid(-.2); image 2: 0 vs .8 -> sigmoid(-.8);
-    # the bank takes at most BANK_WEIGHT (half) of clipn_neg away
-    assert BANK_WEIGHT == 0.5
+    # image 1: nearest ID proxy .6, nearest OOD proxy .8 -> sigmoid(-.2); image 2: 0 vs .8 -> sigmoid(-.8)
     for i, gap in enumerate((-0.2, -0.8)):
-        expected = r["clipn_neg"].id_score[i].item() * (0.5 + 0.5 / (1 + math.exp(-gap)))
+        expected = r["clipn_neg"].id_score[i].item() / (1 + math.exp(-gap))
         assert r["clipn_neg_lake"].id_score[i].item() == pytest.approx(expected, abs=1e-6)
     empty = ScoreInputs(torch.tensor([F1, F2]), torch.tensor(W_YES), torch.tensor(W_NO),
                         bank=(torch.zeros(0, 3), ood_p), **base)
