@@ -209,6 +209,18 @@ def main() -> None:
         print(f"| {name} | {na:.2f} | {nf:.2f} | {fa:.2f} | {ff:.2f} |")
     print("\nBanks:\n" + "\n".join(f"- {n}" for n in notes))
 
+    from jobs.demo.world import FAR_KINDS, World
+
+    # the far rows are the labelled set's last ones, in World.far_samples order (the demo's world, seed 0)
+    kinds = np.array([""] * int((split != "far").sum()) + [s.shape for s in World().far_samples("eval-far", int((split == "far").sum()))])
+    print("\n## Far OOD by kind (AUROC against all ID images; ATD's rule: share of the kind it flags)\n")
+    print("| kind | images | msp | mcm | atd | clipn_neg | ATD flags (%) |\n|---|---:|---:|---:|---:|---:|---:|")
+    atd_flags = compute_scores(x, ["atd"])["atd"].is_ood.numpy()
+    for kind in FAR_KINDS:
+        m = kinds == kind
+        cells = " | ".join(f"{ood_metrics(rows[n][is_id], rows[n][m]).auroc:.1f}" for n in ("msp", "mcm", "atd", "clipn_neg"))
+        print(f"| {kind} | {int(m.sum())} | {cells} | {100 * atd_flags[m].mean():.0f} |")
+
 
 if __name__ == "__main__":
     main()
