@@ -82,7 +82,7 @@ def build_bank(features: np.ndarray, id_scores: np.ndarray, flagged_ood: np.ndar
 
     Fewer than ``2 / quantile`` rows give an empty bank (the score then equals ``clipn_neg``). ``meta``:
     ``rows``, ``flagged_ood`` (rows the evidence flags), ``ood_rows`` / ``id_rows`` (rows each side's proxies
-    come from), ``ood_proxies`` / ``id_proxies`` (centroids), ``empty`` (why the bank is empty, or None) and
+    come from), ``ood_rows_needed`` (the minimum), ``ood_proxies`` / ``id_proxies`` (centroids), ``empty`` (why the bank is empty, or None) and
     the settings. Raises ValueError when the arrays' lengths differ.
     """
     from sklearn.cluster import KMeans
