@@ -3,9 +3,10 @@
 Runs the whole demo (world, tiny base CLIP, CLIPN on 2 Ray Train workers, scoring job,
 evaluate) and evaluates the same CLIPN with the world's template set (matching the
 training captions' styles, ensembled over colours) and with other sets (``--compare``,
-by default the short ``default`` set and OpenAI's 80 ImageNet templates). Prints one
-Markdown table: per score AUROC and FPR95 (percent, ID positive) for each set, then the
-CTW / ATD decision rates and ID accuracy.
+by default the short ``default`` set and OpenAI's 80 ImageNet templates). Prints
+Markdown tables: per score AUROC and FPR95 (percent, ID positive) for each set over all
+OOD images, then near OOD (held-out shapes) and far OOD (noise, gradients, textures)
+apart, each against all ID images, then the CTW / ATD decision rates and ID accuracy.
 
     python benchmarks/bench_quality.py [--out bench_quality_out] [--fresh-clip] [--compare default openai-imagenet]
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -45,7 +47,8 @@ def main() -> int:
     world = reports["world"]
 
     print("\n## Quality on the demo world "
-          f"({world['data']['id']} ID + {world['data']['ood']} OOD images, seed {args.seed}, "
+          f"({world['data']['id']} ID + {world['data']['ood']} OOD images, seed {args.seed}, {platform.node()}, "
+          f"{os.cpu_count()} CPUs, "
           f"{result['size']['clip_steps']} CLIP steps, {result['size']['clipn_steps']} CLIPN steps, "
           f"logit scale {world['logit_scale']:.1f})\n")
     print("| score | " + " | ".join(f"AUROC, {t} | FPR95, {t}" for t in reports) + " |")
@@ -53,6 +56,14 @@ def main() -> int:
     for name in world["scores"]:
         cells = [f"{r['scores'][name]['auroc']:.1f} | {r['scores'][name]['fpr95']:.1f}" for r in reports.values()]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    for split in world.get("splits") or {}:
+        print(f"\n### {split} OOD only ({world['splits'][split]['ood']} images against the same ID images)\n")
+        print("| score | " + " | ".join(f"AUROC, {t} | FPR95, {t}" for t in reports) + " |")
+        print("|---|" + "---:|---:|" * len(reports))
+        for name in world["scores"]:
+            cells = [f"{r['splits'][split]['scores'][name]['auroc']:.1f} | {r['splits'][split]['scores'][name]['fpr95']:.1f}"
+                     for r in reports.values()]
+            print(f"| {name} | " + " | ".join(cells) + " |")
     print("\n| rule | templates | ID flagged OOD (%) | OOD flagged OOD (%) |")
     print("|---|---|---:|---:|")
     for label, rep in reports.items():

@@ -82,6 +82,9 @@ class ScoreManifest(BaseModel):
     lake_bank_used: str | None = Field(None, description="lake bank clipn_neg_lake used (none: it equals clipn_neg)")
     lake_bank_id: str | None = Field(None, description="identity of that bank")
     lake_bank_built: str | None = Field(None, description="lake bank this run built for later nights")
+    lake_bank_meta: dict | None = Field(None, description="how that bank was built (clipn_core.lake_bank.build_bank's "
+                                        "meta): rows, the evidence column, rows flagged OOD, rows and proxies of each "
+                                        "side, and why it is empty when it is (None: no bank built)")
     classes: list[str]
     templates: list[str]
     decision: dict | None = Field(None, description="the decision that filled is_ood")

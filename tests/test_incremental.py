@@ -9,7 +9,6 @@ import time
 import types
 from pathlib import Path
 
-import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
@@ -49,7 +48,7 @@ def _cfg(lake: Path, out: Path, ckpt: str, day: dt.date, **extra) -> ScoreJobCon
             "runtime": {"batch_size": 8, "decode_batch_size": 8}}
     for key, value in extra.items():
         section, field = key.split("__")
-        data[section][field] = value
+        data.setdefault(section, {})[field] = value
     return ScoreJobConfig.model_validate(data)
 
 
@@ -289,21 +288,6 @@ def test_a_failed_run_leaves_no_staging_lease_or_partition_behind(tmp_path, chec
     assert not fresh.parent.exists()
 
 
-def test_the_lake_bank_does_not_depend_on_row_order():
-    from clipn_core.lake_bank import bank_bytes, bank_from_bytes, build_bank
-
-    rng = np.random.default_rng(0)
-    feats = rng.normal(size=(200, 8)).astype(np.float32)
-    scores = rng.random(200)
-    uris = [f"s3://b/{i:03d}.jpg" for i in range(200)]
-    bank = build_bank(feats, scores, uris, clusters=8)
-    perm = rng.permutation(200)
-    shuffled = build_bank(feats[perm], scores[perm], [uris[i] for i in perm], clusters=8)
-    assert bank.id == shuffled.id and len(bank.id_proxies) == len(bank.ood_proxies) == 5  # 20 rows a decile, 4 each
-    assert bank_from_bytes(bank_bytes(bank)).id == bank.id
-    assert build_bank(feats[:5], scores[:5], uris[:5]).empty  # too few rows: an empty bank, clipn_neg unchanged
-
-
 def test_a_night_builds_a_lake_bank_and_the_next_scores_with_it_whatever_the_order(tmp_path, checkpoints, ray_local):
     lake, out = tmp_path / "lake", tmp_path / "out"
     _lake(lake, [f"img{i:02d}.jpg" for i in range(48)])
@@ -311,9 +295,25 @@ def test_a_night_builds_a_lake_bank_and_the_next_scores_with_it_whatever_the_ord
     first = run(_cfg(lake, out, checkpoints[1], DAY, output__embeddings=True, output__lake_bank=True,
                      runtime__cache_dir=cache))
     assert first.lake_bank_built and first.lake_bank_used is None and Path(first.lake_bank_built).exists()
+    # the untrained model's ATD is 0.5 on every image and its rule flags them all: no row is evidence of ID, so
+    # the bank is empty, and its meta (in the manifest) says why
+    meta = first.lake_bank_meta
+    assert meta["flagged_ood"] == meta["rows"] == 48 and meta["id_proxies"] == meta["ood_proxies"] == 0
+    assert "left unflagged by ood_atd" in meta["empty"]
+    # a bank of proxies from the night's own embeddings, pinned with negatives.bank: the next night scores with it
+    import torch
+    import torch.nn.functional as F
+
+    from clipn_core.lake_bank import LakeBank, bank_bytes
+
+    rows = pads.dataset(first.partition, format="parquet").to_table(columns=["uri", "embedding"]).sort_by("uri")
+    emb = F.normalize(torch.tensor(rows["embedding"].to_pylist(), dtype=torch.float32), dim=-1)
+    pinned = LakeBank(emb[:4], emb[-4:], {})
+    bank = tmp_path / "bank.safetensors"
+    bank.write_bytes(bank_bytes(pinned))
     second = run(_cfg(lake, out, checkpoints[1], DAY + dt.timedelta(days=1), output__embeddings=True,
-                      output__lake_bank=True, runtime__cache_dir=cache))
-    assert second.lake_bank_used == first.lake_bank_built and second.lake_bank_id
+                      negatives__bank=str(bank), runtime__cache_dir=cache))
+    assert second.lake_bank_used == str(bank) and second.lake_bank_id == pinned.id
     table = pads.dataset(second.partition, format="parquet").to_table().to_pylist()
     lake_scores = {r["uri"]: r["score_clipn_neg_lake"] for r in table}
     assert any(r["score_clipn_neg_lake"] != r["score_clipn_neg"] for r in table)  # the bank moved the score
@@ -323,7 +323,7 @@ def test_a_night_builds_a_lake_bank_and_the_next_scores_with_it_whatever_the_ord
     other = run(ScoreJobConfig.model_validate({
         "input": {"kind": "manifest", "uri": str(manifest)}, "output": {"uri": str(tmp_path / "out2")},
         "model": {"checkpoint": checkpoints[1]}, "classes": {"names": CLASSES},
-        "negatives": {"bank": first.lake_bank_built},
+        "negatives": {"bank": str(bank)},
         "runtime": {"batch_size": 3, "decode_batch_size": 5, "cache_dir": cache}}))
     again = {r["uri"]: r["score_clipn_neg_lake"] for r in pads.dataset(other.partition, format="parquet").to_table().to_pylist()}
     assert other.lake_bank_id == second.lake_bank_id

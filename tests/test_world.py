@@ -1,4 +1,4 @@
-"""The demo world: deterministic for a seed, held-out shapes only outside the ID class list."""
+"""The demo world: deterministic for a seed, held-out shapes only outside the ID class list, a far-OOD split."""
 
 from __future__ import annotations
 
@@ -26,7 +26,33 @@ def test_pairs_cover_every_shape_and_eval_sets_are_labelled():
     assert [r["is_id"] for r in rows] == [True] * 30 + [False] * 20
     assert all((r["shape"] in w.id_shapes) == r["is_id"] for r in rows)
     assert set(w.ood_shapes).isdisjoint(w.id_shapes) and len(w.id_shapes) + len(w.ood_shapes) == 8
+    assert set(ev.column("split").to_pylist()) == {"id", "near"}  # no far images unless asked for
     assert len(world.SHAPES) >= 8 and len(world.COLOURS) >= 8
+
+
+def test_the_far_split_is_labelled_deterministic_and_unlike_any_shape():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    w = world.World(seed=0)
+    ev = w.eval_table(4, 3, 10)
+    assert ev.equals(world.World(seed=0).eval_table(4, 3, 10))
+    rows = ev.to_pylist()
+    assert [r["split"] for r in rows] == ["id"] * 4 + ["near"] * 3 + ["far"] * 10
+    assert [r["is_id"] for r in rows] == [True] * 4 + [False] * 13
+    far = rows[7:]
+    assert {r["shape"] for r in far} == set(world.FAR_KINDS) and not set(world.FAR_KINDS) & set(world.SHAPES)
+    # a shape image is mostly its light background; a far image fills the frame with more than two colours
+    for r in far:
+        pixels = np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB"), dtype=np.int16)
+        light = (pixels.min(axis=-1) > 190).mean()
+        assert light < 0.5 and pixels.reshape(-1, 3).std(axis=0).max() > 20, r["shape"]
+    shape = np.asarray(world.render("circle", "red", 0, 32), dtype=np.int16)
+    assert (shape.min(axis=-1) > 190).mean() > 0.5
+    assert world.render_far("noise", 5).tobytes() == world.render_far("noise", 5).tobytes()
+    assert world.render_far("noise", 5).tobytes() != world.render_far("noise", 6).tobytes()
 
 
 def test_writers_write_decodable_images_and_parquet(tmp_path):

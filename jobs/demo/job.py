@@ -2,7 +2,8 @@
 
 1. an S3-compatible server: moto's server on loopback, or an endpoint you give (MinIO);
 2. the world (:class:`jobs.demo.world.World`): an image lake (with three broken files),
-   training pairs and labelled ID / OOD evaluation images, written to the bucket;
+   training pairs and labelled evaluation images (ID shapes, near OOD: held-out shapes, far OOD:
+   noise, gradients and textures), written to the bucket;
 3. a tiny base CLIP trained by the training job's ``clip`` stage (cached locally, so a
    second run reuses it);
 4. CLIPN's no tower trained by the training job on 2 Ray Train workers;
@@ -10,7 +11,7 @@
    builds a lake bank of image proxies, the second scores ``clipn_neg_lake`` with it;
 6. ``clipn calibrate`` on a separate ID sample (thresholds keeping 95/99/99.9% of ID images), then
    ``clipn evaluate`` on the labelled set with those thresholds;
-7. a summary: evaluation table, calibrated operating point, lake flags against the world's truth,
+7. a summary: evaluation table (all OOD, near, far), calibrated operating point, lake flags against the world's truth,
    output paths.
 
 Every step is the real job run in-process with a validated config; the configs are
@@ -59,6 +60,7 @@ class DemoSize:
     lake: int = 1000
     eval_id: int = 600
     eval_ood: int = 400
+    eval_far: int = 400
     calib_id: int = 1000
     clip_steps: int = 800
     clipn_steps: int = 100
@@ -68,7 +70,7 @@ class DemoSize:
 FULL = DemoSize()
 # The reduced demo of the end-to-end test: the same training (fewer steps or pairs left the tiny CLIP
 # at chance level on held-out shapes), a small lake and evaluation set.
-SMALL = DemoSize(lake=40, eval_id=200, eval_ood=150, calib_id=300)
+SMALL = DemoSize(lake=40, eval_id=200, eval_ood=150, eval_far=100, calib_id=300)
 
 
 def _write_config(out: Path, name: str, cfg) -> None:
@@ -93,7 +95,7 @@ def write_world(world: World, size: DemoSize, root: str, opts: dict) -> dict[str
         write_bytes(f"{lake}/{name}", data, opts)
         truth[f"{lake}/{name}"] = None
     world.write_parquet(world.pairs_table(size.pairs), f"{root}/pairs/pairs.parquet", opts)
-    world.write_parquet(world.eval_table(size.eval_id, size.eval_ood), f"{root}/eval/eval.parquet", opts)
+    world.write_parquet(world.eval_table(size.eval_id, size.eval_ood, size.eval_far), f"{root}/eval/eval.parquet", opts)
     world.write_parquet(world.calibration_table(size.calib_id), f"{root}/calib/id-sample.parquet", opts)
     return truth
 
@@ -141,7 +143,7 @@ def demo_configs(out: Path, root: str, endpoint: str, size: DemoSize, base_clip:
         "output": {"dir": str(out / "calibration")}, "storage": storage,
     })
     evaluate = EvalJobConfig.model_validate({
-        "data": {"uri": f"{root}/eval/eval.parquet", "label_column": "shape"},
+        "data": {"uri": f"{root}/eval/eval.parquet", "label_column": "shape", "split_column": "split"},
         "model": {"checkpoint": clipn.output.checkpoint}, "classes": classes, "templates": "world",
         "output": {"dir": str(out / "report")}, "calibration": str(out / "calibration" / "calibration.json"),
         "storage": storage,
@@ -240,7 +242,7 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
         opts = cfgs["score"].storage.storage_options()
 
         t = _step(2, total, f"world: {size.lake} lake images (+3 broken), {size.pairs} training pairs, "
-                  f"{size.eval_id}+{size.eval_ood} labelled ID/OOD images -> {root}")
+                  f"{size.eval_id}+{size.eval_ood}+{size.eval_far} labelled ID/near/far OOD images -> {root}")
         truth = write_world(world, size, root, opts)
         print(f"    ID classes {list(world.id_shapes)}; held out (OOD) {list(world.ood_shapes)} "
               f"({time.perf_counter() - t:.0f} s)")
@@ -327,10 +329,14 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
 
 def _summary_table(report: EvalReport, calibration: CalibrationReport, calibrate: CalibrateJobConfig,
                    lake: dict, iceberg: dict) -> str:
-    lines = [f"    {'score':14} {'AUROC':>7} {'FPR95':>7}   (eval set: {report.data.id} ID + {report.data.ood} OOD, "
-             f"ID accuracy {report.id_accuracy:.1f}%, logit scale {report.logit_scale:.1f} from the model)"]
+    splits = report.splits or {}
+    counts = "".join(f", {s.ood} {name}" for name, s in splits.items())
+    head = "".join(f" {name + ' AUROC':>11} {name + ' FPR95':>11}" for name in splits)
+    lines = [f"    {'score':14} {'AUROC':>7} {'FPR95':>7}{head}   (eval set: {report.data.id} ID + {report.data.ood} OOD"
+             f"{counts}; ID accuracy {report.id_accuracy:.1f}%, logit scale {report.logit_scale:.1f} from the model)"]
     for name, m in report.scores.items():
-        lines.append(f"    {name:14} {m.auroc:7.2f} {m.fpr95:7.2f}")
+        cells = "".join(f" {s.scores[name].auroc:11.2f} {s.scores[name].fpr95:11.2f}" for s in splits.values())
+        lines.append(f"    {name:14} {m.auroc:7.2f} {m.fpr95:7.2f}{cells}")
     for name, r in report.decisions.items():
         lines.append(f"    {name} rule: flags {r.ood_flagged_ood:.1f}% of OOD and {r.id_flagged_ood:.1f}% of ID images")
     for r in report.calibrated:

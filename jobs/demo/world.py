@@ -4,8 +4,10 @@
 position, background tint and pixel noise. The same arguments always give the same
 pixels. :class:`World` turns that into data sets: captioned training pairs (every
 shape, as web data covers every concept), an image lake and labelled ID / OOD
-evaluation sets (OOD = the held-out shapes, never named as ID classes), written as
-Parquet or image objects to any fsspec URI. Caption styles come from
+evaluation sets, written as Parquet or image objects to any fsspec URI. The labelled set
+has two OOD splits: **near** (the held-out shapes, never named as ID classes) and **far**
+(``render_far``: noise, gradients and procedural textures, unlike any shape and never
+seen in training). Caption styles come from
 ``CAPTION_STYLES``; :func:`scoring_templates` derives the matching scoring templates,
 shipped as data in the model library (``clipn_core/templates/world.txt``, the ``world``
 template set; a test checks that the file matches), so ``templates: world`` works
@@ -81,6 +83,47 @@ def render(shape: str, colour: str, seed: int = 0, size: int = 64) -> Image.Imag
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
+FAR_KINDS = ("noise", "gradient", "stripes", "checker", "plasma")
+
+
+def render_far(kind: str, seed: int = 0, size: int = 64) -> Image.Image:
+    """An RGB ``size`` x ``size`` far-OOD image of ``kind`` (from FAR_KINDS), seeded like :func:`render`.
+
+    ``noise``: per-pixel colour noise; ``gradient``: a linear blend of two random colours at a random angle;
+    ``stripes`` / ``checker``: two-colour periodic patterns at a random period and angle; ``plasma``: a sum
+    of random sinusoids mapped to colour. Every kind covers the whole frame, so no image holds a shape on a
+    background (what every training image is). Raises ValueError for an unknown kind.
+    """
+    if kind not in FAR_KINDS:
+        raise ValueError(f"unknown far-OOD kind {kind!r}; known: {FAR_KINDS}")
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
+    a, b = (rng.integers(0, 256, size=3).astype(np.float64) for _ in range(2))
+    angle = rng.uniform(0, 2 * math.pi)
+    along = xx * math.cos(angle) + yy * math.sin(angle)  # position along a random direction, in frame widths
+    if kind == "noise":
+        arr = rng.integers(0, 256, size=(size, size, 3)).astype(np.float64)
+    elif kind == "gradient":
+        t = (along - along.min()) / max(1e-9, float(np.ptp(along)))
+        arr = a + t[..., None] * (b - a)
+    elif kind == "stripes":
+        t = np.floor(along * rng.uniform(3, 9)) % 2
+        arr = a + t[..., None] * (b - a)
+    elif kind == "checker":
+        period = rng.uniform(3, 9)
+        across = -xx * math.sin(angle) + yy * math.cos(angle)
+        t = (np.floor(along * period) + np.floor(across * period)) % 2
+        arr = a + t[..., None] * (b - a)
+    else:  # plasma
+        arr = np.empty((size, size, 3))
+        for c in range(3):
+            wave = sum(np.sin(2 * math.pi * (rng.uniform(0.5, 4) * (xx * math.cos(th) + yy * math.sin(th)))
+                              + rng.uniform(0, 2 * math.pi)) for th in rng.uniform(0, 2 * math.pi, size=3))
+            arr[..., c] = 127.5 + 127.5 * wave / 3
+    arr = arr + rng.integers(-12, 13, size=(size, size, 3))  # the same pixel noise as the shapes
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
 def encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
     """Image -> file bytes (JPEG quality 90, or PNG)."""
     buf = io.BytesIO()
@@ -108,13 +151,19 @@ def scoring_templates(styles: tuple[str, ...] = CAPTION_STYLES, colours=None) ->
 
 @dataclass(frozen=True)
 class Sample:
-    """One generated image with its labels; ``is_id`` is False for held-out (OOD) shapes."""
+    """One generated image with its labels; ``is_id`` is False for held-out shapes and far-OOD images, whose
+    ``shape`` is their kind (FAR_KINDS) and ``colour`` "mixed"."""
 
     shape: str
     colour: str
     caption: str
     seed: int
     is_id: bool
+
+    @property
+    def split(self) -> str:
+        """The labelled set's split: "id", "near" (a held-out shape) or "far" (a FAR_KINDS image)."""
+        return "id" if self.is_id else "far" if self.shape in FAR_KINDS else "near"
 
 
 @dataclass(frozen=True)
@@ -143,36 +192,52 @@ class World:
             yield Sample(shape, colour, style.format(colour=colour, shape=shape), int(rng.integers(2**31)),
                          shape not in self.ood_shapes)
 
+    def far_samples(self, split: str, n: int) -> Iterator[Sample]:
+        """``n`` far-OOD samples (kinds cycled through FAR_KINDS), deterministic for (seed, split)."""
+        split_seed = int.from_bytes(hashlib.blake2b(split.encode(), digest_size=4).digest(), "little")
+        rng = np.random.default_rng([self.seed, split_seed])
+        for i in range(n):
+            kind = FAR_KINDS[i % len(FAR_KINDS)]
+            yield Sample(kind, "mixed", f"a {kind} image", int(rng.integers(2**31)), False)
+
     def image_bytes(self, sample: Sample) -> tuple[bytes, str]:
         """(encoded bytes, extension): JPEG for ``jpeg_share`` of samples, else PNG (chosen from the seed)."""
         fmt = "JPEG" if (sample.seed % 1000) < self.jpeg_share * 1000 else "PNG"
-        return encode(render(sample.shape, sample.colour, sample.seed, self.size), fmt), fmt.lower().replace("jpeg", "jpg")
+        img = (render_far(sample.shape, sample.seed, self.size) if sample.split == "far"
+               else render(sample.shape, sample.colour, sample.seed, self.size))
+        return encode(img, fmt), fmt.lower().replace("jpeg", "jpg")
 
     def pairs_table(self, n: int):
         """Training pairs over every shape (held-out ones included): image, caption, shape, colour."""
         return self._table(self.samples("pairs", n))
 
-    def eval_table(self, n_id: int, n_ood: int):
-        """Labelled evaluation set: ``n_id`` ID-shape images then ``n_ood`` held-out-shape images."""
-        rows = list(self.samples("eval-id", n_id, self.id_shapes)) + list(self.samples("eval-ood", n_ood, self.ood_shapes))
-        return self._table(rows)
+    def eval_table(self, n_id: int, n_ood: int, n_far: int = 0):
+        """Labelled evaluation set: ``n_id`` ID-shape images, ``n_ood`` held-out-shape images (split "near"), then
+        ``n_far`` far-OOD images (split "far"); the ``split`` column (id / near / far) is what ``clipn evaluate``'s
+        ``data.split_column`` reads."""
+        rows = (list(self.samples("eval-id", n_id, self.id_shapes)) + list(self.samples("eval-ood", n_ood, self.ood_shapes))
+                + list(self.far_samples("eval-far", n_far)))
+        return self._table(rows, with_split=True)
 
     def calibration_table(self, n: int):
         """An ID-only sample (``n`` ID-shape images, apart from the evaluation set) for ``clipn calibrate``."""
         return self._table(self.samples("calib-id", n, self.id_shapes))
 
-    def _table(self, samples):
+    def _table(self, samples, with_split: bool = False):
         import pyarrow as pa
 
         rows = list(samples)
         images = [self.image_bytes(s)[0] for s in rows]
-        return pa.table({
+        columns = {
             "image": pa.array(images, pa.binary()),
             "caption": [s.caption for s in rows],
             "shape": [s.shape for s in rows],
             "colour": [s.colour for s in rows],
             "is_id": [s.is_id for s in rows],
-        })
+        }
+        if with_split:
+            columns["split"] = [s.split for s in rows]
+        return pa.table(columns)
 
     def write_parquet(self, table, uri: str, storage_options: dict | None = None) -> str:
         """Write ``table`` as one Parquet object at ``uri`` (local path or s3://...); returns ``uri``."""

@@ -6,7 +6,8 @@
   ``runtime.skip_broadcast_max_rows`` URIs, else by a Ray Data left outer join on ``uri``
   (hash-partitioned across workers). The driver only lists the published partitions (one per
   night) and never holds the skip set.
-* ``output.lake_bank``: after a night, the surest OOD and ID ``ok`` rows' embeddings become a
+* ``output.lake_bank``: after a night, the surest OOD ``ok`` rows that the evidence flags OOD
+  (:func:`bank_evidence`) and the surest ID ones left unflagged give their embeddings to a
   bank of image proxies (:mod:`clipn_core.lake_bank`) stored beside the output under the
   model id and class set; the next night scores ``clipn_neg_lake`` with the latest one.
 * ``input.since``: only objects modified after a watermark are listed. ``last_run`` takes
@@ -334,24 +335,41 @@ def latest_bank(root: str, run_date: dt.date, model_id: str, class_set_hash: str
     return best.lake_bank_built, bank_from_bytes(storage.read_bytes(best.lake_bank_built))
 
 
-def build_lake_bank(staged: str, storage: Storage, ok_rows: int) -> LakeBank:
-    """A lake bank from a run's staged rows (``ok`` rows' embeddings and ATD scores), reading at most
-    ``DEFAULT_MAX_ROWS`` of them, chosen by a hash of their URI (so the same rows whatever the file order)."""
+def bank_evidence(decision) -> str:
+    """The output column whose OOD flags a night's lake bank takes its OOD proxies from
+    (:func:`clipn_core.lake_bank.build_bank`), for the job's ``decision`` config: ``is_ood`` when it is a
+    calibrated threshold on a score that does not read the bank (the operator's own operating point), else
+    ``ood_atd``, ATD's threshold-free rule (a threshold on ``clipn_neg_lake`` would feed the bank its own
+    verdicts, and CTW's rule is not the score the proxies are ranked by)."""
+    from clipn_core.scores import SCORES
+    from schemas.output import ood_column
+
+    if decision.rule == "threshold" and not SCORES[decision.score].uses_bank:
+        return "is_ood"
+    return ood_column("atd")
+
+
+def build_lake_bank(staged: str, storage: Storage, ok_rows: int, evidence: str) -> LakeBank:
+    """A lake bank from a run's staged rows (``ok`` rows' embeddings, ATD scores and the ``evidence`` column's OOD
+    flags, :func:`bank_evidence`), reading at most ``DEFAULT_MAX_ROWS`` of them, chosen by a hash of their URI (so
+    the same rows whatever the file order). A row whose flag is null counts as not flagged."""
     import numpy as np
     import pyarrow.dataset as pads
 
     from schemas.output import OUTPUT_SCHEMA
 
     rate = min(1.0, DEFAULT_MAX_ROWS / max(1, ok_rows))
-    feats, scores, uris = [], [], []
+    feats, scores, flags, uris = [], [], [], []
     dataset = pads.dataset(storage.fs(staged)[1], filesystem=storage.arrow(staged)[0], format="parquet",
                            schema=OUTPUT_SCHEMA)
-    for batch in dataset.to_batches(columns=["uri", "status", "score_atd", "embedding"],
+    for batch in dataset.to_batches(columns=["uri", "status", "score_atd", evidence, "embedding"],
                                     filter=pads.field("status") == STATUS_OK):
-        for uri, score, emb in zip(batch.column("uri").to_pylist(), batch.column("score_atd").to_pylist(),
-                                   batch.column("embedding").to_pylist()):
+        for uri, score, flag, emb in zip(batch.column("uri").to_pylist(), batch.column("score_atd").to_pylist(),
+                                         batch.column(evidence).to_pylist(), batch.column("embedding").to_pylist()):
             if emb is not None and score is not None and keep_for_bank(uri, rate):
                 feats.append(np.asarray(emb, dtype=np.float32))
                 scores.append(score)
+                flags.append(bool(flag))
                 uris.append(uri)
-    return build_bank(np.stack(feats) if feats else np.zeros((0, 0), np.float32), np.asarray(scores), uris)
+    return build_bank(np.stack(feats) if feats else np.zeros((0, 0), np.float32), np.asarray(scores),
+                      np.asarray(flags, dtype=bool), uris, evidence=evidence)

@@ -38,6 +38,7 @@ from jobs.score.decode import DecodeSettings, read_decode_batch, read_tar_batch
 from jobs.score.iceberg import to_table_rows
 from jobs.score.incremental import (
     attach_member_skips,
+    bank_evidence,
     bank_path,
     build_lake_bank,
     skip_table,
@@ -286,11 +287,16 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                 if cfg.output.skip_scored or cfg.input.since == "last_run":
                     retried, healed = (outcome(staged, storage, table.retry_uris(), cfg.runtime.skip_broadcast_max_rows)
                                        if table is not None and history is not None and stats["rows"] else (0, 0))
-                bank_built = None
+                bank_built = bank_meta = None
                 if cfg.output.lake_bank:
                     bank_built = bank_path(target.bank_root, setup.model_id, setup.heads.class_set_hash, run_id)
-                    storage.write_bytes(bank_built, bank_bytes(build_lake_bank(staged, storage,
-                                                                               stats["by_status"].get("ok", 0))))
+                    built = build_lake_bank(staged, storage, stats["by_status"].get("ok", 0),
+                                            bank_evidence(cfg.decision))
+                    bank_meta = built.meta
+                    log.info("lake bank %s: %d ID and %d OOD proxies from %d rows%s", bank_built, len(built.id_proxies),
+                             len(built.ood_proxies), built.meta["rows"],
+                             f" (empty: {built.meta['empty']})" if built.meta.get("empty") else "")
+                    storage.write_bytes(bank_built, bank_bytes(built))
                 t_aggregates = time.perf_counter()
                 aggregates = from_staged(staged, storage, stats["rows"])
                 alerts = drift_alerts(cfg, storage, run_date, run_id, aggregates,
@@ -310,6 +316,7 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                     since_overlap_nights=list(since.overlap), watermark=watermark,
                     decision=cfg.decision.model_dump(mode="json"), calibration_id=calibration_id,
                     lake_bank_used=bank_used, lake_bank_id=setup.bank_id, lake_bank_built=bank_built,
+                    lake_bank_meta=bank_meta,
                     **stats, resumed_rows=resumed,
                     timings_s={"setup": round(t_setup, 3), "score_and_write": round(t_score, 3),
                                "aggregates_and_alerts": round(t_aggregates, 3)},
