@@ -79,8 +79,10 @@ class ScoreManifest(BaseModel):
                                       "runtime.logit_scale gave a number)")
     negatives_id: str | None = Field(None, description="identity of the mined negative labels (none: off)")
     negatives_count: int = Field(0, description="negative labels the scores used")
-    lake_bank_used: str | None = Field(None, description="lake bank clipn_neg_lake used (none: it equals clipn_neg)")
-    lake_bank_id: str | None = Field(None, description="identity of that bank")
+    lake_bank_used: str | None = Field(None, description="lake bank found for this night (none, or an empty bank: clipn_neg_lake "
+                                                 "equals clipn_neg)")
+    lake_bank_id: str | None = Field(None, description="identity of that bank; none when it is empty (no proxies, "
+                                                     "its lake_bank_meta says why)")
     lake_bank_built: str | None = Field(None, description="lake bank this run built for later nights")
     lake_bank_meta: dict | None = Field(None, description="how that bank was built (clipn_core.lake_bank.build_bank's "
                                         "meta): rows, the evidence column, rows flagged OOD, rows and proxies of each "

@@ -40,7 +40,7 @@ DAY = dt.date(2026, 12, 1)
 NIGHT_2 = DAY + dt.timedelta(days=1)
 CLASSES = ["circle", "square", "triangle"]
 CAL_SCORE, CAL_TARGET = "atd", 0.99
-# 21 ok images on night 1: the lake bank needs 20 ok rows (2 / its decile) to be non-empty
+# 21 ok images on night 1: the lake bank needs 20 ok rows (2 / its decile) to be built from the rows at all
 OLD_OK, NEW = 21, 3
 BROKEN = "broken.jpg"
 LEXICON_WORDS, NEGATIVES = 1000, 100
@@ -285,9 +285,13 @@ def check_night(label: str, combo: dict, manifest: ScoreManifest, rows: list[dic
     if combo["lake_bank"]:
         if manifest.lake_bank_built is None:
             problems.append(f"{label}: no lake bank built")
-        if (manifest.lake_bank_used, manifest.lake_bank_id is not None) != (bank_before, bank_before is not None):
+        # the previous night's bank is found and named; it has an identity (changes the scores) only when it has
+        # proxies: this untrained model's ATD flags every image, so its nights build empty banks (meta says why)
+        if manifest.lake_bank_built is not None and manifest.lake_bank_meta.get("empty") is None:
+            problems.append(f"{label}: the untrained model's night built a non-empty bank {manifest.lake_bank_meta}")
+        if (manifest.lake_bank_used, manifest.lake_bank_id) != (bank_before, None):
             problems.append(f"{label}: used lake bank {manifest.lake_bank_used} ({manifest.lake_bank_id}), want "
-                            f"{bank_before} (the previous night's)")
+                            f"{bank_before} (the previous night's), empty")
     elif (manifest.lake_bank_built, manifest.lake_bank_used) != (None, None):
         problems.append(f"{label}: a lake bank without output.lake_bank")
     return problems
