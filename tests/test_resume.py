@@ -99,7 +99,8 @@ def lake(ray_local, tmp_path_factory) -> Path:
     return root
 
 
-def test_a_killed_driver_resumes_with_the_same_command_and_publishes_a_clean_runs_rows(lake, tmp_path, ray_local):
+def test_a_killed_driver_resumes_with_the_same_command_and_publishes_a_clean_runs_rows(lake, tmp_path, ray_local,
+                                                                                       caplog):
     from jobs.score import run
 
     clean = run(_cfg(str(lake), str(tmp_path / "clean")))
@@ -130,7 +131,9 @@ def test_a_killed_driver_resumes_with_the_same_command_and_publishes_a_clean_run
     # the same command; take_over_lease names the dead run (its heartbeat is fresh) and is not part of the command
     from tests.test_reliability import _taking_over
 
-    resumed = run(_taking_over(_cfg(str(lake), str(out)), "killed"))
+    with caplog.at_level(logging.INFO, logger="clipn.score"):
+        resumed = run(_taking_over(_cfg(str(lake), str(out)), "killed"))
+    assert "committed ids loaded" in caplog.text  # by the driver-side loader, not Ray's own
     table = _published(out)
     assert table.select(COMPARED).to_pylist() == baseline.select(COMPARED).to_pylist()
     for col in ("score_ctw", "score_atd", "score_mcm"):
@@ -260,20 +263,68 @@ def test_the_driver_loads_committed_ids_sorted_and_removes_an_unfinished_writes_
     assert committed_ids(fs, str(tmp_path / "none"), "uri") is None
 
 
-def test_rays_filter_drops_the_committed_ids_the_driver_loaded(tmp_path, ray_local):
-    """Through Ray's own interfaces: the manager Ray plans the write with, and Ray's filter fed by its result."""
+def test_a_write_that_committed_then_ran_again_and_died_is_scored_again(tmp_path):
+    """A committed checkpoint beside a pending one of the same name (the task committed, its worker died, Ray ran it
+    again and the driver died during that run): its rows file may be half rewritten, so its ids are not committed."""
     import pyarrow as pa
-    from ray.data.checkpoint import NumpyArrayBasedCheckpointFilter
+    import pyarrow.fs as pafs
+
+    from jobs.score.checkpoint_ids import committed_ids, remove_pending
+
+    staged = tmp_path / "staged"
+    _checkpoint_with_an_unfinished_write(staged)
+    ckpt, rows = staged / resume.CHECKPOINT, staged / resume.ROWS
+    pq.write_table(pa.table({"uri": _IDS[:3]}), ckpt / "part-a-000001.pending.parquet")  # the rerun of write 1
+    fs = pafs.LocalFileSystem()
+    assert remove_pending(fs, str(ckpt), fs, str(rows)) == 2
+    assert sorted(p.name for p in ckpt.iterdir()) == ["part-a-000000.parquet"]
+    assert sorted(p.name for p in rows.iterdir()) == ["part-a-000000.parquet"]
+    assert committed_ids(fs, str(ckpt), "uri").to_pylist() == sorted(_IDS[3:])
+
+
+def test_a_checkpoint_file_without_ids_is_an_error_naming_the_folder(tmp_path):
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    from clipn_core.errors import StorageError
+    from jobs.score.checkpoint_ids import committed_ids
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    pq.write_table(pa.table({"uri": _IDS}), ckpt / "part-a-000000.parquet")
+    pq.write_table(pa.table({"other": ["x"]}), ckpt / "part-a-000001.parquet")  # read with the first file's schema
+    with pytest.raises(StorageError, match=f"{ckpt}.*1 null 'uri'"):
+        committed_ids(pafs.LocalFileSystem(), str(ckpt), "uri")
+
+
+def test_rays_filter_drops_the_committed_ids_the_driver_loaded(tmp_path, ray_local):
+    """Through Ray's own interfaces: the manager Ray plans the write with, and Ray's filter fed by its result; and
+    the same ids and the same files left as Ray's own manager gives on a copy of the folder."""
+    import shutil
+
+    import pyarrow as pa
+    from ray.data.checkpoint import CheckpointConfig, NumpyArrayBasedCheckpointFilter
+    from ray.data.checkpoint.checkpoint_filter import IdColumnCheckpointManager
     from ray.data.context import DataContext
 
     from clipn_core.storage import Storage
 
     staged = tmp_path / "staged"
     dead_rows, _ = _checkpoint_with_an_unfinished_write(staged)
+    shutil.copytree(staged, tmp_path / "rays")
     config = resume.prepare(str(staged), Storage()).checkpoint
     manager = config.checkpoint_manager_cls(checkpoint_config=config, data_context=DataContext.get_current())
     ref, size = manager.load_checkpoint(str(staged / resume.ROWS), config.filesystem)
     assert not dead_rows.exists() and size > 0
+
+    rays_config = CheckpointConfig(resume.ID_COLUMN, str(tmp_path / "rays" / resume.CHECKPOINT),
+                                   delete_checkpoint_on_success=False)
+    rays = IdColumnCheckpointManager(checkpoint_config=rays_config, data_context=DataContext.get_current())
+    rays_ref, _ = rays.load_checkpoint(str(tmp_path / "rays" / resume.ROWS), rays_config.filesystem)
+    assert ray_local.get(ref).tolist() == ray_local.get(rays_ref).tolist() == sorted(_IDS)
+    for folder in (resume.ROWS, resume.CHECKPOINT):
+        assert sorted(p.name for p in (staged / folder).iterdir()) == \
+            sorted(p.name for p in (tmp_path / "rays" / folder).iterdir())
     listed = pa.table({"uri": ["s3://b/new.png", *_IDS, "s3://b/dead.png"]})
     kept = NumpyArrayBasedCheckpointFilter(config, ref).filter_rows_for_block(listed)
     assert kept["uri"].to_pylist() == ["s3://b/new.png", "s3://b/dead.png"]  # the dead write's URI is scored again
