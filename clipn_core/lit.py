@@ -13,20 +13,14 @@ eval mode), so :class:`~clipn_core.feature_cache.ImageFeatureCache` computes the
 
 from __future__ import annotations
 
-import pickle
-from pathlib import Path
-
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from open_clip.timm_model import TimmModel
-from safetensors import SafetensorError
 from torch import nn
 
 from .efficientnet_lite import lite0_to_timm
-from .errors import StorageError, WeightsError, redact_uri
-from .storage import local_copy, sha256_file
-from .weights import load_state_dict_strict
+from .errors import WeightsError, redact_uri
+from .weights import load_state_dict_strict, read_state_dict
 
 # how the keys of an image weights file are laid out -> the locked part's layout
 LAYOUTS = {
@@ -43,30 +37,6 @@ def split_image_tower(clip: nn.Module) -> tuple[nn.Module, nn.Module]:
     if isinstance(visual, TimmModel):
         return visual.trunk, visual.head
     return visual, nn.Identity()
-
-
-def read_state_dict(uri: str, field: str, storage_options: dict | None = None,
-                    cache_dir: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    """(state dict, sha256 of the file) of a local or object-storage weights file: ``.safetensors``, or a torch
-    file (``.pt``/``.pth``/``.bin``) read with ``weights_only=True`` (a plain dict of tensors, or one under
-    ``state_dict``). Raises :class:`WeightsError` naming ``field`` and the URI."""
-    try:
-        local = local_copy(uri, storage_options, cache_dir)
-    except StorageError as e:
-        raise WeightsError(f"{field}: {e}") from e
-    try:
-        if Path(local).suffix == ".safetensors":
-            state = safetensors.torch.load_file(str(local), device="cpu")
-        else:
-            state = torch.load(str(local), map_location="cpu", weights_only=True)
-    except (SafetensorError, pickle.UnpicklingError, OSError, RuntimeError, EOFError, ValueError) as e:
-        raise WeightsError(f"{field}: {redact_uri(uri)} is not a readable state dict "
-                           f"(.safetensors or a torch file): {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{field}: {redact_uri(uri)} holds no state dict of tensors")
-    return state, sha256_file(local)
 
 
 def load_locked_tower(clip: nn.Module, uri: str, layout: str = "timm", storage_options: dict | None = None,

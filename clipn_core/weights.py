@@ -20,9 +20,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import io
 import json
 import logging
+import pickle
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -343,6 +343,30 @@ def check_base_config(spec: ModelSpec, uri: str) -> None:
             "should be retrained, and calibrations redone)")
 
 
+def read_state_dict(uri: str, field: str, storage_options: dict | None = None,
+                    cache_dir: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, sha256 of the file) of a local or object-storage weights file: ``.safetensors``, or a torch
+    file (``.pt``/``.pth``/``.bin``) read with ``weights_only=True`` (a plain dict of tensors, or one under
+    ``state_dict``). Raises :class:`WeightsError` naming ``field`` and the URI."""
+    try:
+        local = local_copy(uri, storage_options, cache_dir)
+    except StorageError as e:
+        raise WeightsError(f"{field}: {e}") from e
+    try:
+        if Path(local).suffix == ".safetensors":
+            state = safetensors.torch.load_file(str(local), device="cpu")
+        else:
+            state = torch.load(str(local), map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, OSError, RuntimeError, EOFError, ValueError) as e:
+        raise WeightsError(f"{field}: {redact_uri(uri)} is not a readable state dict "
+                           f"(.safetensors, or a torch file loaded with weights_only=True): {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{field}: {redact_uri(uri)} holds no state dict of tensors")
+    return state, sha256_file(local)
+
+
 def _read_weights(uri: str, meta: dict, storage_options: dict | None, cache_dir: str | None
                   ) -> tuple[dict[str, torch.Tensor], str, str | None]:
     """(state dict, sha256, structure digest stored in the file or None) of a checkpoint's weights file,
@@ -466,19 +490,7 @@ def import_original_checkpoint(
     of prompts is read from ``prompt_no`` [K, context, width]. Loading is strict and never
     unpickles objects. Raises :class:`WeightsError` / :class:`CheckpointKeyError`.
     """
-    try:
-        local = local_copy(uri, storage_options, cache_dir)
-    except StorageError as e:
-        raise WeightsError(f"original CLIPN checkpoint: {e}") from e
-    try:
-        raw = torch.load(io.BytesIO(local.read_bytes()), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
-        raise WeightsError(
-            f"{redact_uri(uri)} is not a loadable torch checkpoint (weights_only=True): {type(e).__name__}: {e}"
-        ) from e
-    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{redact_uri(uri)} holds no state_dict of tensors")
+    state, digest = read_state_dict(uri, "original CLIPN checkpoint", storage_options, cache_dir)
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
     if "prompt_no" not in state:
         raise CheckpointKeyError(redact_uri(uri), missing=["prompt_no"],
@@ -486,7 +498,7 @@ def import_original_checkpoint(
     ours = {original_key_to_ours(k): v for k, v in state.items()}
     model, spec = build_clipn(architecture, None, int(state["prompt_no"].shape[0]), cache_dir=cache_dir,
                               pretrained_config=pretrained_config or pcfg.PLAIN)
-    spec.base_weights = {"architecture": architecture, "pretrained": redact_uri(uri), "sha256": sha256_file(local),
+    spec.base_weights = {"architecture": architecture, "pretrained": redact_uri(uri), "sha256": digest,
                          "pretrained_config": spec.base_weights["pretrained_config"]}
     load_state_dict_strict(model, ours, uri)
     return model.eval(), spec
