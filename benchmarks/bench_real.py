@@ -67,6 +67,16 @@ def inputs() -> tuple[Path, object]:
     return weights, skdata
 
 
+def gpus() -> str:
+    """The GPUs torch sees on this machine (``2 x NVIDIA H200``), or ``no GPU``: what the machine has, which the
+    printed figures do not use (every stage runs on the CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no GPU"
+    return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)} (unused)"
+
+
 def build_sets(out: Path, skdata, test_share: float, seed: int, broad_per_category: int | None = None) -> dict:
     """Write ``pairs.parquet`` (image, caption) and ``eval.parquet`` (image, is_id, label, split, source) under
     ``out/data``; returns the sizes. ``broad_per_category`` set: the pairs also hold the broad pool
@@ -184,7 +194,8 @@ def main() -> int:
     weights, skdata = inputs()
 
     print(f"machine: {platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"no GPU, Python {platform.python_version()}")
+          f"{gpus()}, Python {platform.python_version()}; every stage below runs on the CPU (the training runs "
+          "set no run.use_gpu, evaluate keeps runtime.device cpu)")
     print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
     wall = {}
     t0 = time.perf_counter()
