@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 
 from . import pretrained_config as pcfg
-from .architectures import model_config
+from .architectures import model_config, resolve_architecture
 from .errors import CheckpointKeyError, ModelConfigError, StorageError, WeightsError, redact_uri
 from .model import CLIPN, DEFAULT_NUM_PROMPTS
 from .storage import is_remote, local_copy, read_bytes, sha256_file, write_bytes
@@ -145,6 +145,9 @@ def create_base_clip(
     ``pretrained``: None (random init, seeded so every process builds the same model),
     an open_clip tag, a local file, or an object-storage URI. Ignored (must be None)
     for ``hf-hub:`` / ``local-dir:`` architectures, which carry their own weights.
+    ``architecture``: a registered name, ``hf-hub:``/``local-dir:``, or an open_clip model config file (local or
+    object-storage URI ending in ``.json``), registered in this process first
+    (:func:`clipn_core.architectures.resolve_architecture`); the identity records it as given.
     ``pretrained_config``: the open_clip tag whose configuration a weights file (or a random
     init) follows, or ``plain`` (:mod:`clipn_core.pretrained_config`); a tag as ``pretrained``
     names its own. The configuration's activation (QuickGELU or GELU) and preprocessing are
@@ -157,13 +160,14 @@ def create_base_clip(
     """
     if architecture.startswith(_SCHEMA_PREFIXES) and pretrained:
         raise WeightsError(f"{architecture} carries its weights; do not also pass pretrained={pretrained!r}")
+    given, architecture = redact_uri(architecture), resolve_architecture(architecture, storage_options, cache_dir)
     is_file = bool(pretrained) and (is_remote(pretrained) or Path(pretrained).exists())
     if architecture.startswith(_SCHEMA_PREFIXES):  # refused before anything is fetched from the hub
         pcfg.resolve(architecture, pretrained, pretrained_config, pretrained_is_tag=False)
     model_cfg = _resolve_model_cfg(architecture, cache_dir)
     check_tokenizer(architecture, model_cfg)
     config = pcfg.resolve(architecture, pretrained, pretrained_config, pretrained_is_tag=bool(pretrained) and not is_file)
-    identity: dict[str, Any] = {"architecture": architecture, "pretrained": None, "sha256": None}
+    identity: dict[str, Any] = {"architecture": given, "pretrained": None, "sha256": None}
     open_clip_pretrained = None
     if pretrained:
         identity["pretrained"] = redact_uri(pretrained)
@@ -215,7 +219,7 @@ def build_clipn(
     clip, model_cfg, identity = create_base_clip(architecture, pretrained, storage_options, cache_dir, seed,
                                                  pretrained_config, device)
     model = CLIPN(clip, num_prompts)
-    spec = ModelSpec(architecture, model_cfg, model.preprocess_cfg, num_prompts, identity)
+    spec = ModelSpec(identity["architecture"], model_cfg, model.preprocess_cfg, num_prompts, identity)
     return model.eval(), spec
 
 

