@@ -143,11 +143,15 @@ def test_a_weights_file_without_a_pretrained_config_warns_once(fake_download, tm
     assert _activations(quick) == {"QuickGELU"} and not caplog.records
 
 
-def test_an_untrained_models_id_changes_with_how_it_is_built():
+def test_an_untrained_models_id_changes_with_how_it_is_built(monkeypatch):
     from clipn_core.storage import Storage
     from jobs.scoring_setup import load_model
     from schemas.score_config import ModelConfig
 
+    # the id is the spec's (architecture, config, preprocessing), never the weights: the job's own path builds the
+    # model on the meta device, so three ViT-B-16s cost no random initialisation (about 4 s each)
+    build = cc.build_clipn
+    monkeypatch.setattr(cc, "build_clipn", lambda *a, **k: build(*a, **k, device="meta"))
     ids = {pc: load_model(ModelConfig(architecture="ViT-B-16", pretrained_config=pc), Storage({}), None)[1]
            for pc in ("openai", "plain", "laion2b_s34b_b88k")}
     assert ids["openai"] != ids["plain"]  # QuickGELU against GELU
@@ -182,29 +186,27 @@ def test_pretrained_config_errors_name_the_field(fake_download, tmp_path):
         cc.build_clipn("local-dir:/nowhere", pretrained_config="openai")
 
 
-def _random_state_dict_file(arch: str, path, quick_gelu: bool) -> None:
+def _random_state_dict(arch: str, quick_gelu: bool) -> dict:
     """A random state dict of ``arch``'s shapes, as a tag's download would deliver it."""
-    import safetensors.torch
-
     cfg = {**open_clip.get_model_config(arch), "quick_gelu": quick_gelu}
     torch.manual_seed(0)
-    state = {k: v.contiguous() for k, v in open_clip.CLIP(**cfg).state_dict().items()}
-    safetensors.torch.save_file(state, str(path))
+    return {k: v.contiguous() for k, v in open_clip.CLIP(**cfg).state_dict().items()}
 
 
 @pytest.fixture(scope="module")
 def openai_vit_b_16(tmp_path_factory):
     """cc.build_clipn("ViT-B-16", pretrained="openai") with open_clip's download replaced by real random weights of
-    the right shapes, saved as a checkpoint: (model, spec, checkpoint URI, folder)."""
+    the right shapes, saved as a checkpoint: (model, spec, checkpoint URI, folder). The weights reach open_clip's
+    loader in memory (its ``load_state_dict`` replaced, as in ``fake_download``): the tag's resolution and the load
+    into the model are open_clip's own, without a 600 MB file written and read back first."""
     folder = tmp_path_factory.mktemp("openai-vit-b-16")
-    weights = folder / "openai-vit-b-16.safetensors"
-    _random_state_dict_file("ViT-B-16", weights, quick_gelu=True)
+    state = _random_state_dict("ViT-B-16", quick_gelu=True)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(open_clip.factory, "download_pretrained", lambda cfg, cache_dir=None: str(weights))
+        mp.setattr(open_clip.factory, "download_pretrained", lambda cfg, cache_dir=None: "/nonexistent/openai.pt")
+        mp.setattr(open_clip.factory, "load_state_dict", lambda path, device="cpu", weights_only=True: state)
         model, spec = cc.build_clipn("ViT-B-16", pretrained="openai")
     uri = str(folder / "ckpt" / "clipn-vitb16.safetensors")
     cc.save_checkpoint(model, spec, uri)
-    weights.unlink()
     return model, spec, uri, folder
 
 
@@ -235,32 +237,44 @@ def test_openai_vit_b_16_builds_with_quickgelu_and_a_checkpoint_saved_from_it_sc
     assert not torch.allclose(_features(gelu, IMAGES, tokens)[0], _features(model, IMAGES, tokens)[0], atol=1e-4)
 
 
-def _legacy_copy(model, spec, folder, name: str = "legacy") -> str:
-    """The checkpoint as clipn-lake wrote it before base CLIPs followed their tag: GELU in the sidecar, no
-    pretrained_config, no structure digest in the weights file."""
+@pytest.fixture(scope="module")
+def legacy_weights(openai_vit_b_16):
+    """The weights file as clipn-lake wrote it before base CLIPs followed their tag (no structure digest in it),
+    serialised and written once: (path, sha256). Both legacy checkpoints below link to it (the same bytes)."""
     import hashlib
 
     import safetensors.torch
 
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    data = safetensors.torch.save(state)
+    model, _, _, folder = openai_vit_b_16
+    data = safetensors.torch.save({k: v.contiguous() for k, v in model.state_dict().items()})
+    path = folder / "legacy-weights.safetensors"
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+def _legacy_copy(weights, spec, folder, name: str = "legacy") -> str:
+    """The checkpoint as clipn-lake wrote it before base CLIPs followed their tag: GELU in the sidecar, no
+    pretrained_config, no structure digest in the weights file (``weights``: the ``legacy_weights`` fixture)."""
+    import os
+
+    path, sha256 = weights
     legacy = spec.to_json_dict()
     legacy["model_cfg"] = {k: v for k, v in legacy["model_cfg"].items() if k != "quick_gelu"}
     legacy["base_weights"] = {k: v for k, v in legacy["base_weights"].items() if k != "pretrained_config"}
     uri = folder / name / "clipn.safetensors"
     uri.parent.mkdir()
-    uri.write_bytes(data)
-    sidecar = {"format": "clipn-lake/checkpoint", "format_version": 1, "sha256": hashlib.sha256(data).hexdigest(),
-               **legacy}
+    os.link(path, uri)  # the checkpoint's own weights file, as save would write it: no 600 MB copy per test
+    sidecar = {"format": "clipn-lake/checkpoint", "format_version": 1, "sha256": sha256, **legacy}
     uri.with_suffix(".json").write_text(json.dumps(sidecar))
     return str(uri)
 
 
-def test_a_legacy_gelu_checkpoint_of_quickgelu_weights_is_refused_then_upgraded(openai_vit_b_16, tmp_path, capsys):
+def test_a_legacy_gelu_checkpoint_of_quickgelu_weights_is_refused_then_upgraded(openai_vit_b_16, legacy_weights,
+                                                                                tmp_path, capsys):
     from jobs.cli import main as cli_main
 
     model, spec, _, folder = openai_vit_b_16
-    legacy = _legacy_copy(model, spec, folder)
+    legacy = _legacy_copy(legacy_weights, spec, folder)
     lake = tmp_path / "lake"
     lake.mkdir()
     from jobs.demo import world
@@ -290,16 +304,16 @@ def test_a_legacy_gelu_checkpoint_of_quickgelu_weights_is_refused_then_upgraded(
         upgrade_checkpoint(legacy, str(tmp_path / "plain.safetensors"), pretrained_config="plain")
 
 
-def test_a_legacy_checkpoint_over_a_weights_file_warns_and_upgrades_with_the_named_tag(openai_vit_b_16, tmp_path,
-                                                                                       caplog):
+def test_a_legacy_checkpoint_over_a_weights_file_warns_and_upgrades_with_the_named_tag(openai_vit_b_16, legacy_weights,
+                                                                                       tmp_path, caplog):
     """Its base weights were a file (the KubeRay config's case): the sidecar cannot say they were OpenAI's, so
     loading warns once, naming the upgrade with --pretrained_config; the upgrade with the tag builds QuickGELU."""
     from clipn_core import pretrained_config
 
-    model, spec, _, folder = openai_vit_b_16
+    _, spec, _, folder = openai_vit_b_16
     file_based = ModelSpec(**{**spec.__dict__, "base_weights": {
         "architecture": "ViT-B-16", "pretrained": "s3://models/base/vit-b-16-openai.safetensors", "sha256": "ab" * 32}})
-    legacy = _legacy_copy(model, file_based, folder, "legacy-file")
+    legacy = _legacy_copy(legacy_weights, file_based, folder, "legacy-file")
     pretrained_config._warned.clear()
     with caplog.at_level(logging.WARNING, logger="clipn.weights"):
         loaded, _, _ = cc.load_checkpoint(legacy)
