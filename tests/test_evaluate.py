@@ -18,6 +18,7 @@ from clipn_core.metrics import ood_metrics, top1_accuracy
 from clipn_core.storage import filesystem
 from jobs.cli import main as cli_main
 from jobs.demo.world import World
+from jobs.evaluation import evaluate
 
 WORLD = World(seed=3)
 
@@ -94,17 +95,19 @@ def test_report_agrees_with_clipn_core_metrics_on_the_same_scores(tmp_path, chec
 
 @pytest.mark.parametrize("case, extra, message", [
     ("no label column", ["--data.label_column", "species"], "data.label_column"),
-    # negatives off: this class set is no other test's, and mining its negative labels (about 10 s) comes before
-    # the labels are checked against it
-    ("label not a class", ["--classes.names", '["circle", "square"]', "--negatives.enabled", "false"],
-     "not in the class list"),
+    ("label not a class", ["--classes.names", '["circle", "square"]'], "not in the class list"),
     ("only ID rows", [], "needs both ID and OOD"),
     ("missing file", [], "does not exist"),
 ])
-def test_bad_input_fails_before_writing(tmp_path, checkpoint, capsys, case, extra, message):
+def test_bad_input_fails_before_writing(tmp_path, checkpoint, capsys, monkeypatch, case, extra, message):
     data = str(tmp_path / "missing.parquet") if case == "missing file" else _eval_parquet(
         tmp_path / "eval.parquet", broken=False, n_ood=0 if case == "only ID rows" else 6)
     out = tmp_path / "report"
+
+    def no_work(*args, **kwargs):  # bad input is refused before the model, heads and negative labels are built
+        raise AssertionError("the model was prepared before the input was checked")
+
+    monkeypatch.setattr(evaluate, "prepare", no_work)
     assert cli_main(_args(data, checkpoint, str(out), *extra)) == 1
     assert message in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())

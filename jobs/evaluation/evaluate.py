@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipn_core.errors import InputError, redact_uri
+from clipn_core.heads import load_class_names
 from clipn_core.metrics import ood_metrics, top1_accuracy
 from clipn_core.storage import Storage
 from jobs.calibration import check_fits, load_calibration
@@ -133,15 +134,16 @@ def run(cfg: EvalJobConfig) -> EvalReport:
     storage = cfg.storage.bind()
     rt = cfg.runtime
     table = read_eval_set(cfg.data, storage)
+    is_id_all = table["is_id"].to_numpy(zero_copy_only=False)
+    labels_all = None
+    if "label" in table.column_names:  # checked before the model, heads and negative labels are built
+        classes = load_class_names(cfg.classes.names, cfg.classes.file, storage.options, cfg.classes.set)
+        labels_all = _label_indices(table["label"].to_pylist(), is_id_all, classes, cfg.data.label_column)
+    storage.check_writable(cfg.output.dir.rstrip("/"), "output.dir", probe="/.probe")
     setup, model = prepare(cfg.model, cfg.classes, cfg.templates, rt, storage, cfg.negatives)
     calibration = load_calibration(cfg.calibration, storage) if cfg.calibration else None
     if calibration is not None:
         check_fits(calibration, cfg.calibration, setup)
-    is_id_all = table["is_id"].to_numpy(zero_copy_only=False)
-    labels_all = None
-    if "label" in table.column_names:
-        labels_all = _label_indices(table["label"].to_pylist(), is_id_all, setup.classes, cfg.data.label_column)
-    storage.check_writable(cfg.output.dir.rstrip("/"), "output.dir", probe="/.probe")
 
     scorer = batch_scorer(model, setup, rt, rt.device)
     log.info("evaluating model %s (logit scale %.2f) on %d images (%d ID), %d classes, %d templates",
