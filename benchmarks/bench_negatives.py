@@ -9,9 +9,11 @@ against all ID images, as ``clipn evaluate``'s ``data.split_column``). Lake bank
 * ``lake night``: the demo's first night (1,000 lake images, 3 of 8 shapes held out: near OOD only);
 * ``ID-only night``: the demo's 1,000-image ID calibration sample scored as a night (no OOD at all);
 * rule ``tenth`` (the rule before issue 22): OOD proxies the lowest-ATD tenth whatever the night holds, ID
-  proxies the highest tenth; rule ``evidence`` (registered, :func:`clipn_core.lake_bank.build_bank`): the
-  lowest tenth only where ATD's rule flags OOD, and only when at least half of it is, the highest tenth only
-  where it does not flag; ``evidence, min 4 rows`` (tried first): the same with a floor of 4 rows only;
+  proxies the highest tenth; rule ``evidence`` (registered, :func:`clipn_core.lake_bank.build_bank`, default
+  settings): the lowest tenth only where ATD's rule flags OOD, and only when the flagged rows' purity bound
+  ``1 - p n / f`` reaches ``min_purity`` (p: the share of the ID calibration sample ATD's rule flags,
+  computed here as ``clipn calibrate`` records it), the highest tenth only where it does not flag;
+  ``evidence, min 4 rows`` (tried first): the same with ``min_purity`` 0 (a floor of 4 rows only);
 * fusion ``x S_img`` (registered) or ``x (0.5 + 0.5 S_img)`` (tried: a bound on the bank's effect).
 
 Fused candidates that are not registered: ``neglabel_no`` (NegLabel whose denominator also holds the ID
@@ -37,13 +39,15 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from clipn_core.lake_bank import DEFAULT_CLUSTERS, DEFAULT_QUANTILE, build_bank  # noqa: E402
+from clipn_core.lake_bank import Evidence, build_bank  # noqa: E402
 from clipn_core.metrics import ood_metrics  # noqa: E402
 from clipn_core.scores import ScoreInputs, compute_scores  # noqa: E402
+from schemas.score_config import LakeBankConfig  # noqa: E402
 
 COUNTS = (100, 1000, 3000, 10000)
 BOUNDS = (0.8, 0.85, 0.9, 0.95, 1.0)
 SPLITS = ("near", "far")
+BANK = LakeBankConfig()  # the job's defaults
 
 
 def neglabel_no(x: ScoreInputs) -> np.ndarray:
@@ -60,10 +64,10 @@ def tenth_bank(features: np.ndarray, atd: np.ndarray, uris: list[str]) -> tuple[
 
     order = np.argsort(np.asarray(uris, dtype=object), kind="stable")
     feats, scores = features[order], atd[order]
-    low, high = np.quantile(scores, DEFAULT_QUANTILE), np.quantile(scores, 1 - DEFAULT_QUANTILE)
+    low, high = np.quantile(scores, BANK.quantile), np.quantile(scores, 1 - BANK.quantile)
 
     def centroids(rows):
-        km = KMeans(n_clusters=max(1, min(DEFAULT_CLUSTERS, len(rows) // 4)), n_init=1, random_state=0).fit(rows)
+        km = KMeans(n_clusters=max(1, min(BANK.clusters, len(rows) // 4)), n_init=1, random_state=0).fit(rows)
         return torch.nn.functional.normalize(torch.from_numpy(km.cluster_centers_.astype(np.float32)), dim=-1)
 
     return centroids(feats[scores >= high]), centroids(feats[scores <= low])
@@ -164,12 +168,20 @@ def main() -> None:
     def inputs(features: np.ndarray, bank=None) -> ScoreInputs:
         return ScoreInputs(torch.from_numpy(features), yes, no, scale, negatives=neg, bank=bank)
 
+    # the evidence's ID flag rate, as clipn calibrate records it: the share of the ID calibration sample ATD's
+    # rule flags (the ID-only night below is that very sample)
+    p_atd = float(compute_scores(inputs(d["calib_features"]), ["atd"])["atd"].is_ood.float().mean())
+    evidence = Evidence("ood_atd", p_atd, "calibration sample")
+    settings = dict(quantile=BANK.quantile, clusters=BANK.clusters, min_ood_rows=BANK.min_ood_rows)
+
     def night_bank(features: np.ndarray, uris: list[str]):
         """The rules' banks from a night's rows, with ATD's scores and flags computed here (as the job does)."""
         atd = compute_scores(inputs(features), ["atd"])["atd"]
         score, flags = atd.id_score.numpy().astype(np.float64), atd.is_ood.numpy()
-        return {"tenth": tenth_bank(features, score, uris), "evidence": build_bank(features, score, flags, uris),
-                "evidence, min 4 rows": build_bank(features, score, flags, uris, min_ood_share=0.0)}, int(flags.sum())
+        return {"tenth": tenth_bank(features, score, uris),
+                "evidence": build_bank(features, score, flags, uris, evidence, min_purity=BANK.min_purity, **settings),
+                "evidence, min 4 rows": build_bank(features, score, flags, uris, evidence, min_purity=0.0, **settings)
+                }, int(flags.sum())
 
     nights = {"lake night": (d["night_features"], [str(u) for u in d["night_uris"]]),
               "ID-only night": (d["calib_features"], [f"calib/{i:05d}" for i in range(len(d["calib_features"]))])}
@@ -181,7 +193,8 @@ def main() -> None:
     for night, (features, uris) in nights.items():
         banks, flagged = night_bank(features, uris)
         tenth = banks.pop("tenth")
-        notes.append(f"{night}: {len(features)} rows, {flagged} flagged OOD by ATD's rule; rule tenth: "
+        notes.append(f"{night}: {len(features)} rows, {flagged} flagged OOD by ATD's rule (p = {p_atd:.3f} on the "
+                     f"ID calibration sample); rule tenth: "
                      f"{len(tenth[0])} ID + {len(tenth[1])} OOD proxies; "
                      + "; ".join(f"rule {r}: {b.meta['id_proxies']} ID + {b.meta['ood_proxies']} OOD proxies"
                                  + (f" (empty: {b.meta['empty']})" if b.meta.get("empty") else "")

@@ -4,47 +4,63 @@ After a night, the ``ok`` rows the ATD score is surest about give two sets of im
 features, each clustered to at most ``clusters`` centroids:
 
 * OOD proxies: rows in the lowest ``quantile`` of the night's ATD ID scores **and flagged
-  OOD by the evidence** (``flagged_ood``: ATD's own threshold-free rule, ``ood_atd``, whose
-  p_no-weighted "no" mass beats every ID class's term, or the night's calibrated threshold
-  decision; the scoring job chooses, :func:`jobs.score.incremental.build_lake_bank`). A
-  mostly-ID night's lowest tenth is hard ID images; taking them as OOD proxies would push
-  the next night's ID images like them down, and the night after would learn from that.
-  The bank's influence is capped by a minimum: fewer such rows than ``min_ood_share`` (half)
-  of the lowest ``quantile``, or than ``min_ood_rows`` (4, the clustering's own size of a
-  centroid, ``rows // 4``), leave the OOD side empty. Below half, the flags are at the rate
-  of ATD's own false positives on ID images (1.5% of the demo's ID evaluation images, 3.2%
-  of its ID calibration sample: ``benchmarks/bench_negatives.py``), so the proxies would
-  stand for ID images as much as for OOD ones; the bank is for a lake's recurring OOD;
+  OOD by the evidence** (:class:`Evidence`: ATD's threshold-free rule ``ood_atd``, or a
+  calibrated threshold decision ``is_ood``; the scoring job chooses,
+  :mod:`jobs.score.bank_evidence`), taken only when the night passes the gate below;
 * ID proxies: rows in the highest ``quantile`` that the evidence does not flag.
+
+The gate. The evidence flags some ID images too, at a rate ``p`` known from a calibration
+on an ID sample (``clipn calibrate``; :attr:`Evidence.id_flag_rate`). Of the ``n`` rows
+of the night's bank sample, at most about ``p * n`` flags are then ID images, even if
+every row of the night were ID; with ``f`` rows flagged, the flagged rows' purity (share
+of OOD among them) is at least ``1 - p * n / f``. OOD proxies are taken only when that
+lower bound is at least ``min_purity`` and at least ``min_ood_rows`` flagged rows lie in
+the lowest ``quantile``; otherwise the OOD side is empty and ``meta["empty"]`` says why.
+The gate it replaces (flags on at least half of the lowest tenth) passed an all-ID night
+whenever the evidence over-flags: ATD's rule flags 48-58% of the ID images of the real
+photos (README, Real photos), so such a night's hard ID images became "OOD" proxies, the
+next night pushed images like them down, and the night after learned from that. The
+bound is a bound in expectation: ``p`` is the calibration sample's share, and a night
+whose ID images differ from that sample flags them at another rate.
 
 The next night scores an image also by which side its nearest proxy lies on:
 ``S_img = sigmoid(s (max_k cos(f, id_k) - max_k cos(f, ood_k)))``, and
 ``clipn_neg_lake = clipn_neg * S_img`` (:mod:`clipn_core.scores`). A bank with an empty
 side is no bank: ``clipn_neg_lake`` then equals ``clipn_neg``. ``meta`` says how many rows
-and proxies each side has and, for an empty side, why.
+and proxies each side has, the evidence, its ID flag rate and where it comes from, the
+purity bound and, for an empty side, why.
 
 The bank depends only on the rows, not on their order: rows are sampled by a hash of
-their URI (at most ``max_rows`` of them), sorted by URI, and clustered with a fixed seed.
-Within a run the bank is fixed, so a row's score never depends on the order in which
-actors see the images; the bank changes only between runs.
+their URI (by the caller, :func:`keep_for_bank`), sorted by URI, and clustered with a
+fixed seed. Within a run the bank is fixed, so a row's score never depends on the order
+in which actors see the images; the bank changes only between runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-DEFAULT_QUANTILE = 0.1
-DEFAULT_CLUSTERS = 128
-DEFAULT_MAX_ROWS = 50_000
-DEFAULT_MIN_OOD_ROWS = 4
-DEFAULT_MIN_OOD_SHARE = 0.5
+
+@dataclass(frozen=True)
+class Evidence:
+    """Which OOD flags the OOD proxies come from and how often they flag ID images.
+
+    ``column``: the output column of the flags (``ood_atd`` or ``is_ood``); ``id_flag_rate``: the share (0-1)
+    of a calibration's ID sample those flags mark OOD; ``calibration_id``: that calibration's id."""
+
+    column: str
+    id_flag_rate: float
+    calibration_id: str
+
+    def __post_init__(self):
+        if not 0.0 <= self.id_flag_rate <= 1.0:
+            raise ValueError(f"id_flag_rate must be a share in [0, 1], got {self.id_flag_rate}")
 
 
 @dataclass(frozen=True)
@@ -74,16 +90,17 @@ def keep_for_bank(uri: str, rate: float) -> bool:
 
 
 def build_bank(features: np.ndarray, id_scores: np.ndarray, flagged_ood: np.ndarray, uris: list[str],
-               quantile: float = DEFAULT_QUANTILE, clusters: int = DEFAULT_CLUSTERS,
-               min_ood_rows: int = DEFAULT_MIN_OOD_ROWS, min_ood_share: float = DEFAULT_MIN_OOD_SHARE, seed: int = 0,
-               evidence: str = "ood_atd") -> LakeBank:
-    """Proxies from ``features`` [n, D] (float) of ``ok`` rows, their ATD ID scores [n] and the evidence's OOD
-    flags ``flagged_ood`` [n] (bool; ``evidence`` names it in ``meta``), as the module docstring says.
+               evidence: Evidence, *, quantile: float, clusters: int, min_ood_rows: int, min_purity: float,
+               seed: int = 0) -> LakeBank:
+    """Proxies from ``features`` [n, D] (float) of ``ok`` rows, their ATD ID scores [n] and the ``evidence``'s OOD
+    flags ``flagged_ood`` [n] (bool), as the module docstring says: ``quantile`` in (0, 0.5], the share of rows
+    at each end; ``clusters``, the most centroids a side gets; ``min_ood_rows`` and ``min_purity``, the gate.
 
     Fewer than ``2 / quantile`` rows give an empty bank (the score then equals ``clipn_neg``). ``meta``:
     ``rows``, ``flagged_ood`` (rows the evidence flags), ``ood_rows`` / ``id_rows`` (rows each side's proxies
-    come from), ``ood_rows_needed`` (the minimum), ``ood_proxies`` / ``id_proxies`` (centroids), ``empty`` (why the bank is empty, or None) and
-    the settings. Raises ValueError when the arrays' lengths differ.
+    come from), ``id_flag_rate`` and ``calibration_id`` (the evidence's), ``purity_bound`` (None when nothing is
+    flagged), ``ood_proxies`` / ``id_proxies`` (centroids), ``empty`` (why the bank is empty, or None) and the
+    settings. Raises ValueError when the arrays' lengths differ.
     """
     from sklearn.cluster import KMeans
 
@@ -93,19 +110,19 @@ def build_bank(features: np.ndarray, id_scores: np.ndarray, flagged_ood: np.ndar
     order = np.argsort(np.asarray(uris, dtype=object), kind="stable")
     feats, scores = np.asarray(features, dtype=np.float32)[order], np.asarray(id_scores, dtype=np.float64)[order]
     flagged = np.asarray(flagged_ood, dtype=bool)[order]
-    meta = {"rows": int(len(feats)), "quantile": quantile, "clusters": clusters, "seed": seed, "evidence": evidence,
-            "min_ood_rows": min_ood_rows, "min_ood_share": min_ood_share, "flagged_ood": int(flagged.sum()),
-            "ood_rows": 0, "id_rows": 0}
+    n, f, p = len(feats), int(flagged.sum()), evidence.id_flag_rate
+    bound = 1.0 - p * n / f if f else None
+    meta = {"rows": n, "quantile": quantile, "clusters": clusters, "seed": seed, "evidence": evidence.column,
+            "id_flag_rate": p, "calibration_id": evidence.calibration_id, "min_ood_rows": min_ood_rows,
+            "min_purity": min_purity, "flagged_ood": f, "purity_bound": bound, "ood_rows": 0, "id_rows": 0}
     dim = feats.shape[1] if feats.ndim == 2 else 0
     empty = torch.zeros((0, dim))
-    if len(feats) < 2 / quantile:
+    if n < 2 / quantile:
         return LakeBank(empty, empty, {**meta, "ood_proxies": 0, "id_proxies": 0,
-                                       "empty": f"{len(feats)} rows, fewer than 2 / quantile"})
+                                       "empty": f"{n} rows, fewer than 2 / quantile"})
     low, high = np.quantile(scores, quantile), np.quantile(scores, 1 - quantile)
-    lowest = scores <= low
-    ood_rows, id_rows = flagged & lowest, ~flagged & (scores >= high)
-    needed = max(min_ood_rows, math.ceil(min_ood_share * lowest.sum()))
-    meta.update(ood_rows=int(ood_rows.sum()), id_rows=int(id_rows.sum()), ood_rows_needed=needed)
+    ood_rows, id_rows = flagged & (scores <= low), ~flagged & (scores >= high)
+    meta.update(ood_rows=int(ood_rows.sum()), id_rows=int(id_rows.sum()))
 
     def centroids(rows: np.ndarray) -> torch.Tensor:
         k = max(1, min(clusters, len(rows) // 4))
@@ -113,11 +130,17 @@ def build_bank(features: np.ndarray, id_scores: np.ndarray, flagged_ood: np.ndar
         return F.normalize(torch.from_numpy(km.cluster_centers_.astype(np.float32)), dim=-1)
 
     reasons = []
-    if ood_rows.sum() < needed:
-        reasons.append(f"{int(ood_rows.sum())} of the {int(lowest.sum())} rows of the lowest {quantile:g} flagged OOD "
-                       f"by {evidence}, fewer than {needed}")
+    if bound is None:
+        reasons.append(f"no row flagged OOD by {evidence.column}")
+    elif bound < min_purity:
+        reasons.append(f"{f} of {n} rows flagged OOD by {evidence.column}, which flags {p:.1%} of ID images "
+                       f"(calibration {evidence.calibration_id}): as few as {max(bound, 0.0):.1%} of the flagged "
+                       f"rows may be OOD, below min_purity {min_purity:g}")
+    if ood_rows.sum() < min_ood_rows:
+        reasons.append(f"{int(ood_rows.sum())} rows of the lowest {quantile:g} flagged OOD by {evidence.column}, "
+                       f"fewer than min_ood_rows {min_ood_rows}")
     if not id_rows.any():
-        reasons.append(f"no row of the highest {quantile:g} left unflagged by {evidence}")
+        reasons.append(f"no row of the highest {quantile:g} left unflagged by {evidence.column}")
     if reasons:  # one empty side is no bank (ScoreInputs): keep neither, so the file says so plainly
         return LakeBank(empty, empty, {**meta, "ood_proxies": 0, "id_proxies": 0, "empty": "; ".join(reasons)})
     bank = LakeBank(centroids(feats[id_rows]), centroids(feats[ood_rows]), meta)

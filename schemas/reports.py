@@ -118,6 +118,10 @@ class CalibrationReport(_Report):
     sample: SampleInfo
     bootstrap: dict = Field(description="resamples, seed and confidence of the intervals")
     thresholds: dict[str, list[Threshold]]
+    id_flag_rates: dict[str, float] | None = Field(
+        None, description="per threshold-free rule (ctw, atd), the share (0-1) of the ID sample's images it flags "
+        "OOD: the lake bank's known false-flag rate of its evidence (clipn_core.lake_bank); absent from "
+        "calibrations made before it was recorded")
     decision: dict = Field(description="a ready decision: block for the scoring job's config")
 
     def threshold(self, score: str, value: float) -> Threshold | None:

@@ -100,7 +100,8 @@ class OutputConfig(StrictModel):
                          "staged and scores only the rest (prefix inputs into a Parquet folder; blocks and write "
                          "files of one listing page: jobs.score.resume, README Resume)")
     lake_bank: bool = Field(False, description="build a lake bank (image proxies of the surest OOD and ID ok rows) for "
-                            "the next night's clipn_neg_lake, and use the latest earlier one (needs embeddings)")
+                            "the next night's clipn_neg_lake, and use the latest earlier one (needs embeddings and a "
+                            "calibration: lake_bank.calibration or decision.calibration; settings under lake_bank)")
 
     @model_validator(mode="after")
     def _one_target(self):
@@ -188,6 +189,27 @@ class NegativesConfig(StrictModel):
                              "output.lake_bank uses its latest own bank when this is unset")
 
 
+class LakeBankConfig(StrictModel):
+    """How a night's lake bank is built (``output.lake_bank``; :mod:`clipn_core.lake_bank`): its OOD proxies come
+    only from rows the evidence flags, and only when the flags' purity bound, from the evidence's known rate of
+    flagging ID images, reaches ``min_purity``."""
+
+    quantile: float = Field(0.1, gt=0, le=0.5, description="share of the night's ok rows at each end of the ATD "
+                            "score that proxies come from (lowest: OOD, highest: ID)")
+    clusters: int = Field(128, ge=1, description="most centroids (proxies) per side")
+    max_rows: int = Field(50_000, ge=1, description="ok rows read into the bank at most, sampled by a hash of "
+                          "their URI (the same rows whatever the file order)")
+    min_ood_rows: int = Field(4, ge=1, description="fewer flagged rows than this in the lowest quantile leave the "
+                              "OOD side empty (4: the clustering's rows per centroid)")
+    min_purity: float = Field(0.5, ge=0, le=1, description="OOD proxies only when at least this share of the "
+                              "flagged rows is OOD even if every row of the night were ID: 1 - p n / f, with n rows, "
+                              "f flagged, p the evidence's share of flagged ID images in its calibration")
+    calibration: str | None = Field(None, description="calibration.json (clipn calibrate) giving p, the share of ID "
+                                    "images ATD's rule flags (default: decision.calibration); with a calibrated "
+                                    "threshold decision on a bank-free score and no other file given here, the "
+                                    "evidence is that decision (is_ood) and p the share its threshold flags")
+
+
 class ScoringOptions(StrictModel):
     """How images become scores: shared by the scoring job, ``clipn evaluate`` and ``clipn calibrate``, so an
     evaluated or calibrated setup scores exactly as the nightly job would."""
@@ -261,6 +283,8 @@ class ScoreJobConfig(StrictModel):
     templates: str | None = Field(None, description=TEMPLATES_HELP)
     negatives: NegativesConfig = Field(default_factory=NegativesConfig)
     decision: DecisionConfig = Field(default_factory=DecisionConfig)
+    lake_bank: LakeBankConfig = Field(default_factory=LakeBankConfig, description="the lake bank's settings "
+                                      "(with output.lake_bank)")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     run_id: str | None = Field(None, description="identifier of this run (default: random)")
@@ -270,7 +294,16 @@ class ScoreJobConfig(StrictModel):
     def _lake_bank_needs(self):
         if self.output.lake_bank and not (self.output.embeddings and self.negatives.enabled):
             raise ValueError("output.lake_bank needs output.embeddings: true and negatives.enabled: true")
+        if self.output.lake_bank and self.bank_calibration() is None:
+            raise ValueError("output.lake_bank needs a calibration (lake_bank.calibration, or decision.calibration): "
+                             "the bank takes OOD proxies from rows its evidence flags, and how often that evidence "
+                             "flags ID images must be known (clipn calibrate on an ID sample)")
         return self
+
+    def bank_calibration(self) -> str | None:
+        """The calibration the lake bank's evidence rate comes from: ``lake_bank.calibration``, else
+        ``decision.calibration``, else None."""
+        return self.lake_bank.calibration or self.decision.calibration
 
     @model_validator(mode="after")
     def _decision_scores_exist(self):

@@ -78,6 +78,9 @@ def test_calibrate_writes_thresholds_a_decision_block_and_a_report(setup, tmp_pa
         for t in ts:
             assert t["threshold"] == pytest.approx(id_threshold(direct.scores[name], t["target"])[0], rel=1e-5)
             assert t["ci_low"] <= t["threshold"] + 1e-9 and t["ci_high"] >= t["threshold"] - 1e-9
+    # and each threshold-free rule's share of the sample it flags OOD (the lake bank's evidence rate)
+    assert cal["id_flag_rates"] == {k: pytest.approx(float(v.mean())) for k, v in direct.decisions.items()}
+    assert {"ctw", "atd"} <= set(cal["id_flag_rates"])
     decision = yaml.safe_load((out / "decision.yaml").read_text())["decision"]
     atd99 = next(t for t in cal["thresholds"]["atd"] if t["target"] == 0.99)
     assert decision == {"rule": "threshold", "score": "atd", "threshold": atd99["threshold"],

@@ -209,6 +209,8 @@ def _config(combo: dict, lake: Lake, night: dt.date, tmp_path, model: dict, endp
                    "embeddings": combo["lake_bank"], "lake_bank": combo["lake_bank"]},
         "model": {"checkpoint": model["ckpt"]}, "classes": {"names": CLASSES}, "decision": decision,
         "negatives": model["negatives"],
+        # the bank's evidence rate: the calibrated decision's own when there is one, else ATD's rule's
+        "lake_bank": {"calibration": model["calibration"] if combo["lake_bank"] else None},
         "storage": {"endpoint_url": endpoint},
         "runtime": {"batch_size": 32, "decode_batch_size": 32, "cache_dir": model["cache"]}})
 

@@ -43,6 +43,10 @@ def test_reduced_demo_trains_scores_and_detects_ood_well_above_chance(tmp_path, 
     first = json.loads((tmp_path / "out" / "scores" / "run_date=2026-11-24" / "_manifest.json").read_text())
     bank = first["lake_bank_meta"]  # OOD proxies only from rows ATD's rule flags, and the manifest says how many
     assert bank["evidence"] == "ood_atd" and bank["rows"] == SMALL.lake and bank["ood_rows"] <= bank["flagged_ood"]
+    # its rate of flagging ID images comes from the calibration made before the first night
+    lake_cal = result["lake_calibration"]
+    assert (bank["calibration_id"], bank["id_flag_rate"]) == (lake_cal.id, lake_cal.id_flag_rates["atd"])
+    assert (bank["purity_bound"] is None) == (bank["flagged_ood"] == 0)
     assert (report.bank_id is not None) == (bank["empty"] is None), bank
     assert report.calibration == result["calibration"].id
     at99 = next(r for r in report.calibrated if r.score == "atd" and r.target == 0.99)
@@ -78,7 +82,8 @@ def test_reduced_demo_trains_scores_and_detects_ood_well_above_chance(tmp_path, 
     saved = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
     assert saved["scores"] == report.model_dump(mode="json")["scores"]
     assert len(list((tmp_path / "cache").glob("base-clip-*.safetensors"))) == 1
-    for name in ("train-clip", "train-clipn", "score", "score-iceberg", "calibrate", "evaluate", "history"):
+    for name in ("train-clip", "train-clipn", "score", "score-iceberg", "calibrate-lake", "calibrate", "evaluate",
+                 "history"):
         assert (tmp_path / "out" / "configs" / f"{name}.yaml").is_file()
 
 

@@ -4,6 +4,8 @@ warehouse, skip_scored and since from the table, and snapshot expiry."""
 from __future__ import annotations
 
 import datetime as dt
+import json
+from pathlib import Path
 
 import fsspec
 import pyarrow as pa
@@ -30,11 +32,12 @@ def _lake(root, n: int, start: int = 0, broken: bool = True) -> None:
         (root / "broken.jpg").write_bytes(b"not an image")
 
 
-def _cfg(lake, iceberg: dict, ckpt: str, day: dt.date, storage: dict | None = None, **output) -> ScoreJobConfig:
+def _cfg(lake, iceberg: dict, ckpt: str, day: dt.date, storage: dict | None = None, bank_calibration: str | None = None,
+         **output) -> ScoreJobConfig:
     return ScoreJobConfig.model_validate({
         "input": {"uri": str(lake)}, "output": {"iceberg": iceberg, "run_date": str(day), **output},
         "model": {"checkpoint": ckpt}, "classes": {"names": CLASSES}, "storage": storage or {},
-        "runtime": {"batch_size": 8, "decode_batch_size": 8}})
+        "lake_bank": {"calibration": bank_calibration}, "runtime": {"batch_size": 8, "decode_batch_size": 8}})
 
 
 def _local(tmp_path) -> dict:
@@ -80,14 +83,25 @@ def test_a_night_reads_back_through_pyiceberg_row_for_row_like_the_parquet_targe
 
 
 def test_a_rerun_replaces_the_night_and_other_nights_stay(tmp_path, ckpt, ray_local):
+    from tests.bank_calibration import calibrate, id_sample
+
     lake = tmp_path / "lake"
     _lake(lake, 6)
     ice = _local(tmp_path)
-    first = run(_cfg(lake, ice, ckpt, DAY, embeddings=True, lake_bank=True))
-    second = run(_cfg(lake, ice, ckpt, DAY + dt.timedelta(days=1), embeddings=True, lake_bank=True))
+    cal = calibrate(ckpt, CLASSES, id_sample(tmp_path / "id", CLASSES), tmp_path / "cal")
+    first = run(_cfg(lake, ice, ckpt, DAY, bank_calibration=cal, embeddings=True, lake_bank=True))
+    second = run(_cfg(lake, ice, ckpt, DAY + dt.timedelta(days=1), bank_calibration=cal, embeddings=True,
+                      lake_bank=True))
     # the lake bank: built by a night, found by the next through the snapshots, kept beside the table
     assert second.lake_bank_used == first.lake_bank_built and ".clipn-banks/" in first.lake_bank_built
     assert not first.lake_bank_built.startswith(str(tmp_path / "wh" / "lake" / "ood_flags") + "/")
+    # the night's snapshot carries what its Parquet manifest would about the bank
+    summary = load_table(IcebergConfig(**ice), ScoreJobConfig.model_fields["storage"].default_factory().bind(),
+                         False).current_snapshot().summary.additional_properties
+    assert json.loads(summary["clipn.lake_bank_meta"]) == second.lake_bank_meta
+    assert second.lake_bank_meta["calibration_id"] == json.loads(Path(cal).read_text())["id"]
+    assert (summary["clipn.lake_bank_used"], summary["clipn.lake_bank_built"]) == (first.lake_bank_built,
+                                                                                   second.lake_bank_built)
     again = run(_cfg(lake, ice, ckpt, DAY))
     rows = _rows(ice)
     by_night = {}
@@ -209,6 +223,27 @@ def test_snapshot_expiry_keeps_the_watermark_and_the_lake_bank_pointer(tmp_path,
     # the night committed without aggregates (and whose snapshot is gone): computed from its rows
     banked = nights[DAY - dt.timedelta(days=1)].aggregates
     assert banked.computed_from == "rows" and banked.by_status == {"ok": 1} and banked.ood_share == 0
+
+
+def test_a_nights_snapshot_carries_its_lake_bank_like_the_parquet_manifest(tmp_path):
+    from jobs.score import iceberg
+    from schemas.common import StorageConfig
+
+    cfg, storage = IcebergConfig(**_local(tmp_path)), StorageConfig().bind()
+    meta = {"rows": 40, "evidence": "ood_atd", "id_flag_rate": 0.03, "calibration_id": "c0ffee", "purity_bound": 0.85,
+            "empty": None}
+    manifest = _manifest("r0", DAY, lake_bank_used="s3://x/bank-before.safetensors", lake_bank_id="b4",
+                         lake_bank_built="s3://x/bank.safetensors", lake_bank_meta=meta)
+    iceberg.commit_night(cfg, storage, [_night_file(tmp_path / "n0", "r0", ["s3://x/0.jpg"], DAY)], manifest)
+    props = load_table(cfg, storage, create=False).current_snapshot().summary.additional_properties
+    assert json.loads(props["clipn.lake_bank_meta"]) == meta
+    assert (props["clipn.lake_bank_used"], props["clipn.lake_bank_id"], props["clipn.lake_bank_built"]) == (
+        "s3://x/bank-before.safetensors", "b4", "s3://x/bank.safetensors")
+    # a night without a bank carries none of it
+    iceberg.commit_night(cfg, storage, [_night_file(tmp_path / "n1", "r1", ["s3://x/1.jpg"], DAY)],
+                         _manifest("r1", DAY))
+    props = load_table(cfg, storage, create=False).current_snapshot().summary.additional_properties
+    assert not any(k.startswith("clipn.lake_bank") for k in props)
 
 
 def test_the_night_properties_keep_the_latest_nights(tmp_path, monkeypatch):

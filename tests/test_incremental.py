@@ -289,17 +289,21 @@ def test_a_failed_run_leaves_no_staging_lease_or_partition_behind(tmp_path, chec
 
 
 def test_a_night_builds_a_lake_bank_and_the_next_scores_with_it_whatever_the_order(tmp_path, checkpoints, ray_local):
+    from tests.bank_calibration import calibrate, id_sample
+
     lake, out = tmp_path / "lake", tmp_path / "out"
     _lake(lake, [f"img{i:02d}.jpg" for i in range(48)])
     cache = str(tmp_path / "cache")
+    cal = calibrate(checkpoints[1], CLASSES, id_sample(tmp_path / "id", CLASSES), tmp_path / "cal")
     first = run(_cfg(lake, out, checkpoints[1], DAY, output__embeddings=True, output__lake_bank=True,
-                     runtime__cache_dir=cache))
+                     runtime__cache_dir=cache, lake_bank__calibration=cal))
     assert first.lake_bank_built and first.lake_bank_used is None and Path(first.lake_bank_built).exists()
-    # the untrained model's ATD is 0.5 on every image and its rule flags them all: no row is evidence of ID, so
-    # the bank is empty, and its meta (in the manifest) says why
+    # the untrained model's ATD is 0.5 on every image and its rule flags them all, ID images too (the calibration
+    # says so): no row is evidence of ID or of OOD, so the bank is empty, and its meta (in the manifest) says why
     meta = first.lake_bank_meta
     assert meta["flagged_ood"] == meta["rows"] == 48 and meta["id_proxies"] == meta["ood_proxies"] == 0
-    assert "left unflagged by ood_atd" in meta["empty"]
+    assert meta["id_flag_rate"] == 1.0 and meta["calibration_id"] == json.loads(Path(cal).read_text())["id"]
+    assert "left unflagged by ood_atd" in meta["empty"] and "below min_purity" in meta["empty"]
     # a bank of proxies from the night's own embeddings, pinned with negatives.bank: the next night scores with it
     import torch
     import torch.nn.functional as F

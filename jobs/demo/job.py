@@ -105,7 +105,8 @@ def write_world(world: World, size: DemoSize, root: str, opts: dict) -> dict[str
 
 def demo_configs(out: Path, root: str, endpoint: str, size: DemoSize, base_clip: str, world: World) -> dict:
     """The validated configs of the demo's jobs (clip stage, clipn stage, score to Parquet and to Iceberg,
-    calibrate, evaluate)."""
+    calibrate without a lake bank for the bank's evidence rate and with the first night's for the evaluation,
+    evaluate, history)."""
     storage = {"endpoint_url": endpoint, "region": "us-east-1"}
     run = {"storage_path": f"{root}/runs", "num_workers": 2, "cpus_per_worker": 0.5}
     data = {"uri": f"{root}/pairs/pairs.parquet", "augment": False, "cache_decoded": True, "decode_cpus": 0.25}
@@ -126,10 +127,13 @@ def demo_configs(out: Path, root: str, endpoint: str, size: DemoSize, base_clip:
         "output": {"checkpoint": f"{root}/models/clipn-world.safetensors"}, "storage": storage,
     })
     classes = {"names": list(world.id_shapes)}
+    # the lake bank's evidence rate (ATD's rule on ID images) from a calibration made before the first night
+    lake_calibration = out / "calibration-lake"
     score = ScoreJobConfig.model_validate({
         "input": {"kind": "prefix", "uri": f"{root}/lake"},
         "output": {"uri": str(out / "scores"), "run_date": str(DEMO_NIGHT), "embeddings": True, "lake_bank": True},
         "model": {"checkpoint": clipn.output.checkpoint}, "classes": classes, "templates": "world",
+        "lake_bank": {"calibration": str(lake_calibration / "calibration.json")},
         "runtime": {"batch_size": 256, "decode_batch_size": 256, "pool_size": 1}, "storage": storage,
         "alerts": {},  # the drift check at the job's end: its findings go into the manifest
     })
@@ -145,6 +149,9 @@ def demo_configs(out: Path, root: str, endpoint: str, size: DemoSize, base_clip:
         "model": {"checkpoint": clipn.output.checkpoint}, "classes": classes, "templates": "world",
         "output": {"dir": str(out / "calibration")}, "storage": storage,
     })
+    # the same ID sample without a lake bank (there is none yet): the rate of the first night's evidence
+    calibrate_lake = CalibrateJobConfig.model_validate({**calibrate.model_dump(mode="json"),
+                                                        "output": {"dir": str(lake_calibration)}})
     evaluate = EvalJobConfig.model_validate({
         "data": {"uri": f"{root}/eval/eval.parquet", "label_column": "shape", "split_column": "split"},
         "model": {"checkpoint": clipn.output.checkpoint}, "classes": classes, "templates": "world",
@@ -154,7 +161,7 @@ def demo_configs(out: Path, root: str, endpoint: str, size: DemoSize, base_clip:
     history = HistoryJobConfig.model_validate({"output": score.output.uri, "check": True,
                                                "plot": str(out / "history.png")})
     return {"train-clip": clip, "train-clipn": clipn, "score": score, "score-iceberg": score_iceberg,
-            "calibrate": calibrate, "evaluate": evaluate, "history": history}
+            "calibrate-lake": calibrate_lake, "calibrate": calibrate, "evaluate": evaluate, "history": history}
 
 
 def base_clip_path(cache_dir: Path, world: World, size: DemoSize) -> Path:
@@ -205,7 +212,8 @@ def iceberg_summary(cfg: ScoreJobConfig) -> dict:
 
 def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cache_dir: Path | None = None,
              seed: int = 0, compare_templates: tuple[str, ...] = ()) -> dict:
-    """Run the seven steps; returns {"evaluation": report, "calibration": ..., "lake": lake summary, "paths": {...},
+    """Run the seven steps; returns {"evaluation": report, "calibration": ..., "lake_calibration": the lake bank's
+    (no bank yet), "lake": lake summary, "paths": {...},
     "configs": the jobs' validated configs, "seconds": ...}.
 
     ``compare_templates``: other template sets (names or URIs) to evaluate the same model with,
@@ -268,6 +276,9 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
 
         t = _step(5, total, f"nightly scoring job on the lake ({len(truth)} objects), two nights: the first builds "
                   "a lake bank, the second scores with it")
+        lake_cal = run_calibrate(cfgs["calibrate-lake"])
+        print(f"    the lake bank's evidence, ATD's rule, flags {lake_cal.id_flag_rates['atd']:.1%} of the "
+              f"{lake_cal.sample.images} ID calibration images (calibration {lake_cal.id})")
         first = run_score(cfgs["score"])
         second_cfg = cfgs["score"].model_copy(deep=True)
         second_cfg.output.run_date = DEMO_NIGHT + dt.timedelta(days=1)
@@ -325,7 +336,8 @@ def run_demo(out: Path, endpoint: str | None = None, size: DemoSize = FULL, cach
              "configs": str(out / "configs"), "base_clip": str(base_clip)}
     for k, v in paths.items():
         print(f"    {k:10} {v}")
-    return {"evaluation": report, "calibration": calibration, "template_comparison": comparison, "lake": lake,
+    return {"evaluation": report, "calibration": calibration, "lake_calibration": lake_cal,
+            "template_comparison": comparison, "lake": lake,
             "iceberg": iceberg, "history": history,
             "paths": paths, "configs": cfgs, "seconds": round(seconds, 1), "size": asdict(size)}
 

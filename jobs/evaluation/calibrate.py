@@ -7,7 +7,8 @@ Parquet), scores it in this process with the scoring job's own setup, decode and
 * ``calibration.json`` (:class:`schemas.reports.CalibrationReport`, written last): for every
   registered score and target share, the threshold keeping that share of ID images
   (:mod:`clipn_core.calibration`), its bootstrap interval and the tail it rests on, with
-  the model id, class set and logit scale it is valid for;
+  the model id, class set and logit scale it is valid for; and per threshold-free rule
+  (CTW, ATD) the share of the sample it flags OOD (the lake bank's evidence rate);
 * ``decision.yaml``: a ready ``decision:`` block for the scoring job's config;
 * ``calibration.md`` and ``calibration.png`` (ID score histograms, thresholds marked).
 """
@@ -106,11 +107,13 @@ def run(cfg: CalibrateJobConfig) -> CalibrationReport:
                          "read and decoded: an empty ID sample")
     per_score = {name: thresholds(values, cfg.targets, cfg.bootstrap, cfg.seed) for name, values in result.scores.items()}
     chosen = next(t for t in per_score[cfg.decision_score] if t.target == cfg.decision_target)
+    flag_rates = {name: float(flags.mean()) for name, flags in result.decisions.items()}
     content = {"model_id": setup.model_id, "class_set_hash": setup.heads.class_set_hash,
                "logit_scale": setup.logit_scale, "negatives_id": setup.negatives_id, "bank_id": setup.bank_id,
                "preprocess": rt.preprocess,
                "sample": [redact_uri(cfg.data.uri), len(result.kept)],
-               "thresholds": {k: [t.model_dump() for t in v] for k, v in per_score.items()}}
+               "thresholds": {k: [t.model_dump() for t in v] for k, v in per_score.items()},
+               "id_flag_rates": flag_rates}
     cal_id = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
     report = CalibrationReport(
         id=cal_id, created_at=dt.datetime.now(dt.timezone.utc), model_id=setup.model_id,
@@ -120,7 +123,7 @@ def run(cfg: CalibrateJobConfig) -> CalibrationReport:
         sample=SampleInfo(kind=cfg.data.kind, uri=redact_uri(cfg.data.uri), images=len(result.kept),
                           undecodable=len(result.undecodable)),
         bootstrap={"resamples": cfg.bootstrap, "seed": cfg.seed, "confidence": 0.95},
-        thresholds=per_score,
+        thresholds=per_score, id_flag_rates=flag_rates,
         decision={"rule": "threshold", "score": cfg.decision_score, "threshold": chosen.threshold,
                   "calibration": f"{root}/calibration.json"},
     )

@@ -190,6 +190,8 @@ def snapshot_properties(manifest: ScoreManifest) -> dict[str, str]:
         "clipn.watermark": manifest.watermark.isoformat() if manifest.watermark else "",
         "clipn.negatives_id": manifest.negatives_id or "", "clipn.calibration_id": manifest.calibration_id or "",
         "clipn.lake_bank_built": manifest.lake_bank_built or "",
+        "clipn.lake_bank_used": manifest.lake_bank_used or "", "clipn.lake_bank_id": manifest.lake_bank_id or "",
+        "clipn.lake_bank_meta": json.dumps(manifest.lake_bank_meta, sort_keys=True) if manifest.lake_bank_meta else "",
         "clipn.decision": json.dumps(manifest.decision, sort_keys=True) if manifest.decision else "",
     }
     return {k: v for k, v in props.items() if v != ""}

@@ -6,10 +6,6 @@
   ``runtime.skip_broadcast_max_rows`` URIs, else by a Ray Data left outer join on ``uri``
   (hash-partitioned across workers). The driver only lists the published partitions (one per
   night) and never holds the skip set.
-* ``output.lake_bank``: after a night, the surest OOD ``ok`` rows that the evidence flags OOD
-  (:func:`bank_evidence`) and the surest ID ones left unflagged give their embeddings to a
-  bank of image proxies (:mod:`clipn_core.lake_bank`) stored beside the output under the
-  model id and class set; the next night scores ``clipn_neg_lake`` with the latest one.
 * ``input.since``: only objects modified after a watermark are listed. ``last_run`` takes
   the latest watermark of the published nights of this output before this one (a
   ``_manifest.json`` ``watermark``: when its listing began, on the store's clock) minus
@@ -28,13 +24,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from clipn_core.lake_bank import (
-    DEFAULT_MAX_ROWS,
-    LakeBank,
-    bank_from_bytes,
-    build_bank,
-    keep_for_bank,
-)
 from clipn_core.storage import Storage
 from jobs.score.listing import MODIFIED
 from jobs.score.publish import night_files, published_nights
@@ -48,8 +37,7 @@ from jobs.score.retry import (
     source_rows,
     verdicts,
 )
-from schemas.manifest import ScoreManifest, Watermark
-from schemas.status import STATUS_OK
+from schemas.manifest import Watermark
 
 log = logging.getLogger("clipn.score")
 # Hash partitions of the skip join: each is joined on its own, so the scored set never has to fit one
@@ -314,62 +302,3 @@ def _member_list(group: pa.Table) -> pa.Table:
     members = sorted({m for m in group.column("member").to_pylist() if m is not None})
     return pa.table([pa.array([group.column("uri")[0].as_py()], pa.string()),
                      pa.array([members or None], pa.list_(pa.string()))], schema=_SKIPS)
-
-
-def bank_path(root: str, model_id: str, class_set_hash: str, run_id: str) -> str:
-    """Where a run's lake bank is kept: beside the output, keyed by model id and class set, versioned by run."""
-    return f"{root.rstrip('/')}/_banks/{model_id[:16]}-{class_set_hash}/{run_id}.safetensors"
-
-
-def latest_bank(root: str, run_date: dt.date, model_id: str, class_set_hash: str,
-                storage: Storage) -> tuple[str, LakeBank] | None:
-    """(URI, bank) built by the latest published night of ``root`` before ``run_date`` with the same model and
-    class set, or None. Reads one manifest per published night."""
-    best: ScoreManifest | None = None
-    for _, manifest in published_nights(root, storage, exclude=run_date):
-        if (manifest.run_date < run_date and manifest.lake_bank_built and manifest.model_id == model_id
-                and manifest.class_set_hash == class_set_hash and (best is None or manifest.run_date > best.run_date)):
-            best = manifest
-    if best is None:
-        return None
-    return best.lake_bank_built, bank_from_bytes(storage.read_bytes(best.lake_bank_built))
-
-
-def bank_evidence(decision) -> str:
-    """The output column whose OOD flags a night's lake bank takes its OOD proxies from
-    (:func:`clipn_core.lake_bank.build_bank`), for the job's ``decision`` config: ``is_ood`` when it is a
-    calibrated threshold on a score that does not read the bank (the operator's own operating point), else
-    ``ood_atd``, ATD's threshold-free rule (a threshold on ``clipn_neg_lake`` would feed the bank its own
-    verdicts, and CTW's rule is not the score the proxies are ranked by)."""
-    from clipn_core.scores import SCORES
-    from schemas.output import ood_column
-
-    if decision.rule == "threshold" and not SCORES[decision.score].uses_bank:
-        return "is_ood"
-    return ood_column("atd")
-
-
-def build_lake_bank(staged: str, storage: Storage, ok_rows: int, evidence: str) -> LakeBank:
-    """A lake bank from a run's staged rows (``ok`` rows' embeddings, ATD scores and the ``evidence`` column's OOD
-    flags, :func:`bank_evidence`), reading at most ``DEFAULT_MAX_ROWS`` of them, chosen by a hash of their URI (so
-    the same rows whatever the file order). A row whose flag is null counts as not flagged."""
-    import numpy as np
-    import pyarrow.dataset as pads
-
-    from schemas.output import OUTPUT_SCHEMA
-
-    rate = min(1.0, DEFAULT_MAX_ROWS / max(1, ok_rows))
-    feats, scores, flags, uris = [], [], [], []
-    dataset = pads.dataset(storage.fs(staged)[1], filesystem=storage.arrow(staged)[0], format="parquet",
-                           schema=OUTPUT_SCHEMA)
-    for batch in dataset.to_batches(columns=["uri", "status", "score_atd", evidence, "embedding"],
-                                    filter=pads.field("status") == STATUS_OK):
-        for uri, score, flag, emb in zip(batch.column("uri").to_pylist(), batch.column("score_atd").to_pylist(),
-                                         batch.column(evidence).to_pylist(), batch.column("embedding").to_pylist()):
-            if emb is not None and score is not None and keep_for_bank(uri, rate):
-                feats.append(np.asarray(emb, dtype=np.float32))
-                scores.append(score)
-                flags.append(bool(flag))
-                uris.append(uri)
-    return build_bank(np.stack(feats) if feats else np.zeros((0, 0), np.float32), np.asarray(scores),
-                      np.asarray(flags, dtype=bool), uris, evidence=evidence)

@@ -36,14 +36,8 @@ from jobs.score.counts import KEPT, LISTED, RELISTED, RETRY_ADDED, SKIPPED, Inpu
 from jobs.score.counts import totals as count_totals
 from jobs.score.decode import DecodeSettings, read_decode_batch, read_tar_batch
 from jobs.score.iceberg import to_table_rows
-from jobs.score.incremental import (
-    attach_member_skips,
-    bank_evidence,
-    bank_path,
-    build_lake_bank,
-    skip_table,
-    split_skipped,
-)
+from jobs.score.incremental import attach_member_skips, skip_table, split_skipped
+from jobs.score.lake_bank import bank_evidence, bank_path, build_lake_bank
 from jobs.score.metrics import RunMetrics
 from jobs.score.publish import PartFilenames, staged_stats
 from jobs.score.read import Inputs, input_dataset
@@ -226,6 +220,7 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
             bank_used, bank = found
             setup = dataclasses.replace(setup, bank=bank)
     calibration_id = check_decision(cfg, setup, storage)
+    evidence = bank_evidence(cfg, setup, storage) if cfg.output.lake_bank else None
     log.info("model %s, logit scale %.2f, %d classes, %d templates, class set %s", setup.model_id[:16],
              setup.logit_scale, len(setup.classes), len(setup.templates), setup.heads.class_set_hash)
     since = resolve_since(cfg, target, run_date)
@@ -290,8 +285,8 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
                 bank_built = bank_meta = None
                 if cfg.output.lake_bank:
                     bank_built = bank_path(target.bank_root, setup.model_id, setup.heads.class_set_hash, run_id)
-                    built = build_lake_bank(staged, storage, stats["by_status"].get("ok", 0),
-                                            bank_evidence(cfg.decision))
+                    built = build_lake_bank(staged, storage, stats["by_status"].get("ok", 0), evidence,
+                                            cfg.lake_bank)
                     bank_meta = built.meta
                     log.info("lake bank %s: %d ID and %d OOD proxies from %d rows%s", bank_built, len(built.id_proxies),
                              len(built.ood_proxies), built.meta["rows"],

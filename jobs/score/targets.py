@@ -24,7 +24,7 @@ import ray
 from clipn_core.errors import redact_uri
 from clipn_core.lake_bank import LakeBank, bank_from_bytes
 from clipn_core.storage import Storage, with_protocol
-from jobs.score import iceberg, incremental, publish, retry
+from jobs.score import iceberg, incremental, lake_bank, publish, retry
 from jobs.score.lease import NightLease
 from schemas.manifest import ScoreManifest, Watermark
 from schemas.score_config import OutputConfig
@@ -33,7 +33,7 @@ log = logging.getLogger("clipn.score")
 
 
 class OutputTarget(Protocol):
-    bank_root: str  # where lake banks are kept (jobs.score.incremental.bank_path)
+    bank_root: str  # where lake banks are kept (jobs.score.lake_bank.bank_path)
 
     def lease(self, run_date: dt.date, run_id: str, ttl_s: float, take_over: str | None) -> NightLease:
         """The night's lease (:mod:`jobs.score.lease`), to hold from before the first write to the end."""
@@ -125,7 +125,7 @@ class ParquetFolder:
         return retry.history(self.root, run_date, model_id, class_set_hash, self.storage, last)
 
     def latest_bank(self, run_date, model_id, class_set_hash):
-        return incremental.latest_bank(self.root, run_date, model_id, class_set_hash, self.storage)
+        return lake_bank.latest_bank(self.root, run_date, model_id, class_set_hash, self.storage)
 
     def publish(self, staged, manifest, run_date):
         return publish.publish(self.root, run_date, staged, manifest, self.storage)
