@@ -112,7 +112,8 @@ class OutputConfig(StrictModel):
 
 class ModelConfig(StrictModel):
     checkpoint: str | None = Field(None, description="CLIPN checkpoint URI (.safetensors with its .json sidecar)")
-    architecture: str | None = Field(None, description="open_clip architecture when no checkpoint is given (untrained no tower)")
+    architecture: str | None = Field(None, description="open_clip architecture (or its model config file, local or "
+                                      "s3://, .json) when no checkpoint is given (untrained no tower)")
     pretrained: str | None = Field(None, description="base CLIP weights: open_clip tag, file or s3:// URI")
     pretrained_config: str | None = Field(None, description=PRETRAINED_CONFIG_HELP)
     seed: int = Field(0, description="seed of random init when no weights are given (tests, benchmarks)")
