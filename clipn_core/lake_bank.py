@@ -6,7 +6,7 @@ features, each clustered to at most ``clusters`` centroids:
 * OOD proxies: rows in the lowest ``quantile`` of the night's ATD ID scores **and flagged
   OOD by the evidence** (:class:`Evidence`: ATD's threshold-free rule ``ood_atd``, or a
   calibrated threshold decision ``is_ood``; the scoring job chooses,
-  :mod:`jobs.score.bank_evidence`), taken only when the night passes the gate below;
+  :func:`jobs.score.lake_bank.bank_evidence`), taken only when the night passes the gate below;
 * ID proxies: rows in the highest ``quantile`` that the evidence does not flag.
 
 The gate. The evidence flags some ID images too, at a rate ``p`` known from a calibration
