@@ -171,7 +171,7 @@ def main() -> None:
     # the evidence's ID flag rate, as clipn calibrate records it: the share of the ID calibration sample ATD's
     # rule flags (the ID-only night below is that very sample)
     p_atd = float(compute_scores(inputs(d["calib_features"]), ["atd"])["atd"].is_ood.float().mean())
-    evidence = Evidence("ood_atd", p_atd, "calibration sample")
+    evidence = Evidence("ood_atd", p_atd, "calibration sample", len(d["calib_features"]))
     settings = dict(quantile=BANK.quantile, clusters=BANK.clusters, min_ood_rows=BANK.min_ood_rows)
 
     def night_bank(features: np.ndarray, uris: list[str]):

@@ -76,6 +76,7 @@ def model_config(architecture: str) -> dict:
     if cfg is None:
         raise ModelConfigError(
             f"unknown architecture {architecture!r}; known: ViT-B-16, ViT-B-32, ... and "
-            f"{sorted(p.stem for p in MODEL_CONFIG_DIR.glob('*.json'))}"
+            f"{sorted(p.stem for p in MODEL_CONFIG_DIR.glob('*.json'))}, or the path of an open_clip model config "
+            "file (.json, local or s3://)"
         )
     return cfg

@@ -10,7 +10,9 @@ features, each clustered to at most ``clusters`` centroids:
 * ID proxies: rows in the highest ``quantile`` that the evidence does not flag.
 
 The gate. The evidence flags some ID images too, at a rate ``p`` known from a calibration
-on an ID sample (``clipn calibrate``; :attr:`Evidence.id_flag_rate`). Of the ``n`` rows
+on an ID sample (``clipn calibrate``), taken at its 95% upper bound from the sample's size
+(:attr:`Evidence.id_flag_rate_bound`: a small sample that flagged nothing does not make
+``p`` zero). Of the ``n`` rows
 of the night's bank sample, at most about ``p * n`` flags are then ID images, even if
 every row of the night were ID; with ``f`` rows flagged, the flagged rows' purity (share
 of OOD among them) is at least ``1 - p * n / f``. OOD proxies are taken only when that
@@ -46,21 +48,40 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+RATE_CONFIDENCE = 0.95  # of the upper bound the gate takes for the evidence's rate of flagging ID images
+
 
 @dataclass(frozen=True)
 class Evidence:
     """Which OOD flags the OOD proxies come from and how often they flag ID images.
 
     ``column``: the output column of the flags (``ood_atd`` or ``is_ood``); ``id_flag_rate``: the share (0-1)
-    of a calibration's ID sample those flags mark OOD; ``calibration_id``: that calibration's id."""
+    of a calibration's ID sample those flags mark OOD; ``calibration_id``: that calibration's id;
+    ``sample_images``: the sample's size, which :attr:`id_flag_rate_bound` needs. Raises ValueError for a
+    rate outside [0, 1] or a sample under one image."""
 
     column: str
     id_flag_rate: float
     calibration_id: str
+    sample_images: int
 
     def __post_init__(self):
         if not 0.0 <= self.id_flag_rate <= 1.0:
             raise ValueError(f"id_flag_rate must be a share in [0, 1], got {self.id_flag_rate}")
+        if self.sample_images < 1:
+            raise ValueError(f"sample_images must be at least 1, got {self.sample_images}")
+
+    @property
+    def id_flag_rate_bound(self) -> float:
+        """One-sided ``RATE_CONFIDENCE`` upper bound (Clopper-Pearson, exact binomial) of the rate, from the
+        sample's ``k = round(id_flag_rate * sample_images)`` flagged images: what the gate takes as ``p``, since a
+        sample that flagged none of 200 ID images leaves a true rate up to 1.5% likely
+        (``1 - 0.05 ** (1 / 200)``), and a night's ID images flagged at that rate would otherwise pass as OOD."""
+        from scipy.stats import beta
+
+        n = self.sample_images
+        k = min(n, round(self.id_flag_rate * n))
+        return 1.0 if k == n else float(beta.ppf(RATE_CONFIDENCE, k + 1, n - k))
 
 
 @dataclass(frozen=True)
@@ -98,7 +119,8 @@ def build_bank(features: np.ndarray, id_scores: np.ndarray, flagged_ood: np.ndar
 
     Fewer than ``2 / quantile`` rows give an empty bank (the score then equals ``clipn_neg``). ``meta``:
     ``rows``, ``flagged_ood`` (rows the evidence flags), ``ood_rows`` / ``id_rows`` (rows each side's proxies
-    come from), ``id_flag_rate`` and ``calibration_id`` (the evidence's), ``purity_bound`` (None when nothing is
+    come from), ``id_flag_rate``, its upper bound ``id_flag_rate_bound`` (the gate's ``p``),
+    ``calibration_sample_images`` and ``calibration_id`` (the evidence's), ``purity_bound`` (None when nothing is
     flagged), ``ood_proxies`` / ``id_proxies`` (centroids), ``empty`` (why the bank is empty, or None) and the
     settings. Raises ValueError when the arrays' lengths differ.
     """
@@ -110,10 +132,12 @@ def build_bank(features: np.ndarray, id_scores: np.ndarray, flagged_ood: np.ndar
     order = np.argsort(np.asarray(uris, dtype=object), kind="stable")
     feats, scores = np.asarray(features, dtype=np.float32)[order], np.asarray(id_scores, dtype=np.float64)[order]
     flagged = np.asarray(flagged_ood, dtype=bool)[order]
-    n, f, p = len(feats), int(flagged.sum()), evidence.id_flag_rate
+    n, f, p = len(feats), int(flagged.sum()), evidence.id_flag_rate_bound
     bound = 1.0 - p * n / f if f else None
     meta = {"rows": n, "quantile": quantile, "clusters": clusters, "seed": seed, "evidence": evidence.column,
-            "id_flag_rate": p, "calibration_id": evidence.calibration_id, "min_ood_rows": min_ood_rows,
+            "id_flag_rate": evidence.id_flag_rate, "id_flag_rate_bound": p,
+            "calibration_sample_images": evidence.sample_images,
+            "calibration_id": evidence.calibration_id, "min_ood_rows": min_ood_rows,
             "min_purity": min_purity, "flagged_ood": f, "purity_bound": bound, "ood_rows": 0, "id_rows": 0}
     dim = feats.shape[1] if feats.ndim == 2 else 0
     empty = torch.zeros((0, dim))
@@ -133,9 +157,10 @@ def build_bank(features: np.ndarray, id_scores: np.ndarray, flagged_ood: np.ndar
     if bound is None:
         reasons.append(f"no row flagged OOD by {evidence.column}")
     elif bound < min_purity:
-        reasons.append(f"{f} of {n} rows flagged OOD by {evidence.column}, which flags {p:.1%} of ID images "
-                       f"(calibration {evidence.calibration_id}): as few as {max(bound, 0.0):.1%} of the flagged "
-                       f"rows may be OOD, below min_purity {min_purity:g}")
+        reasons.append(f"{f} of {n} rows flagged OOD by {evidence.column}, which flags up to {p:.1%} of ID images "
+                       f"({evidence.id_flag_rate:.1%} of the {evidence.sample_images} of calibration "
+                       f"{evidence.calibration_id}): as few as {max(bound, 0.0):.1%} of the flagged rows may be OOD, "
+                       f"below min_purity {min_purity:g}")
     if ood_rows.sum() < min_ood_rows:
         reasons.append(f"{int(ood_rows.sum())} rows of the lowest {quantile:g} flagged OOD by {evidence.column}, "
                        f"fewer than min_ood_rows {min_ood_rows}")

@@ -197,7 +197,7 @@ def create_base_clip(
             )
     except Exception as e:  # noqa: BLE001 - open_clip raises RuntimeError/ValueError/OSError alike
         raise WeightsError(
-            f"cannot build {architecture} with pretrained={identity['pretrained']!r}: {type(e).__name__}: {e}"
+            f"cannot build {given} with pretrained={identity['pretrained']!r}: {type(e).__name__}: {e}"
         ) from e
     if pretrained is None and not architecture.startswith(_SCHEMA_PREFIXES):
         identity["seed"] = seed

@@ -98,6 +98,8 @@ def test_report_agrees_with_clipn_core_metrics_on_the_same_scores(tmp_path, chec
     ("label not a class", ["--classes.names", '["circle", "square"]'], "not in the class list"),
     ("only ID rows", [], "needs both ID and OOD"),
     ("missing file", [], "does not exist"),
+    ("missing calibration", ["--calibration", "/nonexistent/calibration.json"],
+     "calibration /nonexistent/calibration.json: not found"),
 ])
 def test_bad_input_fails_before_writing(tmp_path, checkpoint, capsys, monkeypatch, case, extra, message):
     data = str(tmp_path / "missing.parquet") if case == "missing file" else _eval_parquet(

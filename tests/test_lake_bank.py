@@ -18,6 +18,7 @@ from clipn_core.errors import CalibrationError
 from clipn_core.lake_bank import Evidence, bank_bytes, bank_from_bytes, build_bank
 from clipn_core.scores import ScoreInputs, compute_scores
 from clipn_core.storage import Storage
+from jobs.calibration import load_calibration
 from jobs.score.lake_bank import bank_evidence, build_lake_bank, evidence_column
 from schemas.output import OUTPUT_SCHEMA
 from schemas.score_config import DecisionConfig, LakeBankConfig, NegativesConfig, ScoreJobConfig
@@ -56,7 +57,7 @@ def _atd(feats: torch.Tensor):
 def _calibrated(hard: float = 0.0) -> Evidence:
     """ATD's rule with its rate measured as ``clipn calibrate`` records it: the share of a separate ID sample (of the
     same ID images) it flags."""
-    return Evidence("ood_atd", float(_atd(_night(400, 0, seed=99, hard=hard)).is_ood.float().mean()), "cal-test")
+    return Evidence("ood_atd", float(_atd(_night(400, 0, seed=99, hard=hard)).is_ood.float().mean()), "cal-test", 400)
 
 
 def _staged(tmp_path, feats: torch.Tensor, name: str) -> tuple[str, np.ndarray]:
@@ -131,30 +132,48 @@ def test_ood_proxies_come_only_from_flagged_rows(tmp_path):
 N = 200
 
 
-@pytest.mark.parametrize("p, flagged_lowest, built, bound, why", [
+@pytest.mark.parametrize("p, sample, flagged_lowest, built, why", [
     # an all-ID night whose evidence flags half of it, as the calibration says it does on ID images
-    (0.5, N // 2, False, 0.0, "below min_purity"),
-    (0.03, N // 5, True, 0.85, None),  # a known low rate, 20% flagged: at least 85% of them OOD
-    (0.125, N // 4, True, 0.5, None),  # the bound exactly at min_purity passes
-    (0.0, 10, True, 1.0, None),  # p = 0: every flag is OOD
-    (0.0, 0, False, None, "no row flagged OOD"),
-    (0.0, 3, False, 1.0, "fewer than min_ood_rows 4"),
-], ids=["all-id-over-flagged", "low-rate", "bound-at-min", "p-zero", "none-flagged", "fewer-than-min-rows"])
-def test_the_gate_takes_ood_proxies_only_when_the_flags_purity_bound_and_count_suffice(p, flagged_lowest, built,
-                                                                                        bound, why):
+    (0.5, 400, N // 2, False, "below min_purity"),
+    (0.03, 1000, N // 5, True, None),  # a known low rate (at most ~4%), 20% flagged: at least ~80% of them OOD
+    (0.0, 10_000, 10, True, None),  # nothing of a large sample flagged: a rate of at most 0.03%
+    # nothing of 200 flagged allows a rate up to 1.5%: 2% of an all-ID night flagged is no evidence of OOD
+    (0.0, 200, 4, False, "below min_purity"),
+    (0.0, 1000, 0, False, "no row flagged OOD"),
+    (0.0, 10**6, 3, False, "fewer than min_ood_rows 4"),
+], ids=["all-id-over-flagged", "low-rate", "p-zero-large-sample", "p-zero-small-sample", "none-flagged",
+        "fewer-than-min-rows"])
+def test_the_gate_takes_ood_proxies_only_when_the_flags_purity_bound_and_count_suffice(p, sample, flagged_lowest,
+                                                                                        built, why):
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(N, 8)).astype(np.float32)
     scores = rng.permutation(N) / N  # distinct: the lowest tenth is 20 rows
     flagged = scores < flagged_lowest / N  # the flagged rows are the lowest-scored ones
     uris = [f"s3://b/{i:03d}.jpg" for i in range(N)]
-    bank = build_bank(feats, scores, flagged, uris, Evidence("ood_atd", p, "cal"), **GATE)
+    evidence = Evidence("ood_atd", p, "cal", sample)
+    bank = build_bank(feats, scores, flagged, uris, evidence, **GATE)
     assert bank.empty != built, bank.meta
+    bound = None if not flagged_lowest else 1 - evidence.id_flag_rate_bound * N / flagged_lowest
     assert bank.meta["purity_bound"] == (None if bound is None else pytest.approx(bound))
+    assert (bound is not None and bound >= GATE["min_purity"]) == (why in (None, "fewer than min_ood_rows 4"))
     assert bank.meta["flagged_ood"] == flagged_lowest and bank.meta["id_flag_rate"] == p
+    assert bank.meta["id_flag_rate_bound"] == evidence.id_flag_rate_bound >= p
     if why is None:
         assert bank.meta["empty"] is None and bank.meta["ood_rows"] == min(flagged_lowest, N // 10)
     else:
         assert why in bank.meta["empty"] and len(bank.ood_proxies) == len(bank.id_proxies) == 0
+
+
+@pytest.mark.parametrize("p, sample, expected", [
+    (0.0, 200, 1 - 0.05 ** (1 / 200)),  # no flag in n: the exact bound has this closed form
+    (0.0, 20, 1 - 0.05 ** (1 / 20)),
+    (1.0, 50, 1.0),  # every image flagged
+    (0.5, 20, 0.698),  # k = 10 of 20 (exact binomial tables, one-sided 95%: 0.698)
+])
+def test_the_rate_the_gate_takes_is_an_upper_bound_that_shrinks_with_the_sample(p, sample, expected):
+    bound = Evidence("ood_atd", p, "cal", sample).id_flag_rate_bound
+    assert bound == pytest.approx(expected, abs=1e-3) and bound >= p
+    assert Evidence("ood_atd", p, "cal", sample * 100).id_flag_rate_bound <= bound  # more images, a tighter bound
 
 
 @pytest.mark.parametrize("decision, calibration, column", [
@@ -201,7 +220,7 @@ def test_the_lake_bank_does_not_depend_on_row_order():
     scores = rng.random(200)
     flagged = scores < 0.2
     uris = [f"s3://b/{i:03d}.jpg" for i in range(200)]
-    evidence = Evidence("ood_atd", 0.02, "cal")
+    evidence = Evidence("ood_atd", 0.02, "cal", 10_000)
     gate = {**GATE, "clusters": 8}
     bank = build_bank(feats, scores, flagged, uris, evidence, **gate)
     perm = rng.permutation(200)
@@ -246,13 +265,41 @@ def test_the_banks_evidence_rate_comes_from_a_calibration_that_fits_the_run(case
     cfg = _job(model, calibration, decision)
     # ATD's rule reads no negative labels: the setup's are off, as in the calibration
     setup, _ = prepare(cfg.model, cfg.classes, cfg.templates, cfg.runtime, Storage(), NegativesConfig(enabled=False))
+    report = load_calibration(calibration, Storage())
+    images = cal["sample"]["images"]
     if case == "another-model":
         with pytest.raises(CalibrationError, match=r"calibration .*calibration.json .* does not fit this run: model id"):
-            bank_evidence(cfg, setup, Storage())
+            bank_evidence(cfg, setup, report)
     elif case == "old-calibration":
         with pytest.raises(CalibrationError, match=r"old/calibration.json .*rerun clipn calibrate"):
-            bank_evidence(cfg, setup, Storage())
+            bank_evidence(cfg, setup, report)
     elif case == "atd":
-        assert bank_evidence(cfg, setup, Storage()) == Evidence("ood_atd", cal["id_flag_rates"]["atd"], cal["id"])
+        assert bank_evidence(cfg, setup, report) == Evidence("ood_atd", cal["id_flag_rates"]["atd"], cal["id"], images)
     else:  # the decision itself, at the share of the ID sample its threshold flags
-        assert bank_evidence(cfg, setup, Storage()) == Evidence("is_ood", 1 - chosen["kept"], cal["id"])
+        assert bank_evidence(cfg, setup, report) == Evidence("is_ood", 1 - chosen["kept"], cal["id"], images)
+
+
+@pytest.mark.parametrize("case", ["decision calibration missing", "bank calibration missing",
+                                  "bank calibration not a calibration"])
+def test_a_bad_calibration_file_fails_the_scoring_job_before_the_model_is_built(case, tmp_path, monkeypatch):
+    from jobs.score import pipeline
+
+    def no_work(*args, **kwargs):  # the model, heads and negative labels (minutes for a real CLIP) come after
+        raise AssertionError("the model was prepared before the calibration files were read")
+
+    monkeypatch.setattr(pipeline, "prepare", no_work)
+    bad = tmp_path / "cal" / "calibration.json"
+    if case == "bank calibration not a calibration":
+        bad.parent.mkdir()
+        bad.write_text(json.dumps({"thresholds": {}}))
+    decision = ({"rule": "threshold", "score": "atd", "threshold": 0.3, "calibration": str(bad)}
+                if case.startswith("decision") else {})
+    (tmp_path / "lake").mkdir()
+    cfg = ScoreJobConfig.model_validate({
+        "input": {"uri": str(tmp_path / "lake")},
+        "output": {"uri": str(tmp_path / "out"), "embeddings": True, "lake_bank": not case.startswith("decision")},
+        "model": {"architecture": "clipn-tiny"}, "classes": {"names": SHAPES}, "decision": decision,
+        "lake_bank": {"calibration": None if case.startswith("decision") else str(bad)}})
+    with pytest.raises(CalibrationError, match=str(bad)):
+        pipeline.run(cfg)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.parquet"))

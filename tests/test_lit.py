@@ -278,3 +278,10 @@ def test_a_bad_architecture_config_file_fails_naming_the_file(case, tmp_path):
     with pytest.raises(cc.ModelConfigError, match="model.architecture: .*" + str(path).replace(".", r"\.")):
         create_base_clip(str(path), None)
     assert open_clip.get_model_config(name) == before  # nothing was replaced
+
+
+def test_a_config_file_naming_an_unknown_timm_model_fails_naming_the_file(tmp_path):
+    path = tmp_path / "user-tower-typo.json"
+    path.write_text(json.dumps({**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "timm_model_name": "no_such_net"}}))
+    with pytest.raises(cc.WeightsError, match=f"cannot build {path}.*no_such_net"):
+        create_base_clip(str(path), None)

@@ -136,12 +136,12 @@ def run(cfg: EvalJobConfig) -> EvalReport:
     table = read_eval_set(cfg.data, storage)
     is_id_all = table["is_id"].to_numpy(zero_copy_only=False)
     labels_all = None
-    if "label" in table.column_names:  # checked before the model, heads and negative labels are built
+    if "label" in table.column_names:  # labels and calibration are read before the model, heads and negatives
         classes = load_class_names(cfg.classes.names, cfg.classes.file, storage.options, cfg.classes.set)
         labels_all = _label_indices(table["label"].to_pylist(), is_id_all, classes, cfg.data.label_column)
-    storage.check_writable(cfg.output.dir.rstrip("/"), "output.dir", probe="/.probe")
-    setup, model = prepare(cfg.model, cfg.classes, cfg.templates, rt, storage, cfg.negatives)
     calibration = load_calibration(cfg.calibration, storage) if cfg.calibration else None
+    setup, model = prepare(cfg.model, cfg.classes, cfg.templates, rt, storage, cfg.negatives)
+    storage.check_writable(cfg.output.dir.rstrip("/"), "output.dir", probe="/.probe")
     if calibration is not None:
         check_fits(calibration, cfg.calibration, setup)
 

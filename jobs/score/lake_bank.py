@@ -22,10 +22,11 @@ import datetime as dt
 from clipn_core.errors import CalibrationError, redact_uri
 from clipn_core.lake_bank import Evidence, LakeBank, bank_from_bytes, build_bank, keep_for_bank
 from clipn_core.storage import Storage
-from jobs.calibration import check_fits, check_threshold, load_calibration
+from jobs.calibration import check_fits, check_threshold
 from jobs.score.publish import published_nights
 from jobs.scoring_setup import ScoringSetup
 from schemas.manifest import ScoreManifest
+from schemas.reports import CalibrationReport
 from schemas.score_config import DecisionConfig, LakeBankConfig, ScoreJobConfig
 from schemas.status import STATUS_OK
 
@@ -64,28 +65,28 @@ def evidence_column(decision: DecisionConfig, calibration: str | None) -> str:
     return ood_column(ATD_RULE)
 
 
-def bank_evidence(cfg: ScoreJobConfig, setup: ScoringSetup, storage: Storage) -> Evidence:
-    """The evidence of this run's lake bank, with its ID flag rate from the bank's calibration, which must fit the
-    run (:func:`jobs.calibration.check_fits`). Raises :class:`CalibrationError` naming the file when it does not
-    fit, does not hold the decision's threshold, or (ATD's rule) predates the rules' rates (rerun
-    ``clipn calibrate``); ValueError when the config names no calibration (its validation prevents that)."""
+def bank_evidence(cfg: ScoreJobConfig, setup: ScoringSetup, cal: CalibrationReport) -> Evidence:
+    """The evidence of this run's lake bank, with its ID flag rate from ``cal``, the bank's calibration
+    (:meth:`ScoreJobConfig.bank_calibration`, read by the caller before the model is built), which must fit the run
+    (:func:`jobs.calibration.check_fits`). Raises :class:`CalibrationError` naming the file when it does not fit,
+    does not hold the decision's threshold, or (ATD's rule) predates the rules' rates (rerun ``clipn calibrate``);
+    ValueError when the config names no calibration (its validation prevents that)."""
     uri = cfg.bank_calibration()
     if uri is None:
         raise ValueError("output.lake_bank needs lake_bank.calibration or decision.calibration")
     column = evidence_column(cfg.decision, uri)
-    cal = load_calibration(uri, storage)
     if column == "is_ood":
         d = cfg.decision
         check_fits(cal, uri, setup, d.score)
         check_threshold(cal, uri, d.score, d.threshold)
-        return Evidence(column, 1.0 - cal.threshold(d.score, d.threshold).kept, cal.id)
+        return Evidence(column, 1.0 - cal.threshold(d.score, d.threshold).kept, cal.id, cal.sample.images)
     check_fits(cal, uri, setup, ATD_RULE)
     rate = (cal.id_flag_rates or {}).get(ATD_RULE)
     if rate is None:
         raise CalibrationError(f"calibration {redact_uri(uri)} ({cal.id}) does not record the share of ID images "
                                "ATD's rule flags, which output.lake_bank needs (lake_bank.calibration, else "
                                "decision.calibration): it predates that record; rerun clipn calibrate")
-    return Evidence(column, rate, cal.id)
+    return Evidence(column, rate, cal.id, cal.sample.images)
 
 
 def build_lake_bank(staged: str, storage: Storage, ok_rows: int, evidence: Evidence,

@@ -47,6 +47,7 @@ from jobs.score.targets import OutputTarget, abandon_quietly, output_target, pub
 from jobs.scoring_setup import ScoringSetup, prepare
 from schemas.manifest import NightAggregates, ScoreManifest, Watermark
 from schemas.output import OUTPUT_SCHEMA_VERSION
+from schemas.reports import CalibrationReport
 from schemas.score_config import ScoreJobConfig
 from schemas.status import LEFT_OUT_REASONS
 
@@ -56,13 +57,22 @@ log = logging.getLogger("clipn.score")
 WRITE_CPUS = 0.1
 
 
-def check_decision(cfg: ScoreJobConfig, setup: ScoringSetup, storage: Storage) -> str | None:
-    """The id of the decision's calibration after checking that it fits this run and holds the threshold
-    (a :class:`~clipn_core.CalibrationError` naming the mismatch otherwise); None without one."""
+def read_calibrations(cfg: ScoreJobConfig, storage: Storage) -> dict[str, CalibrationReport]:
+    """The calibrations the run names (``decision.calibration``; with ``output.lake_bank`` the bank's), by URI,
+    read before the model, heads and negative labels are built, so a missing or malformed file fails first
+    (:class:`~clipn_core.CalibrationError` naming it)."""
+    uris = (cfg.decision.calibration, cfg.bank_calibration() if cfg.output.lake_bank else None)
+    return {uri: load_calibration(uri, storage) for uri in dict.fromkeys(uris) if uri is not None}
+
+
+def check_decision(cfg: ScoreJobConfig, setup: ScoringSetup, calibrations: dict[str, CalibrationReport]) -> str | None:
+    """The id of the decision's calibration (read by :func:`read_calibrations`) after checking that it fits this
+    run and holds the threshold (a :class:`~clipn_core.CalibrationError` naming the mismatch otherwise); None
+    without one."""
     d = cfg.decision
     if d.calibration is None:
         return None
-    cal = load_calibration(d.calibration, storage)
+    cal = calibrations[d.calibration]
     check_fits(cal, d.calibration, setup, d.score)
     check_threshold(cal, d.calibration, d.score, d.threshold)
     return cal.id
@@ -212,6 +222,7 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
     run_date = cfg.effective_run_date()
 
     target = output_target(cfg.output, storage)  # an unreachable catalog fails before the model work
+    calibrations = read_calibrations(cfg, storage)
     setup, _ = prepare(cfg.model, cfg.classes, cfg.templates, cfg.runtime, storage, cfg.negatives)
     bank_used = cfg.negatives.bank
     if cfg.output.lake_bank and bank_used is None:
@@ -219,8 +230,8 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
         if found is not None:
             bank_used, bank = found
             setup = dataclasses.replace(setup, bank=bank)
-    calibration_id = check_decision(cfg, setup, storage)
-    evidence = bank_evidence(cfg, setup, storage) if cfg.output.lake_bank else None
+    calibration_id = check_decision(cfg, setup, calibrations)
+    evidence = bank_evidence(cfg, setup, calibrations[cfg.bank_calibration()]) if cfg.output.lake_bank else None
     log.info("model %s, logit scale %.2f, %d classes, %d templates, class set %s", setup.model_id[:16],
              setup.logit_scale, len(setup.classes), len(setup.templates), setup.heads.class_set_hash)
     since = resolve_since(cfg, target, run_date)
