@@ -23,7 +23,6 @@ import logging
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 log = logging.getLogger("clipn.train")
 
@@ -39,7 +38,7 @@ class ImageFeatureCache:
 
     ROWS_PER_CHUNK = 1024  # features are stored in [1024, F] blocks: no per-image tensor, no regrowth copies
 
-    def __init__(self, tower: nn.Module, max_bytes: int | None = None):
+    def __init__(self, tower: Callable[[torch.Tensor], torch.Tensor], max_bytes: int | None = None):
         if max_bytes is not None and max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
         self.tower, self.max_bytes = tower, max_bytes
