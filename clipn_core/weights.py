@@ -37,7 +37,7 @@ from . import pretrained_config as pcfg
 from .architectures import model_config, resolve_architecture
 from .errors import CheckpointKeyError, ModelConfigError, StorageError, WeightsError, redact_uri
 from .model import CLIPN, DEFAULT_NUM_PROMPTS
-from .storage import is_remote, local_copy, read_bytes, sha256_file, write_bytes
+from .storage import filesystem, is_remote, local_copy, read_bytes, sha256_file, write_bytes
 
 CHECKPOINT_FORMAT = "clipn-lake/checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -303,13 +303,55 @@ def save_base_clip(clip: torch.nn.Module, uri: str, storage_options: dict | None
     return hashlib.sha256(data).hexdigest()
 
 
-def read_sidecar(uri: str, storage_options: dict | None = None) -> dict:
-    """The validated JSON sidecar of checkpoint ``uri``."""
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on its JSON header
+
+
+def _safetensors_header(uri: str, storage_options: dict | None) -> dict | None:
+    """The JSON header of a .safetensors file (tensor names -> dtype/shape/offsets, ``__metadata__``), read with
+    two ranged reads (not the weights: a base ViT-B/16 is 600 MB); None when it cannot be read as one."""
+    try:
+        fs, path = filesystem(uri, storage_options)
+        head = fs.cat_file(path, start=0, end=8)
+        size = int.from_bytes(head, "little")
+        if len(head) != 8 or not 0 < size <= _MAX_HEADER_BYTES:
+            return None
+        header = json.loads(fs.cat_file(path, start=8, end=8 + size))
+    except Exception:  # noqa: BLE001 - only a better message is at stake: the caller raises either way
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def _missing_sidecar(uri: str, field: str, cause: StorageError, storage_options: dict | None) -> WeightsError:
+    """The error for checkpoint ``uri`` (config field ``field``) without a sidecar: what its weights file is, when
+    its header says (a CLIPN checkpoint, or base CLIP weights as :func:`save_base_clip` writes them), and how to
+    use it."""
+    side, where = redact_uri(sidecar_uri(uri)), redact_uri(uri)
+    header = _safetensors_header(uri, storage_options)
+    if header is None:
+        return WeightsError(f"{field}: checkpoint sidecar missing or unreadable: {cause}")
+    keys = set(header) - {"__metadata__"}
+    if _STRUCTURE_KEY in (header.get("__metadata__") or {}) or any(k.startswith("no_tower.") for k in keys):
+        return WeightsError(f"{field}: {where} is a CLIPN checkpoint without its sidecar {side} (written last: the "
+                            "save did not finish, or the sidecar was not copied along); copy the sidecar beside it")
+    if {"logit_scale", "text_projection"} <= keys and any(k.startswith("visual.") for k in keys):
+        return WeightsError(
+            f"{field}: {where} is base CLIP weights (as `clipn train --stage clip` or `--stage lit` writes them), not "
+            f"a CLIPN checkpoint (no sidecar {side}): train a no tower on it with `clipn train --stage clipn "
+            f"--model.pretrained {where} --model.pretrained_config plain`, or score it with an untrained no tower "
+            f"by giving it as model.pretrained, with model.architecture (the one it was trained as) and "
+            f"model.pretrained_config: plain, instead of {field}")
+    return WeightsError(f"{field}: checkpoint sidecar missing or unreadable: {cause}")
+
+
+def read_sidecar(uri: str, storage_options: dict | None = None, field: str = "model.checkpoint") -> dict:
+    """The validated JSON sidecar of checkpoint ``uri``. Raises :class:`WeightsError`; a missing sidecar's names
+    ``field`` (the config field holding ``uri``) and, when the weights file is base CLIP weights, how to pass
+    them instead."""
     side = sidecar_uri(uri)
     try:
         meta = json.loads(read_bytes(side, storage_options))
     except StorageError as e:
-        raise WeightsError(f"checkpoint sidecar missing or unreadable: {e}") from e
+        raise _missing_sidecar(uri, field, e, storage_options) from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightsError(f"checkpoint sidecar {redact_uri(side)} is not valid JSON: {e}") from e
     if meta.get("format") != CHECKPOINT_FORMAT:
@@ -399,15 +441,18 @@ def load_checkpoint(
     storage_options: dict | None = None,
     cache_dir: str | None = None,
     device: str | torch.device = "cpu",
+    field: str = "model.checkpoint",
 ) -> tuple[CLIPN, ModelSpec, str]:
     """Load a CLIPN checkpoint from a local path or URI; returns (model in eval mode, spec, model id).
+
+    ``field`` names where ``uri`` came from in the errors of a missing sidecar (:func:`read_sidecar`).
 
     The weights file's sha256 must equal the sidecar's (else the file is corrupt or was
     replaced without its sidecar), the structure digest it records must match the sidecar's
     spec, keys and shapes must match exactly, and the base CLIP must be built as its recorded
     base weights were trained (:func:`check_base_config`). Raises :class:`WeightsError`.
     """
-    meta = read_sidecar(uri, storage_options)
+    meta = read_sidecar(uri, storage_options, field)
     spec = ModelSpec.from_sidecar(meta)
     check_base_config(spec, uri)
     state, digest, structure = _read_weights(uri, meta, storage_options, cache_dir)
@@ -428,7 +473,7 @@ def upgrade_checkpoint(uri: str, output: str, pretrained_config: str | None = No
     preprocessing replace the recorded ones; the weights are the same tensors. Returns (the new
     model id, the new spec). Raises :class:`WeightsError` / :class:`ModelConfigError`.
     """
-    meta = read_sidecar(uri, storage_options)
+    meta = read_sidecar(uri, storage_options, field="checkpoint")
     spec = ModelSpec.from_sidecar(meta)
     arch = spec.base_weights.get("architecture") or spec.architecture
     tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"

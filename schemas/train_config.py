@@ -80,6 +80,10 @@ class LoopConfig(StrictModel):
     log_every: int = Field(10, ge=1, description="steps between metric reports to Ray Train and the log")
     precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="autocast on GPU (CPU runs fp32)")
     seed: int = Field(0, description="seed of the per-sample prompt choice")
+    feature_cache_max_mb: int = Field(
+        2000, ge=0, description="stage lit: bound, in MB (10^6 bytes) per worker, on the frozen image features kept "
+        "in host memory (F x 4 bytes per image: 5 KB for EfficientNet-Lite0, so 2000 MB holds 390,000 images); "
+        "images beyond it go through the frozen tower every epoch; 0: no cache; other stages ignore it")
 
 
 class RunSection(StrictModel):

@@ -212,6 +212,78 @@ def test_lit_trains_text_on_a_frozen_tower_computing_each_image_once(arch, trunk
     assert base_identity(cfg)["image_weights"] == path
 
 
+def _feed(caches: dict, batches: list[torch.Tensor], pixels: torch.Tensor, ids: torch.Tensor) -> None:
+    """The same batches (rows of ``pixels`` / ``ids``) to every cache; each batch's features must be the same bits
+    in every cache, on the pixels' device."""
+    for rows in batches:
+        got = {name: cache(ids[rows], pixels[rows], lambda p: p.float() / 255) for name, cache in caches.items()}
+        for name, features in got.items():
+            assert features.device == pixels.device and torch.equal(features, got["unbounded"]), name
+
+
+def test_a_bounded_feature_cache_computes_what_it_cannot_hold_every_epoch_with_the_same_bits(caplog):
+    """Issue 22 (5): the cache had no bound, so 5M domain images ran a worker out of memory. Bounded, it keeps
+    the first images that fit and sends the rest through the tower again every epoch; 0 turns it off."""
+    from clipn_core.feature_cache import ImageFeatureCache
+
+    torch.manual_seed(0)
+    trunk = timm.create_model("test_efficientnet", num_classes=0, global_pool="avg").eval()
+
+    def tower(x):  # one image at a time: CPU kernels give an image's last bits by batch size (1 vs 2+ differ by
+        return torch.cat([trunk(x[i:i + 1]) for i in range(len(x))])  # ~1e-9 here), which no cache can undo
+
+    per_image = trunk.num_features * 4
+    caches = {"unbounded": ImageFeatureCache(tower), "five images": ImageFeatureCache(tower, 5 * per_image + 3),
+              "off": ImageFeatureCache(tower, 0)}
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    ids = torch.arange(32) * 7919
+    epochs = [torch.randperm(32, generator=gen).view(4, 8) for _ in range(3)]  # 3 epochs of 4 batches of 8
+    with caplog.at_level("INFO", logger="clipn.train"):
+        _feed(caches, [rows for epoch in epochs for rows in epoch], pixels, ids)
+    unbounded, bounded, off = caches.values()
+    assert (unbounded.computed, unbounded.hits, len(unbounded)) == (32, 64, 32)  # each image once, ever
+    assert (bounded.computed, bounded.hits, len(bounded)) == (32 + 2 * 27, 2 * 5, 5)  # the 27 others every epoch
+    assert bounded.bytes == 5 * per_image  # what fits, never past the bound
+    assert (off.computed, off.hits, len(off), off.bytes) == (96, 0, 0, 0)
+    full = [r.getMessage() for r in caplog.records if "feature cache full" in r.getMessage()]
+    assert len(full) == 1 and "5 images" in full[0]  # once, for the bounded cache alone
+
+    # an image twice in a batch, held or not, goes through the tower once and fills both rows
+    held = next(i for i in range(32) if ids[i].item() in bounded._row)
+    not_held = next(i for i in range(32) if ids[i].item() not in bounded._row)
+    before = bounded.computed
+    _feed(caches, [torch.tensor([held, not_held, held, not_held])], pixels, ids)
+    assert bounded.computed == before + 1 and off.computed == 96 + 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_feature_cache_holds_a_gpu_towers_features_in_host_memory():
+    from clipn_core.feature_cache import ImageFeatureCache
+
+    tower = timm.create_model("test_efficientnet", num_classes=0, global_pool="avg").eval().cuda()
+    cache = ImageFeatureCache(tower)
+    pixels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    first = cache(torch.arange(8, device="cuda"), pixels, lambda p: p.float() / 255)
+    again = cache(torch.arange(8, device="cuda"), pixels, lambda p: p.float() / 255)
+    assert first.device.type == again.device.type == "cuda" and torch.equal(first, again)
+    assert cache.hits == 8 and all(chunk.device.type == "cpu" for chunk in cache._chunks)
+
+
+def test_the_lit_stage_bounds_its_feature_cache_from_the_config(arch, trunk_weights, tmp_path):
+    path, _ = trunk_weights
+    cfg = lit_cfg(tmp_path, path)
+    assert cfg.loop.feature_cache_max_mb == 2000  # bounded unless told otherwise
+    raw = cfg.model_dump(mode="json")
+    raw["loop"]["feature_cache_max_mb"] = 0
+    stage = STAGES["lit"](TrainJobConfig.model_validate(raw), {})
+    assert stage.features.max_bytes == 0
+    assert stage.counters() == {"feature_cache_hits": 0, "feature_cache_computed": 0}
+    with pytest.raises(pydantic.ValidationError, match="feature_cache_max_mb"):
+        TrainJobConfig.model_validate({**raw, "loop": {**raw["loop"], "feature_cache_max_mb": -1}})
+
+
 def test_lit_base_is_taken_by_the_clipn_stage_and_the_scoring_build(arch, trunk_weights, tmp_path):
     path, _ = trunk_weights
     stage = STAGES["lit"](lit_cfg(tmp_path, path), {})

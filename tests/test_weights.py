@@ -59,6 +59,11 @@ def test_save_load_round_trip_s3(tiny, s3_bucket, tmp_path):
     cc.save_checkpoint(model, spec, uri, storage_options=opts)
     loaded, _, _ = cc.load_checkpoint(uri, storage_options=opts, cache_dir=str(tmp_path / "cache"))
     _assert_same_features(_features(model, tok), _features(loaded, tok))
+    # base CLIP weights without a sidecar are recognised from their header on S3 too (ranged reads)
+    base = f"s3://{bucket}/models/base.safetensors"
+    cc.save_base_clip(model.clip, base, storage_options=opts)
+    with pytest.raises(WeightsError, match="model.checkpoint: .*base.safetensors is base CLIP weights"):
+        cc.load_checkpoint(base, storage_options=opts, cache_dir=str(tmp_path / "cache"))
 
 
 def _original_forward_no(state, text, num_heads):
@@ -173,6 +178,11 @@ def test_corrupt_missing_and_mismatched_checkpoints(tiny, tmp_path):
     model, spec, _ = _trained_like(tiny)
     uri = tmp_path / "c.safetensors"
     cc.save_checkpoint(model, spec, str(uri))
+    # a CLIPN checkpoint copied without its sidecar: named as one, with the field
+    (tmp_path / "lost.safetensors").write_bytes(uri.read_bytes())
+    with pytest.raises(WeightsError, match=r"model\.checkpoint: .*lost\.safetensors is a CLIPN checkpoint without "
+                       "its sidecar"):
+        cc.load_checkpoint(str(tmp_path / "lost.safetensors"))
     # corrupt bytes: the sha256 in the sidecar no longer matches
     data = bytearray(uri.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -189,7 +199,7 @@ def test_corrupt_missing_and_mismatched_checkpoints(tiny, tmp_path):
     with pytest.raises(WeightsError, match="not a readable safetensors"):
         cc.load_checkpoint(str(uri))
     # missing sidecar / missing weights
-    with pytest.raises(WeightsError, match="sidecar"):
+    with pytest.raises(WeightsError, match="model.checkpoint: checkpoint sidecar missing"):
         cc.load_checkpoint(str(tmp_path / "nothing.safetensors"))
     (tmp_path / "orphan.json").write_text((tmp_path / "c.json").read_text())
     with pytest.raises(WeightsError, match="not found"):
@@ -204,6 +214,48 @@ def test_corrupt_missing_and_mismatched_checkpoints(tiny, tmp_path):
     (tmp_path / "s.json").write_text(json.dumps(side))
     with pytest.raises(CheckpointKeyError, match="no_tower.prompts"):
         cc.load_checkpoint(str(tmp_path / "s.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def base_clip_file(tmp_path_factory):
+    """Base CLIP weights as the clip and lit stages write them (no sidecar)."""
+    clip, _, _ = create_base_clip("clipn-tiny", seed=2)
+    path = tmp_path_factory.mktemp("base") / "lit.safetensors"
+    cc.save_base_clip(clip, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("entry", ["load_checkpoint", "evaluate", "calibrate", "score"])
+def test_base_clip_weights_given_as_model_checkpoint_say_what_they_are_and_how_to_pass_them(
+        entry, base_clip_file, tmp_path, capsys):
+    """Issue 22 (6): the lit and clip stages' output given as model.checkpoint failed with 'checkpoint sidecar
+    missing or unreadable: not found: .../lit.json', naming neither the field nor the fix."""
+    from jobs.cli import main as cli_main
+    from jobs.demo.world import World, encode, render
+
+    out = tmp_path / "out"
+    if entry == "load_checkpoint":
+        with pytest.raises(WeightsError) as caught:
+            cc.load_checkpoint(base_clip_file)
+        err = [str(caught.value)]
+    else:
+        world = World(seed=3)
+        data = world.write_parquet(world.eval_table(4, 4), str(tmp_path / "eval.parquet"))
+        lake = tmp_path / "lake"
+        lake.mkdir()
+        (lake / "a.jpg").write_bytes(encode(render("circle", "red", 0, 32)))
+        args = {"evaluate": ["evaluate", "--data.uri", data, "--output.dir", str(out), "--templates", "world"],
+                "calibrate": ["calibrate", "--data.kind", "eval", "--data.uri", data, "--output.dir", str(out),
+                              "--templates", "world"],
+                "score": ["score", "--input.uri", str(lake), "--output.uri", str(out)]}[entry]
+        assert cli_main([*args, "--model.checkpoint", base_clip_file,
+                         "--classes.names", json.dumps(list(world.id_shapes))]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    for needle in (f"model.checkpoint: {base_clip_file} is base CLIP weights", "not a CLIPN checkpoint",
+                   "--stage clipn", "model.pretrained,", "model.architecture", "model.pretrained_config: plain"):
+        assert needle in err[0], (needle, err[0])
+    assert not out.exists() or not any(out.iterdir())  # nothing written
 
 
 def test_base_weights_from_file_s3_and_hf_hub(tiny, tmp_path, s3_bucket):

@@ -114,15 +114,16 @@ def _save_ray_checkpoint(trained, optimizer, scheduler, scaler, state: dict, his
     return d
 
 
-def _report(metrics: dict, parts: list[str], state: dict, rank: int, total_steps: int,
+def _report(metrics: dict, parts: list[str], counters: list[str], state: dict, rank: int, total_steps: int,
             checkpoint_dir: str | None) -> None:
     """Report ``metrics`` to Ray Train from every rank (a collective); rank 0 attaches ``checkpoint_dir``
     when it wrote one, which is removed once Ray Train has persisted it."""
     if rank == 0:
-        log.info("step %d/%d loss %.4f (%s) lr %.2e grad %.3f %.1f samples/s, skipped pairs %d",
+        log.info("step %d/%d loss %.4f (%s) lr %.2e grad %.3f %.1f samples/s, skipped pairs %d%s",
                  metrics["step"], total_steps, metrics["loss"], " ".join(f"{k} {metrics[k]:.4f}" for k in parts),
                  metrics["lr"],
-                 metrics["grad_norm"], metrics["samples_per_s"], state["skipped_pairs"])
+                 metrics["grad_norm"], metrics["samples_per_s"], state["skipped_pairs"],
+                 "".join(f", {k.replace('_', ' ')} {metrics[k]}" for k in counters))
     if checkpoint_dir is None:
         ray.train.report(metrics)
         return
@@ -213,13 +214,15 @@ def train_loop_per_worker(config: dict) -> dict | None:
             now = time.perf_counter()
             history.append({"step": step, "epoch": state["epoch"], **step_metrics.as_dict(), "global_batch": n_global,
                             "samples_per_s": n_global / max(now - t_last, 1e-9),  # data wait included
-                            "skipped_pairs": state["skipped_pairs"], "restarts": state["restarts"]})
+                            "skipped_pairs": state["skipped_pairs"], "restarts": state["restarts"],
+                            **stage.counters()})
             t_last = now
             is_last, is_ckpt = step >= loop.steps, step % loop.checkpoint_every == 0
             if is_last or is_ckpt or step % loop.log_every == 0:
                 folder = (_save_ray_checkpoint(stage.trained, optimizer, scheduler, scaler, state, history)
                           if (is_last or is_ckpt) and rank == 0 else None)
-                _report(history[-1], list(step_metrics.parts), state, rank, loop.steps, folder)
+                _report(history[-1], list(step_metrics.parts), list(stage.counters()), state, rank, loop.steps,
+                        folder)
             # Ray Train registers a reported checkpoint when its controller next polls the workers: a fault here
             # first waits for that, so it models a crash after the checkpoint was registered on any machine
             failpoints.hit("train.step", settle=_reports_processed, step=step, rank=rank)

@@ -8,11 +8,11 @@ weights that ``model.pretrained`` of a ``clipn`` run loads. The demo world uses
 ``lit`` (locked-image tuning): the same contrastive training and output as ``clip``, but the
 image tower's pretrained part is loaded from ``model.image_weights`` and frozen
 (:mod:`clipn_core.lit`); its features are computed once per image and cached in the
-worker's memory (:mod:`clipn_core.feature_cache`).
+worker's host memory up to ``loop.feature_cache_max_mb`` (:mod:`clipn_core.feature_cache`).
 
 The training loop (:mod:`jobs.train.loop`) is the same for every stage: it only sees
 ``module`` (what Ray Train wraps), ``trained`` (whose state goes into run checkpoints),
-``params`` (clipped and counted), ``optimizer``, ``step`` and ``save_final``; the driver
+``params`` (clipped and counted), ``optimizer``, ``step``, ``counters`` and ``save_final``; the driver
 reads ``preprocess_cfg`` and ``context_length`` for the decode step.
 """
 
@@ -71,6 +71,10 @@ class _Stage:
         self.normalize = SplitPreprocessor(preprocess_cfg).normalize
         self.optim, self.clip_norm = cfg.optim, cfg.optim.grad_clip_norm
         self.params = [p for p in trained.parameters() if p.requires_grad]
+
+    def counters(self) -> dict[str, int]:
+        """Stage-specific running counts (ints) added to each step's metrics; none unless a stage has some."""
+        return {}
 
     def optimizer(self) -> torch.optim.AdamW:
         """AdamW over ``trained`` with open_clip's no-decay groups and the config's hyper-parameters."""
@@ -150,7 +154,7 @@ class LitStage(_Stage):
         self.locked = LockedImageCLIP(self.clip).train()
         self._setup(self.locked, self.locked, dict(open_clip.get_model_preprocess_cfg(self.clip)),
                     int(self.clip.positional_embedding.shape[0]), cfg)
-        self.features = ImageFeatureCache(self.locked.locked)
+        self.features = ImageFeatureCache(self.locked.locked, cfg.loop.feature_cache_max_mb * 1_000_000)
 
     def step(self, model, batch: dict, step: int, optimizer, scheduler, autocast, scaler) -> StepMetrics:
         """One step on a batch of usable rows already on the device (``pixels`` uint8, ``image_id``): the locked
@@ -158,6 +162,11 @@ class LitStage(_Stage):
         features = self.features(batch["image_id"], batch["pixels"], self.normalize)
         return clip_train_step(model, self.clip, features, batch["tokens"], batch["caption_id"], optimizer,
                                scheduler, self.params, self.clip_norm, autocast, scaler)
+
+    def counters(self) -> dict[str, int]:
+        """The feature cache's rows served from memory and images computed by the locked tower, since the worker
+        started."""
+        return {"feature_cache_hits": self.features.hits, "feature_cache_computed": self.features.computed}
 
     def save_final(self, uri: str, storage_options: dict) -> str:
         """Write the base CLIP weights, locked image tower included (open_clip-loadable .safetensors); returns their
