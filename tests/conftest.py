@@ -23,11 +23,14 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # shared CI machine, `stress-ng --cpu 2`) every Ray task, actor and Ray Train worker gets about 3% of a CPU and the
 # suite crawls. Test workers compete as the test process itself does.
 os.environ.setdefault("RAY_worker_niceness", "0")
-# A fresh local cache (weights, class heads, negatives) per session: an entry a past run left under a key
-# that no longer says everything would otherwise let a test pass on stale heads.
-_CACHE = tempfile.mkdtemp(prefix="clipn-test-cache-")
-os.environ["CLIPN_CACHE_DIR"] = _CACHE
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# A fresh local cache (weights, class heads, negatives) per test run: an entry a past run left under a key
+# that no longer says everything would otherwise let a test pass on stale heads. pytest-xdist's workers inherit
+# the controller's environment, so they share the run's cache (entries are written atomically) instead of each
+# encoding the same heads and mining the same negative labels; the process that made it removes it.
+if "CLIPN_TEST_RUN_CACHE" not in os.environ:
+    os.environ["CLIPN_TEST_RUN_CACHE"] = tempfile.mkdtemp(prefix="clipn-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["CLIPN_TEST_RUN_CACHE"], ignore_errors=True)
+os.environ["CLIPN_CACHE_DIR"] = os.environ["CLIPN_TEST_RUN_CACHE"]
 
 TINY = "clipn-tiny"
 
