@@ -20,6 +20,7 @@ from torch import nn
 
 from .efficientnet_lite import lite0_to_timm
 from .errors import WeightsError, redact_uri
+from .model import short_text_features
 from .weights import load_state_dict_strict, read_state_dict
 
 # how the keys of an image weights file are laid out -> the locked part's layout
@@ -86,8 +87,8 @@ class LockedImageCLIP(nn.Module):
 
     def forward(self, image_features: torch.Tensor, text: torch.Tensor):
         """(image features, text features, ``exp(logit_scale)``) for the locked part's features [N, F] and token
-        ids [N, context]: both L2-normalised [N, embed_dim], as an open_clip CLIP's forward returns them."""
+        ids [N, context]: both L2-normalised [N, embed_dim], as an open_clip CLIP's forward returns them (the text
+        on the tokens up to the longest caption's end: :func:`~clipn_core.model.short_text_features`)."""
         _, head = split_image_tower(self.clip)
         f = F.normalize(head(image_features), dim=-1)
-        g = self.clip.encode_text(text, normalize=True)
-        return f, g, self.clip.logit_scale.exp()
+        return f, short_text_features(self.clip, text), self.clip.logit_scale.exp()

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .losses import clip_contrastive_loss, clipn_loss
+from .model import short_text_features
 
 _MIX_A = np.uint64(0x9E3779B97F4A7C15)
 _MIX_B = np.uint64(0xBF58476D1CE4E5B9)
@@ -108,6 +109,22 @@ class StepMetrics:
     def as_dict(self) -> dict[str, float]:
         """Flat ``{"loss", <parts>..., "grad_norm", "lr"}`` for logs and metrics files."""
         return {"loss": self.loss, **self.parts, "grad_norm": self.grad_norm, "lr": self.lr}
+
+
+class ContrastiveCLIP(nn.Module):
+    """An open_clip CLIP (``self.clip``) as the clip stage trains it: ``forward(images, text)`` returns what the
+    CLIP's own forward returns, (image features, text features, ``exp(logit_scale)``), both L2-normalised
+    [N, embed_dim], with the text encoded on the tokens up to the batch's longest caption
+    (:func:`~clipn_core.model.short_text_features`: the same features and gradients at a fraction of the text
+    tower's cost). The state dict is the CLIP's under ``clip.``."""
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor):
+        f = self.clip.encode_image(images, normalize=True)
+        return f, short_text_features(self.clip, text), self.clip.logit_scale.exp()
 
 
 def _autocast(dtype: torch.dtype | None):

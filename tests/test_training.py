@@ -6,10 +6,14 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 
 import clipn_core as cc
 from clipn_core.images import SplitPreprocessor
+from clipn_core.lit import LockedImageCLIP, split_image_tower
+from clipn_core.model import text_features, trim_tokens
 from clipn_core.training import (
+    ContrastiveCLIP,
     build_optimizer,
     clip_train_step,
     clipn_train_step,
@@ -120,3 +124,55 @@ def test_clip_stage_step_trains_both_towers_and_clamps_the_scale():
     moved = [k for k, v in clip.state_dict().items() if not torch.equal(v, before[k])]
     assert any(k.startswith("visual.") for k in moved) and any(k.startswith("transformer.") for k in moved)
     assert "logit_scale" in moved
+
+
+@pytest.mark.parametrize("stage", ["clip", "lit", "clipn"])
+def test_training_forwards_on_trimmed_captions_give_the_full_context_features_and_gradients(stage):
+    """Each stage's forward runs the text towers on the tokens up to the batch's longest caption: the features
+    and gradients of open_clip's full-context towers (a causal mask and end-of-text pooling)."""
+    clip, _, _ = create_base_clip("clipn-tiny", seed=0)
+    tokens = open_clip.SimpleTokenizer(context_length=32)(["a red circle", "star", "a photo of a small green triangle",
+                                                             "a blue square"])
+    assert trim_tokens(tokens, clip, clip.text_pool_type).shape[1] <= tokens.shape[1] // 2  # the trim is exercised
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 3, 32, 32, generator=g)
+    if stage == "clip":
+        module = ContrastiveCLIP(clip).train()
+        params = list(clip.parameters())
+        full, short = (lambda: clip(images, tokens)[:3]), (lambda: module(images, tokens))
+    elif stage == "lit":
+        module = LockedImageCLIP(clip).train()
+        params = [p for p in clip.parameters() if p.requires_grad]
+        feats = module.locked(images).detach()
+
+        def full():
+            head = split_image_tower(clip)[1]
+            return F.normalize(head(feats), dim=-1), clip.encode_text(tokens, normalize=True), clip.logit_scale.exp()
+
+        short = lambda: module(feats, tokens)
+    else:  # the no tower, moved off the yes tower's weights as training moves it
+        model = cc.CLIPN(clip, num_prompts=4).train()
+        with torch.no_grad():
+            for p in model.no_tower.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        params, no, idx = model.trainable_parameters(), model.no_tower, torch.tensor([0, 1, 4, 2])
+
+        def full():
+            x = text_features(no, tokens, no.pool_type, no.eos_id, no.prompt_for_batch(4, idx))
+            return model.encode_image(images), clip.encode_text(tokens, normalize=True), F.normalize(x, dim=-1)
+
+        short = lambda: model(images, tokens, prompt_idx=idx)
+    results = []
+    for forward in (full, short):
+        for p in params:
+            p.grad = None
+        out = forward()
+        weights = torch.Generator().manual_seed(1)  # the same random loss for both
+        sum((o * torch.randn(o.shape, generator=weights)).sum() for o in out).backward()
+        results.append(([o.detach() for o in out], [torch.zeros_like(p) if p.grad is None else p.grad for p in params]))
+    (out_full, grad_full), (out_short, grad_short) = results
+    for a, b in zip(out_full, out_short, strict=True):
+        torch.testing.assert_close(b, a, atol=2e-6, rtol=1e-5)
+    for a, b in zip(grad_full, grad_short, strict=True):  # float32 sums in another order: ~1e-6 of the largest
+        assert float((b - a).abs().max()) <= 1e-5 * float(a.abs().max()) + 1e-7
+    assert sum(float(gr.abs().sum()) for gr in grad_short) > 0

@@ -32,6 +32,7 @@ from clipn_core.lit import LockedImageCLIP, load_locked_tower
 from clipn_core.model import check_standard_text_tower
 from clipn_core.pretrained_config import tag_adds_quick_gelu
 from clipn_core.training import (
+    ContrastiveCLIP,
     StepMetrics,
     build_optimizer,
     clip_train_step,
@@ -116,7 +117,7 @@ class ClipStage(_Stage):
         self.pretrained_config = identity.get("pretrained_config", "plain")
         check_standard_text_tower(self.clip)  # so that a CLIPN can be built on the result
         self.clip.train()
-        self._setup(self.clip, self.clip, dict(open_clip.get_model_preprocess_cfg(self.clip)),
+        self._setup(ContrastiveCLIP(self.clip), self.clip, dict(open_clip.get_model_preprocess_cfg(self.clip)),
                     int(self.clip.positional_embedding.shape[0]), cfg)
 
     def step(self, model, batch: dict, step: int, optimizer, scheduler, autocast, scaler) -> StepMetrics:
