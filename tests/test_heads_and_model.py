@@ -134,3 +134,20 @@ def test_encoding_no_texts_gives_an_empty_matrix_of_the_embedding_width(projecti
     for tower in ("yes", "no"):
         out = encode_texts(model, torch.zeros((0, 77), dtype=torch.long), tower, batch_size=8)
         assert out.shape == (0, dim) and out.dtype == torch.float32
+
+
+def test_a_text_tower_without_a_projection_is_refused_in_one_line():
+    """open_clip builds text towers without a projection (text_cfg proj_type 'none'); the no tower copies the
+    projection and every text path applies it, so such a tower is refused where a CLIPN or a clip stage is built."""
+    import open_clip
+
+    from clipn_core.errors import ModelConfigError
+    from clipn_core.model import check_standard_text_tower
+
+    clip = open_clip.CLIP(embed_dim=64, vision_cfg={"image_size": 32, "layers": 1, "width": 64, "patch_size": 8},
+                          text_cfg={"context_length": 16, "width": 64, "heads": 2, "layers": 1, "proj_type": "none"})
+    assert clip.text_projection is None
+    with pytest.raises(ModelConfigError, match="proj_type 'none'"):
+        check_standard_text_tower(clip)
+    with pytest.raises(ModelConfigError, match="proj_type 'none'"):
+        CLIPN(clip)
