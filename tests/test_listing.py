@@ -109,6 +109,13 @@ def test_local_listing_by_folder_and_the_since_watermark(tmp_path, ray_local):
     assert sorted(r["uri"] for r in ray_local.data.read_datasource(listing).take_all()) == sorted(
         [str(root / "img_0003.jpg"), str(root / "d1" / "sub" / "new.png")])
     assert listing.totals() == (2, len(want) - 1)
+    # the run's later stages share the listing's counts actor: their reports and the listing's stay apart
+    from jobs.score.counts import LEFT_OUT, LISTED, totals
+
+    left_out = listing.left_out()
+    ray_local.get(listing.counts.report.remote("tar:s3://b/0.tar", {LISTED: 7, LEFT_OUT + "extension": 1}))
+    assert listing.totals() == (2, len(want) - 1) and listing.left_out() == left_out
+    assert totals(listing.counts) == ({LISTED: 7}, {"extension": 1})
 
 
 @pytest.mark.slow

@@ -47,9 +47,9 @@ store (an S3 listing only meets the first two: its keys are UTF-8 and it has no 
 A file that can be examined but not read (permission denied) is listed and gets its
 ``read_error`` row from the fetch.
 
-Each task counts what it listed and what it left out, by reason, per range;
-:class:`ListingCounts` (a small actor, keyed by range so a retried task does not count
-twice) hands the totals to the driver for the manifest and the row check.
+Each task counts what it listed and what it left out, by reason, per range, and reports them
+to the run's :class:`~jobs.score.counts.InputCounts` (keyed by range so a retried task does not
+count twice), which hands the totals to the driver for the manifest and the row check.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from clipn_core.errors import InputError, redact_uri
 from clipn_core.storage import Storage
+from jobs.score.counts import LEFT_OUT, LISTED, LISTING, InputCounts
 from jobs.score.store import store_now
 from schemas.status import LEFT_OUT_REASONS
 
@@ -398,30 +399,6 @@ def _info_time(info: dict) -> dt.datetime | None:
 # ------------------------------------------------------------------ the datasource
 
 
-@ray.remote(num_cpus=0)
-class ListingCounts:
-    """Per-range counts reported by the listing tasks (objects listed, entries left out by reason); totals on
-    demand."""
-
-    def __init__(self):
-        self.by_range: dict[int, tuple[int, dict[str, int]]] = {}
-
-    def report(self, range_id: int, listed: int, left_out: dict[str, int]) -> None:
-        self.by_range[range_id] = (listed, left_out)
-
-    def totals(self) -> tuple[int, int, int]:
-        """(objects listed, objects the watermark excluded, ranges reported)."""
-        left_out = self.left_out()
-        return sum(v[0] for v in self.by_range.values()), left_out.get("watermark", 0), len(self.by_range)
-
-    def left_out(self) -> dict[str, int]:
-        """Entries left out, by reason (:data:`LEFT_OUT_REASONS`), every reason present (0 when none)."""
-        total = Counter({reason: 0 for reason in LEFT_OUT_REASONS})
-        for _, counts in self.by_range.values():
-            total.update(counts)
-        return dict(total)
-
-
 @dataclass(frozen=True)
 class ListingSpec:
     """What every listing task needs: where, which extensions, the watermark and how keys become URIs."""
@@ -474,7 +451,8 @@ def _list_ranges(ranges: list[tuple[int, KeyRange | Folder]], spec: ListingSpec,
             listed += len(uris)
             if uris:
                 yield pa.table({"uri": pa.array(uris, pa.string()), "modified": pa.array(modified, MODIFIED)})
-        ray.get(counts.report.remote(range_id, listed, dict(left_out.counts)))
+        numbers = {LISTED: listed, **{LEFT_OUT + reason: n for reason, n in left_out.counts.items()}}
+        ray.get(counts.report.remote(str(range_id), numbers, LISTING))
 
 
 class ObjectListing(Datasource):
@@ -482,7 +460,9 @@ class ObjectListing(Datasource):
     a prefix with one of ``extensions``, modified
     after ``since`` when given (module docstring). Planning happens here, on the driver, before any Ray work:
     a missing bucket, no access or an empty prefix raise :class:`InputError` naming the URI. ``started_at``:
-    the store's clock when the planning began (the watermark of a night)."""
+    the store's clock when the planning began (the watermark of a night). Its ``counts``: the
+    :class:`~jobs.score.counts.InputCounts` the listing tasks report to (its :data:`~jobs.score.counts.LISTING`
+    scope), which the run's later stages may share."""
 
     def __init__(self, uri: str, extensions: list[str], storage: Storage, since: dt.datetime | None = None,
                  target_ranges: int = 64, page_size: int = PAGE_SIZE):
@@ -518,7 +498,7 @@ class ObjectListing(Datasource):
         if not self.ranges:
             raise InputError(f"input prefix does not exist or holds no objects: {redact_uri(uri)}")
         self.spec = ListingSpec(kind, bucket, protocol if kind != "s3" else "s3", tuple(extensions), since, page_size)
-        self.counts = ListingCounts.remote()
+        self.counts = InputCounts.remote()
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -536,12 +516,13 @@ class ObjectListing(Datasource):
     def totals(self) -> tuple[int, int]:
         """(objects listed, objects excluded by ``since``) once the dataset has run; raises if a range never
         reported (its rows would be missing)."""
-        listed, excluded, reported = ray.get(self.counts.totals.remote())
+        reported = ray.get(self.counts.reported.remote(LISTING))
         if reported != len(self.ranges):
             raise RuntimeError(f"{len(self.ranges) - reported} of {len(self.ranges)} listing ranges did not finish")
-        return listed, excluded
+        return ray.get(self.counts.totals.remote(LISTING)).get(LISTED, 0), self.left_out()["watermark"]
 
     def left_out(self) -> dict[str, int]:
         """Entries the listing left out, by reason (:data:`LEFT_OUT_REASONS`, each present), once the dataset
         has run."""
-        return ray.get(self.counts.left_out.remote())
+        found = ray.get(self.counts.totals.remote(LISTING))
+        return {reason: found.get(LEFT_OUT + reason, 0) for reason in LEFT_OUT_REASONS}

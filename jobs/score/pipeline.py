@@ -242,7 +242,8 @@ def run(cfg: ScoreJobConfig) -> ScoreManifest:
     # the next night's since: when this listing began, on the store's clock
     watermark = inputs.listing.started_at if inputs.listing else dt.datetime.now(dt.timezone.utc)
     with target.lease(run_date, run_id, cfg.output.lease_ttl_s, cfg.output.take_over_lease) as lease:
-        counts = InputCounts.remote()
+        # a listing's counts actor takes the later stages' reports too (each actor is a worker process to start)
+        counts = inputs.listing.counts if inputs.listing is not None else InputCounts.remote()
         ds = inputs.dataset
         history, rules = skip_sets(cfg, target, setup, run_date, since)
         overlap = [] if cfg.input.kind == "tar" else [(target.night_uris([m.run_date]), m.at.timestamp())
