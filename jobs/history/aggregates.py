@@ -145,8 +145,7 @@ def from_staged(staged: str, storage, rows: int, driver_rows_max: int = DRIVER_R
     """The scoring job's: aggregates of a run's ``rows`` staged rows (``staged``: a folder URI; no file there: an
     empty night). Up to ``driver_rows_max`` rows they are streamed on the driver (:func:`from_files`), beyond
     with Ray Data (:func:`from_dataset`)."""
-    import ray
-
+    from jobs.parquet_read import read_parquet
     from jobs.score.publish import (
         staged_files,  # what the publish moves in: no _checkpoint of a resumable run
     )
@@ -155,8 +154,8 @@ def from_staged(staged: str, storage, rows: int, driver_rows_max: int = DRIVER_R
     files = staged_files(fs, path)
     if not files:
         return merge([])
-    arrow_fs, arrow_path = storage.arrow(staged)
+    arrow_fs = storage.arrow(staged)[0]
     if rows <= driver_rows_max:
         return from_files(files, arrow_fs, computed_from="job")
     # no partitioning: an Iceberg run stages under .../run_date=<night>/, which is no column to add
-    return from_dataset(ray.data.read_parquet(arrow_path, filesystem=arrow_fs, partitioning=None))
+    return from_dataset(read_parquet(files, arrow_fs, partitioning=None))

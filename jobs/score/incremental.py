@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import ray
 
 from clipn_core.storage import Storage
+from jobs.parquet_read import read_parquet
 from jobs.score.listing import MODIFIED
 from jobs.score.publish import night_files, published_nights
 from jobs.score.retry import (
@@ -58,7 +59,7 @@ def night_uris(root: str, nights: list[dt.date], storage: Storage) -> ray.data.D
     files = [f for part, m in published_nights(root, storage) if m.run_date in nights for f in night_files(fs, part, m)]
     if not files:
         return None
-    return ray.data.read_parquet(files, filesystem=storage.arrow(root)[0], partitioning=None).select_columns(["uri"])
+    return read_parquet(files, storage.arrow(root)[0], partitioning=None).select_columns(["uri"])
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from clipn_core.errors import InputError, redact_uri
 from clipn_core.storage import Storage
 from clipn_core.uri_scope import InvalidUriError, UriScope, uri_text
 from jobs.inputs import list_objects
+from jobs.parquet_read import read_parquet
 from jobs.score.listing import ObjectListing
 from schemas.status import STATUS_INVALID_URI, STATUS_OK, STATUS_READ_ERROR
 
@@ -80,7 +81,7 @@ def input_dataset(cfg: InputConfig, storage: Storage, since: dt.datetime | None 
             with arrow_fs.open_input_stream(path) as stream:  # counted in a stream, never held
                 lines = sum(b.num_rows for b in pa_csv.open_csv(stream, parse_options=options))
         else:
-            ds = ray.data.read_parquet(path, filesystem=arrow_fs)
+            ds = read_parquet(path, arrow_fs)
             lines = pads.dataset(path, filesystem=arrow_fs, format="parquet").count_rows()  # footers only
         schema = ds.schema()
         if schema is None:  # a CSV with a header and no line: an empty night, as a Parquet manifest without rows

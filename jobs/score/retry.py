@@ -31,6 +31,7 @@ import ray
 from ray.data.expressions import col
 
 from clipn_core.storage import Storage
+from jobs.parquet_read import read_parquet
 from jobs.score.publish import night_files, published_nights
 from schemas.status import STATUS_OK, TRANSIENT_STATUSES
 
@@ -94,7 +95,7 @@ def history(root: str, run_date: dt.date, model_id: str, class_set_hash: str, st
         return None
     nights = {part.rsplit("/", 1)[-1]: (m.run_date.toordinal(), m.watermark.timestamp() if m.watermark else -math.inf)
               for part, m in found}
-    ds = ray.data.read_parquet(files, filesystem=storage.arrow(root)[0], partitioning=None, include_paths=True)
+    ds = read_parquet(files, storage.arrow(root)[0], partitioning=None, include_paths=True)
     ds = ds.select_columns(["uri", "model_id", "class_set_hash", "status", "path"]).filter(expr=(col("model_id") == model_id) & (col("class_set_hash") == class_set_hash))
     return ds.map_batches(_history_rows, batch_format="pyarrow", batch_size=None, fn_kwargs={"nights": nights})
 
@@ -155,7 +156,7 @@ def outcome(staged: str, storage: Storage, retried: ray.data.Dataset, broadcast_
     if n == 0:
         return 0, 0
     fs, path = storage.arrow(staged)
-    rows = ray.data.read_parquet(path, filesystem=fs, partitioning=None, file_extensions=["parquet"]).select_columns(
+    rows = read_parquet(path, fs, partitioning=None, file_extensions=["parquet"]).select_columns(
         ["uri", "status"])
     if blocks is not None:
         counted = rows.map_batches(_outcome, batch_format="pyarrow", batch_size=None, num_cpus=0.1,
