@@ -26,8 +26,16 @@ FOOTER_BATCH_ENV = "RAY_DATA_PARQUET_FOOTER_BATCH_SIZE"
 DEFAULT_FOOTER_ACTORS = 32  # Ray Data's default pool
 DEFAULT_FOOTER_BATCH = 10  # Ray Data's files per footer batch
 
-# Ray reads the pool size from the environment when read_parquet builds its file indexer (on the calling
-# thread, before it returns); the lock keeps two of our reads from restoring each other's value.
+# Ray reads the pool size from the environment twice: once as its module default, when the indexer's module is
+# first imported (lazily, by the first Parquet read of the process), and again, with that default as fallback,
+# when read_parquet builds a read's indexer (on the calling thread, before it returns). Imported here, before any
+# read of ours sets the variable, so the default stays Ray's (or the operator's) for every other read of the
+# process. The module path is Ray's internal one: without it (another Ray) the reads still work, unsized.
+try:
+    import ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer  # noqa: F401
+except ImportError:  # pragma: no cover - another Ray release
+    pass
+# the lock keeps two of our reads from restoring each other's value
 _ENV_LOCK = threading.Lock()
 
 
@@ -52,7 +60,9 @@ def read_parquet(paths: str | Sequence[str], filesystem: pafs.FileSystem, **kwar
     Raises what ``ray.data.read_parquet`` raises."""
     files = paths if isinstance(paths, str) else list(paths)
     with _ENV_LOCK:
-        chosen = FOOTER_ACTORS_ENV in os.environ
+        # unsized when Ray is not started yet: read_parquet would start it inside the override, and its processes
+        # would keep the variable for the session (the jobs start Ray before any read)
+        chosen = FOOTER_ACTORS_ENV in os.environ or not ray.is_initialized()
         if not chosen:
             os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(count_files(files, filesystem) if isinstance(files, str)
                                                               else len(files)))

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import parquet_read
-from jobs.parquet_read import FOOTER_ACTORS_ENV, footer_actors, read_parquet
+from jobs.parquet_read import FOOTER_ACTORS_ENV, FOOTER_BATCH_ENV, footer_actors, read_parquet
 
 
 def _files(folder, n):
@@ -27,6 +27,8 @@ def _files(folder, n):
 def seen(monkeypatch):
     """Ray's read_parquet replaced by one that records the pool size in the environment when it is called."""
     monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
+    monkeypatch.delenv(FOOTER_BATCH_ENV, raising=False)
+    monkeypatch.setattr(parquet_read.ray, "is_initialized", lambda: True)
     calls = []
 
     def fake(paths, filesystem=None, **kwargs):
@@ -40,7 +42,8 @@ def seen(monkeypatch):
 
 
 @pytest.mark.parametrize(("n_files", "actors"), [(0, 1), (1, 1), (10, 1), (11, 2), (95, 10), (320, 32), (5000, 32)])
-def test_the_pool_is_one_actor_per_footer_batch_up_to_rays_default(n_files, actors):
+def test_the_pool_is_one_actor_per_footer_batch_up_to_rays_default(n_files, actors, monkeypatch):
+    monkeypatch.delenv(FOOTER_BATCH_ENV, raising=False)
     assert footer_actors(n_files) == actors
 
 
@@ -63,13 +66,30 @@ def test_a_pool_size_the_operator_set_is_kept(tmp_path, seen, monkeypatch):
     assert seen[0][1] == "8" and os.environ[FOOTER_ACTORS_ENV] == "8"
 
 
-def test_ray_builds_its_footer_pool_at_the_call(tmp_path, ray_local):
-    """The mechanism the sizing relies on: Ray Data reads the pool size when read_parquet plans the read, so the
-    dataset keeps it after the environment is restored (if a Ray upgrade moves that read, this fails)."""
-    files = _files(tmp_path, 3)
-    ds = read_parquet(files, pafs.LocalFileSystem())
+def test_before_ray_starts_nothing_is_set(tmp_path, seen, monkeypatch):
+    """read_parquet would start Ray inside the override, and Ray's processes would keep it for the session."""
+    monkeypatch.setattr(parquet_read.ray, "is_initialized", lambda: False)
+    read_parquet(_files(tmp_path, 2), pafs.LocalFileSystem())
+    assert seen[0][1] is None
+
+
+def _footer_pool(ds) -> int:
     op = ds._logical_plan.dag
     while op.input_dependencies:
         op = op.input_dependencies[0]
-    assert op.file_indexer._num_actors == 1
-    assert sorted(r["uri"] for r in ds.take_all()) == ["u0", "u1", "u2"]
+    return op.file_indexer._num_actors
+
+
+def test_ray_builds_its_footer_pool_at_the_call_and_other_reads_keep_rays_default(tmp_path, ray_local, monkeypatch):
+    """The mechanism the sizing relies on (if a Ray upgrade moves it, this fails): Ray Data reads the pool size
+    when read_parquet plans the read, so the dataset keeps it after the environment is restored; a plain
+    read_parquet of the same process, before and after, keeps Ray's default (its module default is not frozen at
+    our size by a first import inside the override)."""
+    monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
+    monkeypatch.delenv(FOOTER_BATCH_ENV, raising=False)
+    files = _files(tmp_path, 25)
+    sized = read_parquet(files, pafs.LocalFileSystem())
+    assert _footer_pool(sized) == 3
+    assert _footer_pool(ray_local.data.read_parquet(files[:3], filesystem=pafs.LocalFileSystem())) == 32
+    assert _footer_pool(read_parquet(files[:3], pafs.LocalFileSystem())) == 1
+    assert sorted(r["uri"] for r in sized.take_all()) == sorted(f"u{i}" for i in range(25))

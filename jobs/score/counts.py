@@ -54,7 +54,7 @@ class InputCounts:
                 out.update(numbers)
         return dict(out)
 
-    def reported(self, scope: str) -> int:
+    def reported(self, scope: str = INPUTS) -> int:
         """How many keys of ``scope`` reported."""
         return sum(1 for in_scope, _ in self.by_key if in_scope == scope)
 
@@ -70,7 +70,8 @@ def batch_key(stage: str, uris) -> str:
 
 
 def totals(counts: InputCounts) -> tuple[dict[str, int], dict[str, int]]:
-    """(counts by name, inputs left out by reason) once the dataset has run."""
+    """(counts by name, inputs left out by reason) of the :data:`INPUTS` scope once the dataset has run (a
+    listing's own numbers: :meth:`jobs.score.listing.ObjectListing.totals`)."""
     found = ray.get(counts.totals.remote())
     left_out = {k.removeprefix(LEFT_OUT): v for k, v in found.items() if k.startswith(LEFT_OUT) and v}
     return {k: v for k, v in found.items() if not k.startswith(LEFT_OUT)}, left_out

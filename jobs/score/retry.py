@@ -32,7 +32,7 @@ from ray.data.expressions import col
 
 from clipn_core.storage import Storage
 from jobs.parquet_read import read_parquet
-from jobs.score.publish import night_files, published_nights
+from jobs.score.publish import night_files, published_nights, staged_files
 from schemas.status import STATUS_OK, TRANSIENT_STATUSES
 
 KIND_OK, KIND_PERMANENT, KIND_TRANSIENT, KIND_OVERLAP = 0, 1, 2, 3
@@ -155,9 +155,8 @@ def outcome(staged: str, storage: Storage, retried: ray.data.Dataset, broadcast_
     retried, n, blocks = _broadcastable(retried.select_columns(["uri"]), broadcast_max_rows)
     if n == 0:
         return 0, 0
-    fs, path = storage.arrow(staged)
-    rows = read_parquet(path, fs, partitioning=None, file_extensions=["parquet"]).select_columns(
-        ["uri", "status"])
+    files = staged_files(*storage.fs(staged))  # as the publish sees them, so no folder is listed twice
+    rows = read_parquet(files, storage.arrow(staged)[0], partitioning=None).select_columns(["uri", "status"])
     if blocks is not None:
         counted = rows.map_batches(_outcome, batch_format="pyarrow", batch_size=None, num_cpus=0.1,
                                    fn_kwargs={"blocks": blocks})
