@@ -1,4 +1,5 @@
-"""Parquet reads of the jobs: Ray Data's V1 reader (no footer-reader actors), the process's own choice restored."""
+"""Small Parquet reads of the jobs: Ray Data's V1 reader (no footer-reader actors), the process's own choice restored;
+larger ones: Ray's reader."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import parquet_read
-from jobs.parquet_read import read_parquet
+from jobs.parquet_read import V1_MAX_FILES, read_parquet
 
 
 def _files(folder, n):
@@ -38,13 +39,15 @@ def seen(monkeypatch):
     return calls, ctx
 
 
-@pytest.mark.parametrize("form", ["files", "folder", "one file"])
-def test_every_form_of_paths_reads_with_v1_and_restores_the_context(tmp_path, seen, form):
+@pytest.mark.parametrize(("form", "v1"), [("files", True), (f"{V1_MAX_FILES} files", True), ("one file", True),
+                                          (f"{V1_MAX_FILES + 1} files", False), ("folder", False)])
+def test_small_reads_take_v1_larger_ones_rays_reader_and_the_context_is_restored(tmp_path, seen, form, v1):
     calls, ctx = seen
-    files = _files(tmp_path / "night", 3)
-    paths = {"files": files, "folder": str(tmp_path / "night"), "one file": files[0]}[form]
+    files = _files(tmp_path / "night", V1_MAX_FILES + 1)
+    paths = {"files": files[:3], f"{V1_MAX_FILES} files": files[:-1], "one file": files[0],
+             f"{V1_MAX_FILES + 1} files": files, "folder": str(tmp_path / "night")}[form]
     assert read_parquet(paths, pafs.LocalFileSystem(), partitioning=None) == "dataset"
-    assert calls == [(paths, False, {"partitioning": None})]
+    assert calls == [(paths, not v1, {"partitioning": None})]
     assert ctx.use_datasource_v2 is True
     with pytest.raises(ValueError, match="no such file"):  # restored when Ray raises too
         read_parquet(files, pafs.LocalFileSystem(), fail=True)
@@ -71,10 +74,11 @@ def test_the_jobs_reads_start_no_footer_actors_and_other_reads_keep_rays_reader(
     """The mechanism relied on (if a Ray upgrade changes it, this fails): the reader is chosen when read_parquet
     creates the dataset, so the dataset keeps V1 after the context is restored; a plain read_parquet of the same
     process, after it, keeps Ray's default (V2 and its footer pool)."""
-    files = _files(tmp_path, 3)
+    files = _files(tmp_path, V1_MAX_FILES + 1)[:3]
     ours = read_parquet(files, pafs.LocalFileSystem(), include_paths=True, partitioning=None)
     assert _footer_pool(ours) is None
     assert _footer_pool(ray_local.data.read_parquet(files, filesystem=pafs.LocalFileSystem())) == 32
+    assert _footer_pool(read_parquet(str(tmp_path), pafs.LocalFileSystem())) == 32  # a folder: Ray's reader
     rows = ours.take_all()
     assert sorted(r["uri"] for r in rows) == ["u0", "u1", "u2"]
     assert sorted(r["path"] for r in rows) == sorted(files)
