@@ -24,7 +24,6 @@ from clipn_core.images import DecodeError, load_rgb, split_preprocessor
 from clipn_core.storage import Storage
 from clipn_core.training import image_id, sample_id, text_id
 from jobs.inputs import checked_parquet, list_objects, tar_members
-from jobs.parquet_read import read_parquet
 from schemas.train_config import TrainDataConfig
 
 log = logging.getLogger("clipn.train.data")
@@ -55,7 +54,7 @@ def pairs_dataset(cfg: TrainDataConfig, source: str | list[str], storage: Storag
     :func:`read_shard_pairs` in CPU tasks.
     """
     if cfg.kind == "parquet":
-        ds = read_parquet(source, storage.arrow(cfg.uri)[0]).select_columns([cfg.image_column, cfg.caption_column])
+        ds = ray.data.read_parquet(source, filesystem=storage.arrow(cfg.uri)[0]).select_columns([cfg.image_column, cfg.caption_column])
         renames = {old: new for old, new in ((cfg.image_column, "image"), (cfg.caption_column, "caption")) if old != new}
         return ds.rename_columns(renames) if renames else ds
     ds = ray.data.from_arrow(pa.table({"uri": source})).repartition(len(source))
