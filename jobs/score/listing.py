@@ -519,7 +519,8 @@ class ObjectListing(Datasource):
         reported = ray.get(self.counts.reported.remote(LISTING))
         if reported != len(self.ranges):
             raise RuntimeError(f"{len(self.ranges) - reported} of {len(self.ranges)} listing ranges did not finish")
-        return ray.get(self.counts.totals.remote(LISTING)).get(LISTED, 0), self.left_out()["watermark"]
+        found = ray.get(self.counts.totals.remote(LISTING))  # one round trip for both numbers
+        return found.get(LISTED, 0), found.get(LEFT_OUT + "watermark", 0)
 
     def left_out(self) -> dict[str, int]:
         """Entries the listing left out, by reason (:data:`LEFT_OUT_REASONS`, each present), once the dataset
