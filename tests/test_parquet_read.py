@@ -74,7 +74,7 @@ def test_the_jobs_reads_start_no_footer_actors_and_other_reads_keep_rays_reader(
     """The mechanism relied on (if a Ray upgrade changes it, this fails): the reader is chosen when read_parquet
     creates the dataset, so the dataset keeps V1 after the context is restored; a plain read_parquet of the same
     process, after it, keeps Ray's default (V2 and its footer pool)."""
-    files = _files(tmp_path, V1_MAX_FILES + 1)[:3]
+    files = _files(tmp_path, 3)
     ours = read_parquet(files, pafs.LocalFileSystem(), include_paths=True, partitioning=None)
     assert _footer_pool(ours) is None
     assert _footer_pool(ray_local.data.read_parquet(files, filesystem=pafs.LocalFileSystem())) == 32

@@ -455,6 +455,12 @@ def _list_ranges(ranges: list[tuple[int, KeyRange | Folder]], spec: ListingSpec,
         ray.get(counts.report.remote(str(range_id), numbers, LISTING))
 
 
+def _left_out(found: dict[str, int]) -> dict[str, int]:
+    """The listing scope's totals (as :func:`_list_ranges` reports them) -> entries left out, by reason, each
+    present."""
+    return {reason: found.get(LEFT_OUT + reason, 0) for reason in LEFT_OUT_REASONS}
+
+
 class ObjectListing(Datasource):
     """A Ray Data source of the ``uri`` (and ``modified``: LastModified, UTC, null when unknown) of every object under
     a prefix with one of ``extensions``, modified
@@ -520,10 +526,9 @@ class ObjectListing(Datasource):
         if reported != len(self.ranges):
             raise RuntimeError(f"{len(self.ranges) - reported} of {len(self.ranges)} listing ranges did not finish")
         found = ray.get(self.counts.totals.remote(LISTING))  # one round trip for both numbers
-        return found.get(LISTED, 0), found.get(LEFT_OUT + "watermark", 0)
+        return found.get(LISTED, 0), _left_out(found)["watermark"]
 
     def left_out(self) -> dict[str, int]:
         """Entries the listing left out, by reason (:data:`LEFT_OUT_REASONS`, each present), once the dataset
         has run."""
-        found = ray.get(self.counts.totals.remote(LISTING))
-        return {reason: found.get(LEFT_OUT + reason, 0) for reason in LEFT_OUT_REASONS}
+        return _left_out(ray.get(self.counts.totals.remote(LISTING)))
