@@ -49,9 +49,9 @@ def test_small_reads_take_v1_larger_ones_rays_reader_and_the_context_is_restored
     assert read_parquet(paths, pafs.LocalFileSystem(), partitioning=None) == "dataset"
     assert calls == [(paths, not v1, {"partitioning": None})]
     assert ctx.use_datasource_v2 is True
-    with pytest.raises(ValueError, match="no such file"):  # restored when Ray raises too
-        read_parquet(files, pafs.LocalFileSystem(), fail=True)
-    assert ctx.use_datasource_v2 is True
+    with pytest.raises(ValueError, match="no such file"):  # restored when Ray raises inside the V1 window too
+        read_parquet(files[:3], pafs.LocalFileSystem(), fail=True)
+    assert calls[-1][1] is False and ctx.use_datasource_v2 is True
 
 
 def test_a_process_that_chose_v1_keeps_it(tmp_path, seen):
