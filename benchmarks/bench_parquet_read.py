@@ -1,7 +1,8 @@
 """A small Parquet read through Ray Data, as a scoring night reads the nights it skips: Ray Data's default reader
 (DataSourceV2, a pool of 32 FooterReader actors per read), the same with a pool of one actor
 (``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS=1``, one footer batch), and :func:`jobs.parquet_read.read_parquet`, the V1
-reader (``DataContext.use_datasource_v2 = False``: no footer actors). Prints a Markdown table.
+reader of reads of at most ``V1_MAX_FILES`` files (``DataContext.use_datasource_v2 = False``: no footer actors).
+Prints a Markdown table.
 
 Each read is ``read_parquet(files).take_all()`` on a local Ray with ``--cpus`` CPUs (Ray's worker pool kept warm as
 the test session keeps it), ``--files`` and twice as many small files (steady state: N and 2N), the three ways
@@ -32,7 +33,7 @@ import pyarrow.fs as pafs  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 
-from jobs.parquet_read import read_parquet  # noqa: E402
+from jobs.parquet_read import V1_MAX_FILES, read_parquet  # noqa: E402
 
 HZ = os.sysconf("SC_CLK_TCK")
 # after each read, the sampling goes on this long: Ray replaces the pooled workers the footer actors took (each
@@ -126,6 +127,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cpus", type=int, default=2)
     args = ap.parse_args()
+    if 2 * args.files > V1_MAX_FILES:  # the V1 row would silently measure Ray's reader
+        ap.error(f"--files {args.files}: the read of twice as many files is over jobs.parquet_read.V1_MAX_FILES "
+                 f"({V1_MAX_FILES}), above which the jobs' reads take Ray's reader")
     os.environ.pop("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", None)
     # Ray's module default of the pool is read when this module is first imported: before any read sets it
     import ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer  # noqa: F401

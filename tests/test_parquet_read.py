@@ -54,6 +54,14 @@ def test_small_reads_take_v1_larger_ones_rays_reader_and_the_context_is_restored
     assert calls[-1][1] is False and ctx.use_datasource_v2 is True
 
 
+def test_v1_reads_ask_for_each_files_size_in_turn():
+    """Ray's V1 reader asks for file sizes one by one only below this threshold; from it, on S3, it lists the files'
+    common folder or starts Ray tasks, which the bound exists to avoid (if a Ray upgrade moves it, this fails)."""
+    from ray.data.datasource.file_based_datasource import FILE_SIZE_FETCH_PARALLELIZATION_THRESHOLD
+
+    assert V1_MAX_FILES < FILE_SIZE_FETCH_PARALLELIZATION_THRESHOLD
+
+
 def test_a_process_that_chose_v1_keeps_it(tmp_path, seen):
     calls, ctx = seen
     ctx.use_datasource_v2 = False
