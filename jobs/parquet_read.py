@@ -26,7 +26,7 @@ import ray
 
 # V1 asks for the sizes one file at a time below Ray's FILE_SIZE_FETCH_PARALLELIZATION_THRESHOLD (16 in Ray
 # 2.60); from there, on a store that is not a local disk, it lists the files' common folder or starts Ray tasks.
-# At 20-100 ms per request to S3, 15 sequential requests cost about what the footer pool does.
+# At 20-100 ms per request to S3, 15 sequential requests cost at most about what the footer pool does.
 V1_MAX_FILES = 15
 
 # DataContext.get_current() is one object per process: the lock keeps two of our reads from restoring each
