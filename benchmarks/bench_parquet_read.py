@@ -1,8 +1,8 @@
 """A small Parquet read through Ray Data, as a scoring night reads the nights it skips: Ray Data's default reader
 (DataSourceV2, a pool of 32 FooterReader actors per read), the same with a pool of one actor
 (``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS=1``, one footer batch), and :func:`jobs.parquet_read.read_parquet`, the V1
-reader the jobs use for reads of at most ``V1_MAX_FILES`` files (``DataContext.use_datasource_v2 = False``: no footer actors).
-Prints a Markdown table.
+reader the jobs use for reads of at most ``V1_MAX_FILES`` files (``DataContext.use_datasource_v2 = False``: no
+footer actors). Prints a Markdown table.
 
 Each read is ``read_parquet(files).take_all()`` on a local Ray with ``--cpus`` CPUs (Ray's worker pool kept warm as
 the test session keeps it), ``--files`` and twice as many small files (steady state: N and 2N), the three ways
